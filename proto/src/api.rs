@@ -1,0 +1,235 @@
+//! JSON messages of the Security server's HTTPS APIs. Binary values are standard base64 strings,
+//! times are Unix seconds. Paths are the constants below; `docs/protocol.md` has the whole table.
+//!
+//! Every error answer has the body [`ErrorBody`] with a stable snake_case [`ErrorBody::code`].
+
+use serde::{Deserialize, Serialize};
+
+/// Device API: enrol a (device, app) for a user with valid credentials.
+pub const PATH_ENROLL: &str = "/v1/enroll";
+/// Device API: get a fresh single-use login challenge.
+pub const PATH_CHALLENGE: &str = "/v1/challenge";
+/// Device API: log in with credentials and a proof of the shared key.
+pub const PATH_LOGIN: &str = "/v1/login";
+/// Device API: end the session named by the bearer token.
+pub const PATH_LOGOUT: &str = "/v1/logout";
+/// Device API: `GET /v1/apps/{app_id}/update?platform=..&version=..`.
+pub const PATH_APPS: &str = "/v1/apps";
+/// Proxies' API: validate a session.
+pub const PATH_PROXY_VALIDATE: &str = "/v1/proxy/validate";
+/// Proxies' API: newline-delimited JSON stream of [`ProxyEvent`]s.
+pub const PATH_PROXY_REVOCATIONS: &str = "/v1/proxy/revocations";
+/// Proxies' API: the resource catalog.
+pub const PATH_PROXY_RESOURCES: &str = "/v1/proxy/resources";
+/// Proxies' API: the app policy (minimum and revoked versions).
+pub const PATH_PROXY_APPS: &str = "/v1/proxy/apps";
+/// Header carrying the package's SHA-256 (hex) on downloads.
+pub const HEADER_SHA256: &str = "x-scm-sha256";
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable machine-readable code, e.g. `bad_mac`, `challenge_expired`, `locked_out`.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+/// `POST /v1/enroll`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// `user` or `user@site`.
+    pub username: String,
+    /// The user's password (checked against the directory, never stored in clear).
+    pub password: String,
+    /// The device's id.
+    pub device_id: String,
+    /// The app being enrolled on that device.
+    pub app_id: String,
+    /// Required when the server runs with activation codes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_code: Option<String>,
+}
+
+/// Answer to [`EnrollRequest`]: the only time the shared key travels, inside TLS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    /// Id of the new key, sent back at every login.
+    pub key_id: String,
+    /// The 256-bit shared key, base64.
+    pub shared_key: String,
+}
+
+/// Answer to `POST /v1/challenge`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChallengeResponse {
+    /// Names the challenge in the login that uses it.
+    pub challenge_id: String,
+    /// 32 random bytes, base64.
+    pub server_nonce: String,
+    /// Seconds until the challenge can no longer be used.
+    pub expires_in_secs: u64,
+}
+
+/// `POST /v1/login`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// `user` or `user@site`.
+    pub username: String,
+    /// The user's password.
+    pub password: String,
+    /// The enrolled key's id.
+    pub key_id: String,
+    /// The device id the key was enrolled for.
+    pub device_id: String,
+    /// The app id the key was enrolled for.
+    pub app_id: String,
+    /// The app version the device runs.
+    pub app_version: String,
+    /// From [`ChallengeResponse`]; each challenge serves one login attempt.
+    pub challenge_id: String,
+    /// 32 fresh random bytes from the device, base64.
+    pub client_nonce: String,
+    /// [`crate::crypto::login_mac`] over the transcript, base64.
+    pub mac: String,
+}
+
+/// Answer to [`LoginRequest`]. The session key is not in it: the device derives it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginResponse {
+    /// The new session's id (secret).
+    pub session_id: String,
+    /// The canonical user name.
+    pub user: String,
+    /// The user's groups.
+    pub groups: Vec<String>,
+    /// The user's site.
+    pub site: String,
+    /// Proxies of that site, in order of preference (`host:port`).
+    pub proxy_urls: Vec<String>,
+    /// Seconds of inactivity after which the session ends.
+    pub idle_timeout_secs: u64,
+    /// When the session ends regardless of activity.
+    pub absolute_expires_at: u64,
+}
+
+/// Answer to `GET /v1/apps/{app_id}/update?platform=..&version=..`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateCheckResponse {
+    /// Whether a newer, non-revoked release exists for this platform.
+    pub update_available: bool,
+    /// Whether the version asked about may still be used (not below minimum, not revoked).
+    pub current_allowed: bool,
+    /// The lowest version allowed, if the app has a minimum.
+    pub min_version: Option<String>,
+    /// The newest non-revoked release for the platform.
+    pub latest: Option<AppRelease>,
+}
+
+/// One published package.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppRelease {
+    /// App id.
+    pub app_id: String,
+    /// Version.
+    pub version: String,
+    /// Platform, e.g. `android`, `ios`.
+    pub platform: String,
+    /// SHA-256 of the package, hex.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Path of the download on the Security server.
+    pub download_path: String,
+}
+
+/// `POST /v1/proxy/validate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidateRequest {
+    /// The session id from the device's preamble.
+    pub session_id: String,
+}
+
+/// Answer to [`ValidateRequest`] for a live session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ValidateResponse {
+    /// Non-secret tag of the session, for the proxy's logs and revocations.
+    pub session_tag: String,
+    /// Canonical user name.
+    pub user: String,
+    /// The user's groups.
+    pub groups: Vec<String>,
+    /// The session key, base64 (travels only on the authenticated proxy channel).
+    pub session_key: String,
+    /// App context the session was created for.
+    pub app_id: String,
+    /// App version at login.
+    pub app_version: String,
+    /// Device id at login.
+    pub device_id: String,
+    /// The user's site.
+    pub site: String,
+    /// Seconds of inactivity after which the session ends.
+    pub idle_timeout_secs: u64,
+    /// When the session ends regardless of activity.
+    pub absolute_expires_at: u64,
+    /// Names of the resources the user's groups allow.
+    pub allowed_resources: Vec<String>,
+}
+
+/// How a proxy reaches a back end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResourceMode {
+    /// Raw bytes both ways after the preamble.
+    Tcp,
+    /// HTTP/1.1 reverse proxy with identity headers.
+    Http,
+}
+
+/// A catalog entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resource {
+    /// Name devices ask for.
+    pub name: String,
+    /// Back end `host:port`.
+    pub address: String,
+    /// Relay mode.
+    pub mode: ResourceMode,
+    /// Groups allowed to use it (empty: nobody).
+    pub allowed_groups: Vec<String>,
+}
+
+/// Update policy of one app, enforced by the proxies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppPolicy {
+    /// App id.
+    pub app_id: String,
+    /// Lowest allowed version, if any.
+    pub min_version: Option<String>,
+    /// Versions that may not be used.
+    pub revoked_versions: Vec<String>,
+}
+
+/// One line of the revocation stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ProxyEvent {
+    /// A session ended (logout, admin revocation, expiry, device key revoked).
+    Revoked {
+        /// The session's tag.
+        session_tag: String,
+        /// Why, e.g. `logout`, `admin`, `expired`, `key_revoked`.
+        reason: String,
+    },
+    /// The resource catalog or app policy changed: fetch them again.
+    CatalogChanged,
+    /// Sent every few seconds so a proxy notices a dead stream.
+    Heartbeat {
+        /// Server time.
+        at: u64,
+    },
+}

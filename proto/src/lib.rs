@@ -1,0 +1,19 @@
+//! The wire contract of scm: what the device client, the proxy and the Security server say to each
+//! other, and the key derivations all three must compute identically.
+//!
+//! - [`crypto`]: shared keys, login proof, session key (HKDF), channel-binding MAC, session tags.
+//! - [`preamble`]: the binary frame a device sends a proxy after the TLS handshake, and the reply.
+//! - [`api`]: the JSON messages of the device API and the proxies' API on the Security server.
+//! - [`version`]: app version ordering used by the update and minimum-version policy.
+//!
+//! `docs/protocol.md` describes the same contract in prose.
+
+pub mod api;
+pub mod crypto;
+pub mod preamble;
+pub mod version;
+
+/// The TLS exporter label whose output the channel-binding MAC covers (RFC 8446 §7.5).
+pub const BINDING_EXPORTER_LABEL: &[u8] = b"EXPORTER-scm-channel-binding-v1";
+/// Length of the exporter output the binding MAC covers.
+pub const BINDING_EXPORTER_LEN: usize = 32;

@@ -1,0 +1,1 @@
+//! scm Security server.

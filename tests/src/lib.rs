@@ -1,0 +1,1 @@
+//! Harness for scm end-to-end tests.
