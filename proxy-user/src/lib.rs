@@ -1,1 +1,3 @@
 //! scm proxy.
+
+pub mod proxy;

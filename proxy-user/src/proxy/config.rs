@@ -1,0 +1,147 @@
+//! Command-line flags (each with an `SCM_PROXY_...` environment twin) and the typed configuration
+//! they become. Nothing else in the proxy reads the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How the proxy encrypts the device side after the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TlsPath {
+    /// kTLS when the kernel accepts the TLS upper-layer protocol, user-space rustls otherwise.
+    Auto,
+    /// Always user-space rustls (the kernel is never asked).
+    Userspace,
+    /// Refuse to start unless the kernel supports kTLS.
+    Ktls,
+}
+
+/// `scm-proxy serve`: terminate device TLS, check sessions with the Security server, relay.
+///
+/// Every connection goes: TLS 1.3 handshake -> preamble (session id, app context, resource,
+/// binding MAC) -> session validation (cached, revocations pushed by the Security server) ->
+/// channel binding, app policy and group checks -> a one-frame reply -> relaying (tcp mode) or an
+/// HTTP/1.1 reverse proxy with identity headers (http mode).
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example:\n  scm-proxy serve --listen 127.0.0.1:9443 \\\n    --tls-cert proxy.pem --tls-key proxy-key.pem \\\n    --security-url https://127.0.0.1:8444 --security-ca ca.pem \\\n    --client-cert proxy-client.pem --client-key proxy-client-key.pem \\\n    --metrics-listen 127.0.0.1:9100"
+)]
+pub struct ServeArgs {
+    /// Address devices connect to (TLS 1.3).
+    #[arg(long, env = "SCM_PROXY_LISTEN", default_value = "127.0.0.1:9443")]
+    pub listen: SocketAddr,
+
+    /// PEM certificate chain the proxy presents to devices.
+    #[arg(long, env = "SCM_PROXY_TLS_CERT")]
+    pub tls_cert: PathBuf,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SCM_PROXY_TLS_KEY")]
+    pub tls_key: PathBuf,
+
+    /// Base URL of the Security server's proxies' API (mutual TLS). Repeat the flag (or separate
+    /// with commas in the environment) to give fail-over instances, in order of preference.
+    #[arg(
+        long = "security-url",
+        env = "SCM_PROXY_SECURITY_URLS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub security_urls: Vec<String>,
+
+    /// PEM CA certificate(s) that sign the Security servers' certificates.
+    #[arg(long, env = "SCM_PROXY_SECURITY_CA")]
+    pub security_ca: PathBuf,
+
+    /// PEM client certificate the proxy presents to the Security server.
+    #[arg(long, env = "SCM_PROXY_CLIENT_CERT")]
+    pub client_cert: PathBuf,
+
+    /// PEM private key of --client-cert.
+    #[arg(long, env = "SCM_PROXY_CLIENT_KEY")]
+    pub client_key: PathBuf,
+
+    /// Address of the Prometheus endpoint (`GET /metrics`); off when not given.
+    #[arg(long, env = "SCM_PROXY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Record encryption after the handshake: auto (kTLS if the kernel has it), userspace, ktls.
+    #[arg(long, env = "SCM_PROXY_TLS_PATH", value_enum, default_value = "auto")]
+    pub tls_path: TlsPath,
+
+    /// Time allowed for the TLS handshake.
+    #[arg(long, env = "SCM_PROXY_HANDSHAKE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub handshake_timeout: Duration,
+
+    /// Time allowed for the whole preamble to arrive after the handshake (slow senders are cut).
+    #[arg(long, env = "SCM_PROXY_PREAMBLE_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    pub preamble_timeout: Duration,
+
+    /// How long a validated session is served from the cache before asking the Security server
+    /// again. Revocations empty it at once; the TTL bounds staleness while the stream is down.
+    #[arg(long, env = "SCM_PROXY_CACHE_TTL", value_parser = parse_duration, default_value = "30s")]
+    pub cache_ttl: Duration,
+
+    /// Time allowed for one call to a Security server before moving to the next.
+    #[arg(long, env = "SCM_PROXY_SECURITY_TIMEOUT", value_parser = parse_duration, default_value = "3s")]
+    pub security_timeout: Duration,
+
+    /// A revocation stream silent for this long is considered dead and reopened.
+    #[arg(long, env = "SCM_PROXY_REVOCATION_STALL", value_parser = parse_duration, default_value = "15s")]
+    pub revocation_stall: Duration,
+
+    /// How often the resource catalog and app policy are fetched even without a change event.
+    #[arg(long, env = "SCM_PROXY_CATALOG_REFRESH", value_parser = parse_duration, default_value = "60s")]
+    pub catalog_refresh: Duration,
+
+    /// Time allowed to connect to a back end.
+    #[arg(long, env = "SCM_PROXY_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    pub connect_timeout: Duration,
+
+    /// A relayed connection with no bytes either way for this long is closed.
+    #[arg(long, env = "SCM_PROXY_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "300s")]
+    pub idle_timeout: Duration,
+
+    /// Relay buffer per direction, in bytes (memory per connection is about twice this).
+    #[arg(long, env = "SCM_PROXY_BUFFER_SIZE", default_value_t = 16 * 1024)]
+    pub buffer_size: usize,
+
+    /// Most device connections open at once; further ones wait in the kernel's accept queue.
+    #[arg(long, env = "SCM_PROXY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (num, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 250ms, 5s, 2m, 1h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "invalid duration unit in {text:?}: use ms, s, m or h"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

@@ -1,0 +1,259 @@
+//! http mode: an HTTP/1.1 reverse proxy on the device's TLS stream. Each request is checked
+//! again (session still live, group rule under the current catalog), stripped of hop-by-hop
+//! headers and of any `x-scm-*` header the device sent, given the identity headers, and sent to
+//! the back end. Nothing of the session (id, key, MAC) is in what the back end receives.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HOST, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use scm_proto::preamble::Status;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+use super::metrics::Metrics;
+use super::policy::Refusal;
+
+/// Header naming the user, added to every request to the back end.
+pub const HEADER_USER: &str = "x-scm-user";
+/// Header with the user's groups, comma-separated.
+pub const HEADER_GROUPS: &str = "x-scm-groups";
+/// Header with the device id.
+pub const HEADER_DEVICE: &str = "x-scm-device";
+/// Header with the app id and version (`app/1.2.3`).
+pub const HEADER_APP: &str = "x-scm-app";
+
+/// The body type of every response the proxy returns.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// The pooled client used to reach http back ends.
+pub type BackendClient = Client<HttpConnector, Incoming>;
+
+/// A client for back ends with a connect timeout.
+pub fn backend_client(connect_timeout: Duration) -> BackendClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector)
+}
+
+/// Who the requests on this connection come from.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// User name.
+    pub user: String,
+    /// The user's groups.
+    pub groups: Vec<String>,
+    /// Device id.
+    pub device_id: String,
+    /// App id and version.
+    pub app: String,
+}
+
+/// Everything one device connection's requests need.
+pub struct HttpContext {
+    /// Resource name (for messages).
+    pub resource: String,
+    /// Back end `host:port`.
+    pub backend: String,
+    /// Identity headers to add.
+    pub identity: Identity,
+    /// The device's address, for `x-forwarded-for`.
+    pub peer: SocketAddr,
+    /// Shared back-end client.
+    pub client: BackendClient,
+    /// The per-request policy check.
+    pub check: Box<dyn Fn() -> Result<(), Refusal> + Send + Sync>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers (and those the `connection` header names) and every `x-scm-*`
+/// header, so a device can neither spoof identity nor leak anything to the back end through them.
+pub fn strip_headers(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    let scm: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-scm-"))
+        .cloned()
+        .collect();
+    for k in scm {
+        headers.remove(k);
+    }
+}
+
+/// Adds the identity headers.
+pub fn add_identity(headers: &mut HeaderMap, id: &Identity, peer: SocketAddr) {
+    let pairs = [
+        (HEADER_USER, id.user.clone()),
+        (HEADER_GROUPS, id.groups.join(",")),
+        (HEADER_DEVICE, id.device_id.clone()),
+        (HEADER_APP, id.app.clone()),
+        ("x-forwarded-for", peer.ip().to_string()),
+    ];
+    for (name, value) in pairs {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    }
+}
+
+async fn forward(ctx: Arc<HttpContext>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    if let Err(refusal) = (ctx.check)() {
+        let code = match refusal.status {
+            Status::SessionInvalid => StatusCode::UNAUTHORIZED,
+            _ => StatusCode::FORBIDDEN,
+        };
+        return text(code, format!("{}: {}\n", refusal.status, refusal.reason));
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let uri: Uri = match format!("http://{}{path}", ctx.backend).parse() {
+        Ok(u) => u,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("bad request target: {e}\n"),
+            );
+        }
+    };
+    *req.uri_mut() = uri;
+    let headers = req.headers_mut();
+    strip_headers(headers);
+    add_identity(headers, &ctx.identity, ctx.peer);
+    if let Ok(host) = HeaderValue::from_str(&ctx.backend) {
+        headers.insert(HOST, host);
+    }
+    match ctx.client.request(req).await {
+        Ok(mut resp) => {
+            strip_headers(resp.headers_mut());
+            resp.map(|b| b.boxed())
+        }
+        Err(e) => {
+            ctx.metrics.error("backend_unavailable");
+            tracing::warn!(resource = %ctx.resource, backend = %ctx.backend, error = %e, "back end request failed");
+            let mut why = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                why = format!("{why}: {s}");
+                src = s.source();
+            }
+            text(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "backend_unavailable: back end of {} at {} failed: {why}\n",
+                    ctx.resource, ctx.backend
+                ),
+            )
+        }
+    }
+}
+
+/// Serves HTTP/1.1 requests from the device until it closes, stays idle for `idle`, or `cancel`
+/// fires (session revoked).
+pub async fn serve_http<S>(
+    stream: S,
+    ctx: Arc<HttpContext>,
+    cancel: &CancellationToken,
+    idle: Duration,
+) -> Result<(), hyper::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move {
+            let resp = forward(ctx.clone(), req).await;
+            ctx.metrics
+                .http_requests
+                .with_label_values(&[resp.status().as_str()])
+                .inc();
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle)
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::select! {
+        r = conn => r,
+        _ = cancel.cancelled() => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_spoofed_identity_and_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert("x-scm-user", HeaderValue::from_static("root"));
+        h.insert("X-Scm-Groups", HeaderValue::from_static("admins"));
+        h.insert("connection", HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("accept"));
+        let id = Identity {
+            user: "alice".into(),
+            groups: vec!["staff".into(), "eng".into()],
+            device_id: "phone".into(),
+            app: "mail/1.0".into(),
+        };
+        add_identity(&mut h, &id, "127.0.0.1:5".parse().unwrap());
+        assert_eq!(h[HEADER_USER], "alice");
+        assert_eq!(h[HEADER_GROUPS], "staff,eng");
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    }
+}

@@ -1,0 +1,20 @@
+//! The proxy's data path: device TLS termination, preamble, session validation, policy, relaying.
+//!
+//! A connection goes through [`server`]: TLS 1.3 handshake ([`tls`], kTLS where the kernel has it),
+//! the preamble ([`preamble`]), the session ([`security_client`] behind [`cache`]), the binding MAC
+//! and the app and resource policy ([`policy`]), then [`relay`] (tcp mode) or [`http`] (http mode).
+//! `docs/proxy-and-device.md` describes it in prose.
+
+pub mod cache;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod policy;
+pub mod preamble;
+pub mod relay;
+pub mod security_client;
+pub mod server;
+pub mod tls;
+
+pub use config::ServeArgs;
+pub use server::{ServeError, run, serve};

@@ -1,0 +1,654 @@
+//! The proxy itself: start-up (TLS, kTLS detection, Security client, catalog, revocation stream,
+//! metrics), the accept loop, and the life of one device connection from handshake to relay.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use scm_proto::api::{ProxyEvent, Resource, ResourceMode};
+use scm_proto::crypto::SessionId;
+use scm_proto::preamble::{Preamble, Status};
+use scm_proto::{BINDING_EXPORTER_LABEL, BINDING_EXPORTER_LEN};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument as _;
+
+use super::cache::{Connections, SessionCache, SessionInfo};
+use super::config::{ServeArgs, TlsPath};
+use super::http::{BackendClient, HttpContext, Identity, backend_client, serve_http};
+use super::metrics::{Metrics, serve_metrics};
+use super::policy::{Catalog, Refusal, check_app, check_binding, check_resource};
+use super::preamble::{read_preamble, write_reply};
+use super::relay::{RelayEnd, RelayOptions, relay};
+use super::security_client::{LineBuffer, SecurityClient, SecurityError, Validation};
+use super::tls::{TlsError, kernel_supports_ktls, security_client_config, server_config};
+
+/// Why the proxy could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// TLS material could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The Security client could not be built.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
+    /// A listener could not be bound.
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `--tls-path ktls` was asked for on a kernel without TLS support.
+    #[error(
+        "--tls-path ktls: this kernel does not accept the TLS upper-layer protocol (no CONFIG_TLS \
+         or the tls module is not loaded); use --tls-path auto or userspace"
+    )]
+    KtlsUnavailable,
+    /// The async runtime could not start.
+    #[error("starting the runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// The state shared by every connection of one proxy process.
+pub struct Proxy {
+    args: ServeArgs,
+    acceptor: TlsAcceptor,
+    ktls: bool,
+    security: SecurityClient,
+    cache: SessionCache,
+    conns: Connections,
+    catalog: RwLock<Arc<Catalog>>,
+    last_refresh: Mutex<Option<Instant>>,
+    metrics: Arc<Metrics>,
+    http_client: BackendClient,
+}
+
+/// Runs [`serve`] on a new multi-threaded runtime (for a synchronous `main`).
+pub fn run(args: ServeArgs) -> Result<(), ServeError> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?
+        .block_on(serve(args))
+}
+
+/// Starts the proxy and serves until Ctrl-C or SIGTERM.
+pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
+    let metrics = Arc::new(Metrics::new());
+    let ktls = match args.tls_path {
+        TlsPath::Userspace => false,
+        TlsPath::Auto => kernel_supports_ktls().await,
+        TlsPath::Ktls => kernel_supports_ktls()
+            .await
+            .then_some(true)
+            .ok_or(ServeError::KtlsUnavailable)?,
+    };
+    let path = if ktls { "ktls" } else { "userspace" };
+    metrics.tls_path.with_label_values(&[path]).set(1);
+    let reason = match (args.tls_path, ktls) {
+        (TlsPath::Userspace, _) => "forced by --tls-path userspace",
+        (_, true) => "the kernel accepts the TLS upper-layer protocol",
+        (_, false) => "the kernel has no TLS upper-layer protocol (CONFIG_TLS)",
+    };
+    tracing::info!(tls_path = path, reason, "record encryption path chosen");
+
+    let tls = server_config(&args.tls_cert, &args.tls_key)?;
+    let client_tls =
+        security_client_config(&args.security_ca, &args.client_cert, &args.client_key)?;
+    let security = SecurityClient::new(
+        args.security_urls.clone(),
+        client_tls,
+        args.security_timeout,
+        metrics.clone(),
+    )?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            what: "device listener",
+            addr: args.listen,
+            source,
+        })?;
+    if let Some(addr) = args.metrics_listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                what: "metrics listener",
+                addr,
+                source,
+            })?;
+        tracing::info!(%addr, "metrics on http://{addr}/metrics");
+        tokio::spawn(serve_metrics(l, metrics.clone()));
+    }
+    let proxy = Arc::new(Proxy {
+        acceptor: TlsAcceptor::from(Arc::new(tls)),
+        ktls,
+        security,
+        cache: SessionCache::new(args.cache_ttl),
+        conns: Connections::default(),
+        catalog: RwLock::default(),
+        last_refresh: Mutex::new(None),
+        http_client: backend_client(args.connect_timeout),
+        metrics,
+        args,
+    });
+    proxy.refresh_catalog().await;
+    tokio::spawn(proxy.clone().revocation_loop());
+    tokio::spawn(proxy.clone().catalog_loop());
+    tracing::info!(
+        listen = %proxy.args.listen,
+        security = ?proxy.args.security_urls,
+        "scm-proxy serving"
+    );
+
+    let limit = Arc::new(tokio::sync::Semaphore::new(proxy.args.max_connections));
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p,
+            _ = &mut stop => break,
+        };
+        let Ok(permit) = permit else { break };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    proxy.metrics.error("accept");
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            proxy.handle(tcp, peer).await;
+            drop(permit);
+        });
+    }
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
+
+struct OpenGuard(Arc<Metrics>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.connections_open.dec();
+    }
+}
+
+impl Proxy {
+    fn catalog(&self) -> Arc<Catalog> {
+        self.catalog
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    async fn refresh_catalog(&self) -> bool {
+        *self.last_refresh.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        match tokio::try_join!(self.security.resources(), self.security.apps()) {
+            Ok((resources, apps)) => {
+                let cat = Catalog::new(resources, apps);
+                tracing::debug!(
+                    resources = cat.resources.len(),
+                    apps = cat.apps.len(),
+                    "catalog refreshed"
+                );
+                *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cat);
+                true
+            }
+            Err(e) => {
+                self.metrics.error("catalog");
+                tracing::warn!(error = %e, "catalog refresh failed; keeping the last one");
+                false
+            }
+        }
+    }
+
+    /// The catalog, fetched again first if it lacks what the preamble names (at most once a
+    /// second, so unknown names cannot make the proxy hammer the Security server).
+    async fn catalog_for(&self, p: &Preamble) -> Arc<Catalog> {
+        let cat = self.catalog();
+        if cat.resources.contains_key(&p.resource) && cat.apps.contains_key(&p.app_id) {
+            return cat;
+        }
+        let recent = self
+            .last_refresh
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+        if !recent {
+            self.refresh_catalog().await;
+        }
+        self.catalog()
+    }
+
+    async fn catalog_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.args.catalog_refresh).await;
+            self.refresh_catalog().await;
+        }
+    }
+
+    /// Keeps the revocation stream open (moving across Security servers), applying its events.
+    async fn revocation_loop(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.security.revocations().await {
+                Ok((url, mut resp)) => {
+                    self.metrics.revocation_stream_up.set(1);
+                    tracing::info!(security = %url, "revocation stream open");
+                    backoff = Duration::from_millis(100);
+                    // Events may have been missed while the stream was down.
+                    self.refresh_catalog().await;
+                    let mut lines = LineBuffer::default();
+                    loop {
+                        match tokio::time::timeout(self.args.revocation_stall, resp.chunk()).await {
+                            Ok(Ok(Some(chunk))) => {
+                                for line in lines.push(&chunk) {
+                                    self.apply_event(&line).await;
+                                }
+                            }
+                            Ok(Ok(None)) => {
+                                tracing::warn!(security = %url, "revocation stream ended");
+                                break;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::warn!(security = %url, error = %e, "revocation stream failed");
+                                break;
+                            }
+                            Err(_) => {
+                                tracing::warn!(security = %url, "revocation stream silent; reopening");
+                                break;
+                            }
+                        }
+                    }
+                    self.metrics.revocation_stream_up.set(0);
+                    self.metrics.error("revocation_stream");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open the revocation stream");
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    async fn apply_event(&self, line: &[u8]) {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        let event: ProxyEvent = match serde_json::from_slice(line) {
+            Ok(e) => e,
+            Err(e) => {
+                self.metrics.error("revocation_event");
+                tracing::warn!(error = %e, "unreadable revocation event");
+                return;
+            }
+        };
+        match event {
+            ProxyEvent::Revoked {
+                session_tag,
+                reason,
+            } => {
+                let tag = scm_proto::crypto::SessionTag(session_tag);
+                self.metrics.revocations.inc();
+                let cached = self.cache.revoke(&tag);
+                let cut = self.conns.cut(&tag);
+                tracing::info!(session = %tag, %reason, cached, connections_closed = cut, "session revoked");
+            }
+            ProxyEvent::CatalogChanged => {
+                self.refresh_catalog().await;
+            }
+            ProxyEvent::Heartbeat { .. } => {}
+        }
+    }
+
+    async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        self.metrics.connections.inc();
+        self.metrics.connections_open.inc();
+        let _open = OpenGuard(self.metrics.clone());
+        let _ = tcp.set_nodelay(true);
+        if self.ktls {
+            let Some(tls) = self.handshake(ktls::CorkStream::new(tcp), peer).await else {
+                return;
+            };
+            let Some(exporter) = self.exporter(tls.get_ref().1) else {
+                return;
+            };
+            match ktls::config_ktls_server(tls).await {
+                Ok(stream) => self.session(stream, exporter, peer).await,
+                Err(e) => {
+                    self.metrics.error("ktls");
+                    tracing::warn!(%peer, error = %e, "handing the connection to kTLS failed");
+                }
+            }
+        } else {
+            let Some(tls) = self.handshake(tcp, peer).await else {
+                return;
+            };
+            let Some(exporter) = self.exporter(tls.get_ref().1) else {
+                return;
+            };
+            self.session(tls, exporter, peer).await;
+        }
+    }
+
+    async fn handshake<IO>(
+        &self,
+        io: IO,
+        peer: SocketAddr,
+    ) -> Option<tokio_rustls::server::TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        match tokio::time::timeout(self.args.handshake_timeout, self.acceptor.accept(io)).await {
+            Ok(Ok(s)) => {
+                self.metrics.handshakes.with_label_values(&["ok"]).inc();
+                Some(s)
+            }
+            Ok(Err(e)) => {
+                self.metrics.handshakes.with_label_values(&["failed"]).inc();
+                self.metrics.error("handshake");
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                self.metrics
+                    .handshakes
+                    .with_label_values(&["timeout"])
+                    .inc();
+                self.metrics.error("handshake_timeout");
+                tracing::debug!(%peer, "TLS handshake timed out");
+                None
+            }
+        }
+    }
+
+    fn exporter(&self, conn: &rustls::ServerConnection) -> Option<[u8; BINDING_EXPORTER_LEN]> {
+        match conn.export_keying_material([0u8; BINDING_EXPORTER_LEN], BINDING_EXPORTER_LABEL, None)
+        {
+            Ok(e) => Some(e),
+            Err(e) => {
+                self.metrics.error("exporter");
+                tracing::warn!(error = %e, "TLS exporter failed");
+                None
+            }
+        }
+    }
+
+    async fn refuse<S: AsyncWrite + Unpin>(&self, stream: &mut S, peer: SocketAddr, r: Refusal) {
+        self.metrics
+            .replies
+            .with_label_values(&[r.status.code()])
+            .inc();
+        tracing::info!(%peer, status = %r.status, reason = %r.reason, "connection refused");
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = write_reply(stream, r.status, &r.reason).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    }
+
+    async fn session<S>(self: &Arc<Self>, mut stream: S, exporter: [u8; 32], peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let preamble = match read_preamble(&mut stream, self.args.preamble_timeout).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.metrics.error(e.class());
+                let r = Refusal::new(Status::BadPreamble, e.to_string());
+                self.refuse(&mut stream, peer, r).await;
+                return;
+            }
+        };
+        let (session, resource) = match self.admit(&preamble, &exporter).await {
+            Ok(ok) => ok,
+            Err(r) => {
+                self.metrics.error(r.status.code());
+                self.refuse(&mut stream, peer, r).await;
+                return;
+            }
+        };
+        let app = format!("{}/{}", preamble.app_id, preamble.app_version);
+        drop(preamble);
+        let guard = self.conns.register(&session.tag);
+        // A revocation may have landed between the validation and the registration.
+        if self.cache.is_revoked(&session.tag) {
+            let r = Refusal::new(Status::SessionInvalid, "the session has been revoked");
+            self.refuse(&mut stream, peer, r).await;
+            return;
+        }
+        let span = tracing::info_span!(
+            "conn",
+            session = %session.tag,
+            user = %session.user,
+            resource = %resource.name,
+            %peer
+        );
+        async {
+            match resource.mode {
+                ResourceMode::Tcp => {
+                    let connect = TcpStream::connect(resource.address.as_str());
+                    let backend =
+                        match tokio::time::timeout(self.args.connect_timeout, connect).await {
+                            Ok(Ok(b)) => b,
+                            Ok(Err(e)) => {
+                                let r = Refusal::new(
+                                    Status::BackendUnavailable,
+                                    format!(
+                                        "back end of {} at {} unreachable: {e}",
+                                        resource.name, resource.address
+                                    ),
+                                );
+                                self.metrics.error("backend_unavailable");
+                                self.refuse(&mut stream, peer, r).await;
+                                return;
+                            }
+                            Err(_) => {
+                                let r = Refusal::new(
+                                    Status::BackendUnavailable,
+                                    format!(
+                                        "back end of {} at {} did not accept within {:?}",
+                                        resource.name, resource.address, self.args.connect_timeout
+                                    ),
+                                );
+                                self.metrics.error("backend_unavailable");
+                                self.refuse(&mut stream, peer, r).await;
+                                return;
+                            }
+                        };
+                    let _ = backend.set_nodelay(true);
+                    if !self.accept_reply(&mut stream).await {
+                        return;
+                    }
+                    tracing::info!(mode = "tcp", "relaying");
+                    let opts = RelayOptions {
+                        buffer_size: self.args.buffer_size,
+                        idle_timeout: self.args.idle_timeout,
+                    };
+                    let end = relay(
+                        stream,
+                        backend,
+                        opts,
+                        &guard.token,
+                        self.metrics.bytes.with_label_values(&["to_backend"]),
+                        self.metrics.bytes.with_label_values(&["to_device"]),
+                    )
+                    .await;
+                    match end {
+                        RelayEnd::Revoked => {
+                            self.metrics.revoked_connections.inc();
+                            tracing::info!("closed: session revoked");
+                        }
+                        RelayEnd::Idle => tracing::info!("closed: idle timeout"),
+                        RelayEnd::Error => {
+                            self.metrics.error("relay");
+                            tracing::debug!("closed: relay error");
+                        }
+                        RelayEnd::Done => tracing::debug!("closed"),
+                    }
+                }
+                ResourceMode::Http => {
+                    if !self.accept_reply(&mut stream).await {
+                        return;
+                    }
+                    tracing::info!(mode = "http", "proxying");
+                    let ctx = Arc::new(self.http_context(&session, &resource, app, peer, &guard));
+                    if let Err(e) =
+                        serve_http(stream, ctx, &guard.token, self.args.idle_timeout).await
+                    {
+                        tracing::debug!(error = %e, "http connection ended with an error");
+                    }
+                    if guard.token.is_cancelled() {
+                        self.metrics.revoked_connections.inc();
+                        tracing::info!("closed: session revoked");
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    async fn accept_reply<S: AsyncWrite + Unpin>(&self, stream: &mut S) -> bool {
+        self.metrics
+            .replies
+            .with_label_values(&[Status::Ok.code()])
+            .inc();
+        write_reply(stream, Status::Ok, "").await.is_ok()
+    }
+
+    fn http_context(
+        self: &Arc<Self>,
+        session: &Arc<SessionInfo>,
+        resource: &Resource,
+        app: String,
+        peer: SocketAddr,
+        guard: &super::cache::ConnGuard<'_>,
+    ) -> HttpContext {
+        let proxy = self.clone();
+        let s = session.clone();
+        let name = resource.name.clone();
+        let token = guard.token.clone();
+        HttpContext {
+            resource: resource.name.clone(),
+            backend: resource.address.clone(),
+            identity: Identity {
+                user: session.user.clone(),
+                groups: session.groups.clone(),
+                device_id: session.device_id.clone(),
+                app,
+            },
+            peer,
+            client: self.http_client.clone(),
+            check: Box::new(move || {
+                if token.is_cancelled() || proxy.cache.is_revoked(&s.tag) || s.expired() {
+                    return Err(Refusal::new(
+                        Status::SessionInvalid,
+                        "the session has ended",
+                    ));
+                }
+                check_resource(&proxy.catalog().resources, &s, &name).map(|_| ())
+            }),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// Everything between a well-formed preamble and the back end: session, binding, app policy,
+    /// resource and group rule. The refusal says which check failed.
+    async fn admit(
+        &self,
+        p: &Preamble,
+        exporter: &[u8],
+    ) -> Result<(Arc<SessionInfo>, Resource), Refusal> {
+        let id = SessionId::parse(&p.session_id)
+            .ok_or_else(|| Refusal::new(Status::SessionInvalid, "malformed session id"))?;
+        let session = match self.cache.get(&id) {
+            Some(s) => {
+                self.metrics.cache_hits.inc();
+                s
+            }
+            None => {
+                self.metrics.cache_misses.inc();
+                match self.security.validate(&id).await {
+                    Ok(Validation::Valid(s)) => {
+                        self.metrics.validations.with_label_values(&["valid"]).inc();
+                        if !self.cache.insert(id, s.clone()) {
+                            return Err(Refusal::new(
+                                Status::SessionInvalid,
+                                "the session has been revoked",
+                            ));
+                        }
+                        s
+                    }
+                    Ok(Validation::Invalid(body)) => {
+                        self.metrics
+                            .validations
+                            .with_label_values(&["invalid"])
+                            .inc();
+                        return Err(Refusal::new(
+                            Status::SessionInvalid,
+                            format!("session refused: {}: {}", body.code, body.message),
+                        ));
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .validations
+                            .with_label_values(&["unavailable"])
+                            .inc();
+                        tracing::warn!(error = %e, "session validation failed");
+                        return Err(Refusal::new(
+                            Status::SecurityUnavailable,
+                            "no Security server could validate the session; try again",
+                        ));
+                    }
+                }
+            }
+        };
+        if session.expired() {
+            return Err(Refusal::new(
+                Status::SessionInvalid,
+                "the session has expired",
+            ));
+        }
+        check_binding(&session, p, exporter)?;
+        let catalog = self.catalog_for(p).await;
+        check_app(&catalog.apps, &session, p)?;
+        let resource = check_resource(&catalog.resources, &session, &p.resource)?.clone();
+        Ok((session, resource))
+    }
+}
