@@ -1,3 +1,5 @@
-//! scm proxy.
+//! scm's proxy: device TLS termination, session checks, relaying, and the loader of the eBPF
+//! data plane.
 
 pub mod proxy;
+pub mod xdp;

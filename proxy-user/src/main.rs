@@ -1,0 +1,120 @@
+//! `scm-proxy`: the command line of scm's proxy.
+
+use std::{io::IsTerminal as _, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use scm_proxy::xdp::{AttachMode, LoadOptions, XdpIngress};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+/// scm's proxy: terminates devices' TLS, checks their sessions with the Security server and
+/// relays to intranet back ends, with an eBPF data plane in front.
+///
+/// Logs go to stderr; RUST_LOG sets their level (default: info). With RUST_LOG=debug the kernel
+/// programs' own log records are forwarded too.
+#[derive(Debug, Parser)]
+#[command(name = "scm-proxy", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The XDP ingress program: attach it to an interface and watch what it counts.
+    #[command(subcommand)]
+    Xdp(XdpCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum XdpCommand {
+    /// Attach the ingress parser to an interface and print its counters until SIGINT/SIGTERM,
+    /// then detach.
+    ///
+    /// Every frame arriving on the interface is parsed (Ethernet with VLAN tags, IPv4, IPv6,
+    /// TCP, UDP) and counted per class: tcp-syn, tcp, udp, other, malformed. Frames all pass
+    /// on to the kernel stack; nothing is dropped. Needs root (or CAP_BPF and CAP_NET_ADMIN).
+    ///
+    /// Example: scm-proxy xdp attach --iface eth0 --interval 5
+    Attach(AttachArgs),
+}
+
+#[derive(Debug, Args)]
+struct AttachArgs {
+    /// Interface to attach to, in this process's network namespace (see `ip link`).
+    #[arg(long, env = "SCM_XDP_IFACE")]
+    iface: String,
+
+    /// native: driver mode, fails if the driver lacks XDP. generic: skb mode, works everywhere,
+    /// slower. auto: native, else generic with a warning.
+    #[arg(long, env = "SCM_XDP_MODE", value_enum, default_value_t = AttachMode::Auto)]
+    mode: AttachMode,
+
+    /// Seconds between two counter tables (fractions allowed, e.g. 0.5).
+    #[arg(long, env = "SCM_XDP_INTERVAL", default_value = "1", value_parser = parse_interval)]
+    interval: Duration,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
+    if !(0.05..=86_400.0).contains(&secs) {
+        return Err(format!("{secs} s is outside 0.05 s ..= 1 day"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match cli.command {
+        Command::Xdp(XdpCommand::Attach(args)) => xdp_attach(args).await,
+    }
+}
+
+async fn xdp_attach(args: AttachArgs) -> anyhow::Result<()> {
+    let kernel_log = tracing::enabled!(tracing::Level::DEBUG);
+    let options = LoadOptions {
+        kernel_log_level: kernel_log.then_some(aya_log::Level::Debug),
+    };
+    let mut ingress = XdpIngress::load_with(&options)?;
+    if kernel_log {
+        ingress.forward_kernel_logs()?;
+    }
+    // Install the handlers before attaching so that a signal right after attach still detaches.
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mode = ingress.attach(&args.iface, args.mode)?;
+    println!(
+        "scm_ingress attached to {} in {mode} mode; counters every {:?}; SIGINT or SIGTERM detaches",
+        args.iface, args.interval
+    );
+    let mut ticker = tokio::time::interval(args.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    ticker.tick().await;
+    let started = tokio::time::Instant::now();
+    let signal_name = loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let counters = ingress.counters()?;
+                println!("\n[{:.1}s] {}\n{counters}", started.elapsed().as_secs_f64(), args.iface);
+            }
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+        }
+    };
+    let counters = ingress.counters()?;
+    ingress.detach()?;
+    println!("\n[final] {}\n{counters}", args.iface);
+    println!("{signal_name}: scm_ingress detached from {}", args.iface);
+    Ok(())
+}

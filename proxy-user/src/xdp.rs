@@ -1,0 +1,550 @@
+//! The XDP ingress program from user space: load it (the verifier runs here), attach it to an
+//! interface, read its per-CPU counters, run it on test frames, detach it.
+//!
+//! The object is built by `build.rs` and embedded in the binary, so a deployed proxy carries the
+//! exact kernel code it was tested with. Attachment goes through a BPF link where the kernel has
+//! them: when this process dies, the kernel detaches the program by itself.
+
+use std::{fmt, io};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{MapData, MapError, PerCpuArray},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use aya_log::EbpfLogger;
+use proxy_common::{
+    ClassCounter, INGRESS_PROGRAM, Malformed, PacketClass,
+    counters::{CLASS_STATS_MAP, MALFORMED_STATS_MAP},
+};
+use tracing::{debug, warn};
+
+/// The eBPF object with every kernel program of the proxy, built for this host's endianness.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/scm-ebpf"));
+
+/// `XDP_ABORTED`: the program failed (it also fires the `xdp:xdp_exception` tracepoint).
+pub const XDP_ABORTED: u32 = 0;
+/// `XDP_DROP`.
+pub const XDP_DROP: u32 = 1;
+/// `XDP_PASS`: the frame goes on to the kernel stack.
+pub const XDP_PASS: u32 = 2;
+/// `XDP_TX`.
+pub const XDP_TX: u32 = 3;
+/// `XDP_REDIRECT`.
+pub const XDP_REDIRECT: u32 = 4;
+
+/// How to attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Driver (native) mode only: the program runs before the kernel allocates an skb. Fails on
+    /// interfaces whose driver has no XDP support.
+    Native,
+    /// Generic (skb) mode: works on every interface, runs later and slower.
+    Generic,
+    /// Native, and generic with a warning when the driver refuses native mode.
+    Auto,
+}
+
+/// The mode an attachment ended up in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachedMode {
+    /// Driver mode.
+    Native,
+    /// Generic (skb) mode.
+    Generic,
+}
+
+impl fmt::Display for AttachedMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        })
+    }
+}
+
+/// What can go wrong with the XDP program. Each variant says what was being done.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum XdpError {
+    /// The kernel refused a BPF operation for lack of privilege.
+    #[error(
+        "{action}: permission denied (effective uid {uid}); loading and attaching XDP programs \
+         needs root, or CAP_BPF plus CAP_NET_ADMIN"
+    )]
+    PermissionDenied {
+        /// What was attempted.
+        action: String,
+        /// The effective uid of this process.
+        uid: u32,
+        /// The kernel's error.
+        #[source]
+        source: io::Error,
+    },
+    /// No interface by that name in the calling thread's network namespace.
+    #[error("no network interface named {iface:?} in this network namespace")]
+    NoSuchInterface {
+        /// The name asked for.
+        iface: String,
+    },
+    /// The verifier rejected the program.
+    #[error("the kernel verifier rejected {program}: {source}\n--- verifier log ---\n{log}")]
+    Rejected {
+        /// Program name.
+        program: &'static str,
+        /// The error `BPF_PROG_LOAD` returned.
+        #[source]
+        source: io::Error,
+        /// The verifier's log.
+        log: String,
+    },
+    /// The embedded object could not be parsed or its maps created.
+    #[error("loading the eBPF object: {0}")]
+    Object(#[source] EbpfError),
+    /// The object lacks a program or map this code expects: the build is inconsistent.
+    #[error("the eBPF object has no {kind} named {name}; rebuild scm-proxy")]
+    Missing {
+        /// "program" or "map".
+        kind: &'static str,
+        /// Its name.
+        name: &'static str,
+    },
+    /// Another program operation failed.
+    #[error("{action}: {source}")]
+    Program {
+        /// What was attempted.
+        action: String,
+        /// aya's error.
+        #[source]
+        source: ProgramError,
+    },
+    /// Reading a map failed.
+    #[error("reading map {map}: {source}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// aya's error.
+        #[source]
+        source: MapError,
+    },
+    /// Forwarding the program's log records failed.
+    #[error("forwarding the eBPF log: {0}")]
+    Log(String),
+    /// `detach` without `attach`.
+    #[error("the XDP program is not attached")]
+    NotAttached,
+    /// `attach` twice.
+    #[error("the XDP program is already attached to {iface}")]
+    AlreadyAttached {
+        /// Where it is attached.
+        iface: String,
+    },
+}
+
+fn effective_uid() -> u32 {
+    nix::unistd::Uid::effective().as_raw()
+}
+
+fn is_permission_error(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+}
+
+/// The first `io::Error` in an error's source chain.
+fn io_source<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return Some(io);
+        }
+        current = e.source();
+    }
+    None
+}
+
+fn program_error(action: impl Into<String>, source: ProgramError) -> XdpError {
+    let action = action.into();
+    match io_source(&source).filter(|io| is_permission_error(io)) {
+        Some(io) => XdpError::PermissionDenied {
+            action,
+            uid: effective_uid(),
+            source: io::Error::from_raw_os_error(io.raw_os_error().unwrap_or(libc::EPERM)),
+        },
+        None => XdpError::Program { action, source },
+    }
+}
+
+/// Options for [`XdpIngress::load_with`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// The most verbose level of the program's own log records to emit; `None` compiles them out
+    /// at load time (the verifier prunes the dead branches), which is what the fast path wants.
+    /// Records reach this process only after [`XdpIngress::forward_kernel_logs`].
+    pub kernel_log_level: Option<aya_log::Level>,
+}
+
+/// Counters summed over all CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngressCounters {
+    classes: [ClassCounter; PacketClass::COUNT as usize],
+    malformed: [u64; Malformed::COUNT as usize],
+}
+
+impl IngressCounters {
+    /// The counter of one class.
+    pub fn class(&self, class: PacketClass) -> ClassCounter {
+        self.classes
+            .get(class.index() as usize)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Malformed packets of one reason.
+    pub fn malformed(&self, reason: Malformed) -> u64 {
+        self.malformed
+            .get(reason.index() as usize)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// All classes together.
+    pub fn total(&self) -> ClassCounter {
+        self.classes
+            .iter()
+            .fold(ClassCounter::default(), |acc, c| acc.plus(*c))
+    }
+
+    /// What moved since `earlier` (a snapshot of the same maps).
+    pub fn since(&self, earlier: &Self) -> Self {
+        let mut out = *self;
+        for (now, then) in out.classes.iter_mut().zip(earlier.classes.iter()) {
+            now.packets = now.packets.saturating_sub(then.packets);
+            now.bytes = now.bytes.saturating_sub(then.bytes);
+        }
+        for (now, then) in out.malformed.iter_mut().zip(earlier.malformed.iter()) {
+            *now = now.saturating_sub(*then);
+        }
+        out
+    }
+}
+
+impl fmt::Display for IngressCounters {
+    /// One line per class (`class packets bytes`), then the malformed reasons that are non-zero.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{:<10} {:>14} {:>16}", "class", "packets", "bytes")?;
+        for class in PacketClass::ALL {
+            let c = self.class(class);
+            writeln!(f, "{:<10} {:>14} {:>16}", class.name(), c.packets, c.bytes)?;
+        }
+        let total = self.total();
+        write!(
+            f,
+            "{:<10} {:>14} {:>16}",
+            "total", total.packets, total.bytes
+        )?;
+        for reason in Malformed::ALL {
+            let n = self.malformed(reason);
+            if n != 0 {
+                write!(f, "\n  malformed {:<26} {:>10}", reason.name(), n)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of one `BPF_PROG_TEST_RUN`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestRunOutput {
+    /// The XDP action the program returned (`XDP_PASS`, ...).
+    pub action: u32,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+}
+
+struct Attachment {
+    link: XdpLinkId,
+    iface: String,
+    mode: AttachedMode,
+}
+
+/// The loaded XDP ingress program and its maps.
+pub struct XdpIngress {
+    ebpf: Ebpf,
+    attachment: Option<Attachment>,
+}
+
+impl fmt::Debug for XdpIngress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("XdpIngress")
+            .field("attached", &self.attached())
+            .finish_non_exhaustive()
+    }
+}
+
+impl XdpIngress {
+    /// Loads the program with its log compiled out.
+    pub fn load() -> Result<Self, XdpError> {
+        Self::load_with(&LoadOptions::default())
+    }
+
+    /// Creates the maps and loads the program into the kernel, which runs the verifier.
+    pub fn load_with(options: &LoadOptions) -> Result<Self, XdpError> {
+        raise_memlock_limit();
+        let level: u8 = options.kernel_log_level.map_or(0, |l| l as u8);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, true)
+            .load(EBPF_OBJECT)
+            .map_err(
+                |e| match io_source(&e).filter(|io| is_permission_error(io)) {
+                    Some(io) => XdpError::PermissionDenied {
+                        action: "creating the eBPF maps".into(),
+                        uid: effective_uid(),
+                        source: io::Error::from_raw_os_error(
+                            io.raw_os_error().unwrap_or(libc::EPERM),
+                        ),
+                    },
+                    None => XdpError::Object(e),
+                },
+            )?;
+        let program = program_mut(&mut ebpf)?;
+        match program.load() {
+            Ok(()) => {}
+            Err(ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            }) => {
+                if is_permission_error(&io_error) {
+                    return Err(XdpError::PermissionDenied {
+                        action: "loading the XDP program".into(),
+                        uid: effective_uid(),
+                        source: io_error,
+                    });
+                }
+                return Err(XdpError::Rejected {
+                    program: INGRESS_PROGRAM,
+                    source: io_error,
+                    log: verifier_log.to_string(),
+                });
+            }
+            Err(e) => {
+                return Err(program_error("loading the XDP program", e));
+            }
+        }
+        debug!(program = INGRESS_PROGRAM, "XDP program loaded");
+        Ok(Self {
+            ebpf,
+            attachment: None,
+        })
+    }
+
+    /// Forwards the program's log records to this process's `log`/`tracing` output from a task
+    /// on the current tokio runtime. Has effect only with a `kernel_log_level` set at load.
+    pub fn forward_kernel_logs(&mut self) -> Result<(), XdpError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| XdpError::Log(format!("no tokio runtime: {e}")))?;
+        let logger = EbpfLogger::init(&mut self.ebpf).map_err(|e| XdpError::Log(e.to_string()))?;
+        let mut logger = {
+            let _guard = runtime.enter();
+            // SAFETY: the logger owns its ring buffer's file descriptor for as long as it lives,
+            // and the AsyncFd owns the logger, so the fd stays open and the same until the
+            // AsyncFd is dropped.
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    logger,
+                    tokio::io::Interest::READABLE,
+                )
+            }
+            .map_err(|e| XdpError::Log(e.to_string()))?
+        };
+        runtime.spawn(async move {
+            loop {
+                match logger.readable_mut().await {
+                    Ok(mut guard) => {
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                    Err(e) => {
+                        warn!("eBPF log forwarding stopped: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Attaches to `iface`, looked up in the calling thread's network namespace.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachedMode, XdpError> {
+        if let Some(a) = &self.attachment {
+            return Err(XdpError::AlreadyAttached {
+                iface: a.iface.clone(),
+            });
+        }
+        let if_index =
+            nix::net::if_::if_nametoindex(iface).map_err(|_| XdpError::NoSuchInterface {
+                iface: iface.to_owned(),
+            })?;
+        let program = program_mut(&mut self.ebpf)?;
+        let attach = |program: &mut Xdp, mode: XdpMode, name: &str| {
+            program.attach_to_if_index(if_index, mode).map_err(|e| {
+                program_error(
+                    format!("attaching {INGRESS_PROGRAM} to {iface} in {name} mode"),
+                    e,
+                )
+            })
+        };
+        let (link, attached) = match mode {
+            AttachMode::Native => (
+                attach(program, XdpMode::Driver, "native")?,
+                AttachedMode::Native,
+            ),
+            AttachMode::Generic => (
+                attach(program, XdpMode::Skb, "generic")?,
+                AttachedMode::Generic,
+            ),
+            AttachMode::Auto => match attach(program, XdpMode::Driver, "native") {
+                Ok(link) => (link, AttachedMode::Native),
+                Err(e @ XdpError::PermissionDenied { .. }) => return Err(e),
+                Err(e) => {
+                    warn!(
+                        "{iface}: native XDP refused ({e}); falling back to generic (skb) mode, \
+                         which sees frames only after the kernel built an skb and is slower"
+                    );
+                    (
+                        attach(program, XdpMode::Skb, "generic")?,
+                        AttachedMode::Generic,
+                    )
+                }
+            },
+        };
+        debug!(iface, mode = %attached, "XDP program attached");
+        self.attachment = Some(Attachment {
+            link,
+            iface: iface.to_owned(),
+            mode: attached,
+        });
+        Ok(attached)
+    }
+
+    /// The interface and mode of the current attachment.
+    pub fn attached(&self) -> Option<(&str, AttachedMode)> {
+        self.attachment.as_ref().map(|a| (a.iface.as_str(), a.mode))
+    }
+
+    /// Detaches from the interface. Dropping an attached `XdpIngress` detaches too.
+    pub fn detach(&mut self) -> Result<(), XdpError> {
+        let attachment = self.attachment.take().ok_or(XdpError::NotAttached)?;
+        let program = program_mut(&mut self.ebpf)?;
+        program.detach(attachment.link).map_err(|e| {
+            program_error(
+                format!("detaching {INGRESS_PROGRAM} from {}", attachment.iface),
+                e,
+            )
+        })?;
+        debug!(iface = attachment.iface, "XDP program detached");
+        Ok(())
+    }
+
+    /// The counters now, summed over CPUs.
+    pub fn counters(&self) -> Result<IngressCounters, XdpError> {
+        let mut out = IngressCounters::default();
+        let classes: PerCpuArray<&MapData, ClassCounter> = self.per_cpu_array(CLASS_STATS_MAP)?;
+        for (class, slot) in PacketClass::ALL.iter().zip(out.classes.iter_mut()) {
+            let values = classes
+                .get(&class.index(), 0)
+                .map_err(|source| XdpError::Map {
+                    map: CLASS_STATS_MAP,
+                    source,
+                })?;
+            *slot = values
+                .iter()
+                .fold(ClassCounter::default(), |acc, v| acc.plus(*v));
+        }
+        let malformed: PerCpuArray<&MapData, u64> = self.per_cpu_array(MALFORMED_STATS_MAP)?;
+        for (reason, slot) in Malformed::ALL.iter().zip(out.malformed.iter_mut()) {
+            let values = malformed
+                .get(&reason.index(), 0)
+                .map_err(|source| XdpError::Map {
+                    map: MALFORMED_STATS_MAP,
+                    source,
+                })?;
+            *slot = values.iter().fold(0u64, |acc, v| acc.wrapping_add(*v));
+        }
+        Ok(out)
+    }
+
+    /// Runs the program once on `frame` with `BPF_PROG_TEST_RUN`, without any interface: the
+    /// counters move as if the frame had arrived.
+    pub fn test_run(&self, frame: &[u8]) -> Result<TestRunOutput, XdpError> {
+        let program: &Xdp = self
+            .ebpf
+            .program(INGRESS_PROGRAM)
+            .ok_or(XdpError::Missing {
+                kind: "program",
+                name: INGRESS_PROGRAM,
+            })?
+            .try_into()
+            .map_err(|e| program_error("finding the XDP program", e))?;
+        // Room for a program that grows the frame with bpf_xdp_adjust_tail.
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .map_err(|e| {
+                program_error(
+                    format!(
+                        "BPF_PROG_TEST_RUN of {INGRESS_PROGRAM} on a {}-byte frame",
+                        frame.len()
+                    ),
+                    e,
+                )
+            })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutput {
+            action: result.return_value,
+            frame: out,
+        })
+    }
+
+    fn per_cpu_array<V: aya::Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<PerCpuArray<&MapData, V>, XdpError> {
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(XdpError::Missing { kind: "map", name })?;
+        PerCpuArray::try_from(map).map_err(|source| XdpError::Map { map: name, source })
+    }
+}
+
+fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
+    ebpf.program_mut(INGRESS_PROGRAM)
+        .ok_or(XdpError::Missing {
+            kind: "program",
+            name: INGRESS_PROGRAM,
+        })?
+        .try_into()
+        .map_err(|e| program_error("finding the XDP program", e))
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones charge the cgroup and
+/// ignore the limit. Raising it needs CAP_SYS_RESOURCE, which containers often lack, so failure
+/// is only worth a warning: on a current kernel the load succeeds anyway.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass by reference and keeps no pointer to it.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    if ret != 0 {
+        warn!(
+            "raising RLIMIT_MEMLOCK failed ({}); fine on kernels >= 5.11, which account BPF \
+             memory by cgroup",
+            io::Error::last_os_error()
+        );
+    }
+}
