@@ -23,7 +23,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve devices: TLS 1.3, preamble, session checks with the Security server, relaying.
-    Serve(scm_proxy::proxy::ServeArgs),
+    // Boxed: the serve flags dwarf the other variants (clippy::large_enum_variant).
+    Serve(Box<scm_proxy::proxy::ServeArgs>),
     /// The XDP ingress program: attach it to an interface and watch what it counts.
     #[command(subcommand)]
     Xdp(XdpCommand),
@@ -79,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
-        Command::Serve(args) => Ok(scm_proxy::proxy::serve(args).await?),
+        Command::Serve(args) => Ok(scm_proxy::proxy::serve(*args).await?),
         Command::Xdp(XdpCommand::Attach(args)) => xdp_attach(args).await,
     }
 }

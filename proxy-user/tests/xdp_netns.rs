@@ -1,0 +1,334 @@
+//! The XDP ingress program on a real interface: two network namespaces joined by a veth pair,
+//! the program attached in native mode to `vb`, real TCP and UDP sent from `va`, and the map's
+//! counts checked against what was sent. Also the `scm-proxy xdp attach` binary end to end.
+//!
+//! Needs root and `ip` (iproute2); see `support::require_root`. All addresses live only inside
+//! the namespaces the tests create and delete.
+
+mod support;
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Shutdown, TcpListener, TcpStream, UdpSocket},
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use proxy_common::{Malformed, PacketClass};
+use scm_proxy::xdp::{AttachMode, AttachedMode, XdpError, XdpIngress};
+use support::{A_V4, A_V6, B_V4, B_V6, NetnsPair, in_netns, require_root};
+
+const ETH: usize = 14;
+const IPV4: usize = 20;
+const IPV6: usize = 40;
+const UDP: usize = 8;
+
+/// Sends `sizes.len()` datagrams from namespace `a` to a socket bound in `b` on `dst` and waits
+/// until every one arrived (so the program passed them all). Returns the frame bytes they
+/// occupy on the wire as XDP sees them.
+fn send_udp(pair: &NetnsPair, src: &str, dst: &str, sizes: &[usize]) -> u64 {
+    let receiver = in_netns(&pair.b, || UdpSocket::bind((dst, 0)).expect("bind in b"));
+    receiver
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let to = receiver.local_addr().unwrap();
+    let sender = in_netns(&pair.a, || UdpSocket::bind((src, 0)).expect("bind in a"));
+    let mut buf = vec![0u8; 65536];
+    for (i, &size) in sizes.iter().enumerate() {
+        let payload = vec![i as u8; size];
+        sender.send_to(&payload, to).expect("send_to");
+        // One at a time: a socket buffer overflow must not turn into a miscount.
+        let (n, _) = receiver
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("datagram {i} of {} to {to} lost: {e}", sizes.len()));
+        assert_eq!(n, size);
+    }
+    let ip = if to.is_ipv4() { IPV4 } else { IPV6 };
+    sizes.iter().map(|s| (ETH + ip + UDP + s) as u64).sum()
+}
+
+/// Opens `connections` TCP connections from `a` to a listener in `b` on `dst`; each sends
+/// `bytes` bytes, half-closes, and waits for the server's reply and close, so the whole
+/// exchange has crossed `vb` by the time it returns.
+fn send_tcp(pair: &NetnsPair, src: &str, dst: &str, connections: usize, bytes: usize) {
+    let listener = in_netns(&pair.b, || {
+        TcpListener::bind((dst, 0)).expect("listen in b")
+    });
+    let to = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        for _ in 0..connections {
+            let (mut s, _) = listener.accept().expect("accept");
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).expect("server read");
+            assert_eq!(got.len(), bytes);
+            s.write_all(b"ok").expect("server write");
+        }
+    });
+    let src: IpAddr = src.parse().unwrap();
+    for _ in 0..connections {
+        let mut s = in_netns(&pair.a, || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect from a")
+        });
+        assert_eq!(s.local_addr().unwrap().ip(), src);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&vec![0x5a; bytes]).expect("client write");
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).expect("client read");
+        assert_eq!(reply, b"ok");
+    }
+    server.join().expect("server thread");
+}
+
+#[test]
+fn real_tcp_and_udp_across_a_veth_pair_are_counted() {
+    if !require_root("xdp_netns::real_tcp_and_udp_across_a_veth_pair_are_counted") {
+        return;
+    }
+    let pair = NetnsPair::create();
+    let mut ingress = XdpIngress::load().expect("loading the XDP program");
+    let mode = in_netns(&pair.b, || ingress.attach("vb", AttachMode::Native)).expect("attach");
+    assert_eq!(mode, AttachedMode::Native);
+    assert!(pair.link_show(&pair.b, "vb").contains("xdp"));
+    let before = ingress.counters().unwrap();
+
+    let v4_sizes: Vec<usize> = (0..40).map(|i| 16 + i * 30).collect();
+    let v6_sizes: Vec<usize> = (0..20).map(|i| 1 + i * 60).collect();
+    let udp_bytes = send_udp(&pair, A_V4, B_V4, &v4_sizes) + send_udp(&pair, A_V6, B_V6, &v6_sizes);
+    let (v4_conns, v6_conns, payload) = (4usize, 2usize, 20_000usize);
+    send_tcp(&pair, A_V4, B_V4, v4_conns, payload);
+    send_tcp(&pair, A_V6, B_V6, v6_conns, payload);
+
+    let moved = ingress.counters().unwrap().since(&before);
+    eprintln!("counted on vb while the test ran:\n{moved}");
+    let udp = moved.class(PacketClass::Udp);
+    assert_eq!(
+        udp.packets,
+        (v4_sizes.len() + v6_sizes.len()) as u64,
+        "{moved}"
+    );
+    assert_eq!(udp.bytes, udp_bytes, "{moved}");
+    let conns = (v4_conns + v6_conns) as u64;
+    // One SYN per connection on a lossless veth; the SYN+ACKs travel the other way.
+    assert_eq!(moved.class(PacketClass::TcpSyn).packets, conns, "{moved}");
+    // At least: the handshake's ACK, one data segment and the FIN per connection, and every
+    // payload byte, whatever segmentation the kernel chose.
+    let tcp = moved.class(PacketClass::Tcp);
+    assert!(tcp.packets >= conns * 3, "{moved}");
+    assert!(
+        tcp.bytes >= conns * (payload as u64 + (ETH + IPV4 + 20) as u64),
+        "{moved}"
+    );
+    assert_eq!(moved.class(PacketClass::Malformed).packets, 0, "{moved}");
+    for reason in Malformed::ALL {
+        assert_eq!(moved.malformed(reason), 0, "{moved}");
+    }
+
+    // Detached, the program counts nothing more.
+    ingress.detach().expect("detach");
+    assert!(!pair.link_show(&pair.b, "vb").contains("xdp"));
+    let after_detach = ingress.counters().unwrap();
+    send_udp(&pair, A_V4, B_V4, &[100; 5]);
+    assert_eq!(ingress.counters().unwrap(), after_detach);
+}
+
+#[test]
+fn auto_mode_falls_back_to_generic_where_the_driver_has_no_xdp() {
+    if !require_root("xdp_netns::auto_mode_falls_back_to_generic_where_the_driver_has_no_xdp") {
+        return;
+    }
+    let pair = NetnsPair::create();
+    let mut ingress = XdpIngress::load().expect("loading the XDP program");
+    // The loopback driver has no native XDP.
+    let native = in_netns(&pair.b, || ingress.attach("lo", AttachMode::Native));
+    assert!(native.is_err(), "native XDP on lo should be refused");
+    let mode = in_netns(&pair.b, || ingress.attach("lo", AttachMode::Auto)).expect("auto attach");
+    assert_eq!(mode, AttachedMode::Generic);
+    assert_eq!(ingress.attached(), Some(("lo", AttachedMode::Generic)));
+    assert!(pair.link_show(&pair.b, "lo").contains("xdpgeneric"));
+    ingress.detach().expect("detach");
+    assert!(!pair.link_show(&pair.b, "lo").contains("xdp"));
+}
+
+#[test]
+fn unknown_interface_is_a_clear_error() {
+    if !require_root("xdp_netns::unknown_interface_is_a_clear_error") {
+        return;
+    }
+    let pair = NetnsPair::create();
+    let mut ingress = XdpIngress::load().expect("loading the XDP program");
+    // `va` exists, but in the other namespace.
+    let err = in_netns(&pair.b, || ingress.attach("va", AttachMode::Auto)).unwrap_err();
+    assert!(matches!(err, XdpError::NoSuchInterface { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("no network interface named \"va\""),
+        "{err}"
+    );
+}
+
+/// Lines the child prints, gathered by a reader thread.
+fn spawn_line_reader(stream: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Reads lines into `seen` until one satisfies `done`, or panics after `timeout`.
+fn wait_for(
+    rx: &mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&[String]) -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    while !done(seen) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!(
+                "timed out waiting for {what}; output so far:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+}
+
+/// The packet count of the last `udp` row printed so far.
+fn last_udp_packets(lines: &[String]) -> Option<u64> {
+    lines.iter().rev().find_map(|l| {
+        let mut fields = l.split_whitespace();
+        (fields.next() == Some("udp")).then(|| fields.next()?.parse().ok())?
+    })
+}
+
+#[test]
+fn scm_proxy_xdp_attach_reports_counters_and_detaches_on_sigterm() {
+    if !require_root("xdp_netns::scm_proxy_xdp_attach_reports_counters_and_detaches_on_sigterm") {
+        return;
+    }
+    let pair = NetnsPair::create();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &pair.b, env!("CARGO_BIN_EXE_scm-proxy")])
+        .args([
+            "xdp",
+            "attach",
+            "--iface",
+            "vb",
+            "--mode",
+            "native",
+            "--interval",
+            "0.2",
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning scm-proxy");
+    // `ip netns exec` execs the command in place, so this pid is scm-proxy's.
+    let pid = Pid::from_raw(child.id() as i32);
+    let stdout = spawn_line_reader(child.stdout.take().unwrap());
+    let stderr = spawn_line_reader(child.stderr.take().unwrap());
+    let mut out = Vec::new();
+    wait_for(
+        &stdout,
+        &mut out,
+        Duration::from_secs(20),
+        "the attach line",
+        |l| {
+            l.iter()
+                .any(|l| l.contains("attached to vb in native mode"))
+        },
+    );
+    assert!(pair.link_show(&pair.b, "vb").contains("xdp"));
+
+    let sent = 25;
+    send_udp(&pair, A_V4, B_V4, &vec![64; sent]);
+    wait_for(
+        &stdout,
+        &mut out,
+        Duration::from_secs(10),
+        "a table with the UDP datagrams",
+        |l| last_udp_packets(l) == Some(sent as u64),
+    );
+
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "scm-proxy did not exit after SIGTERM; output:\n{}",
+                out.join("\n")
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    out.extend(stdout.try_iter());
+    let err: Vec<String> = stderr.try_iter().collect();
+    assert!(
+        status.success(),
+        "exit {status}\nstdout:\n{}\nstderr:\n{}",
+        out.join("\n"),
+        err.join("\n")
+    );
+    assert!(
+        out.iter()
+            .any(|l| l == "SIGTERM: scm_ingress detached from vb"),
+        "{}",
+        out.join("\n")
+    );
+    assert_eq!(last_udp_packets(&out), Some(sent as u64), "the final table");
+    assert!(
+        !pair.link_show(&pair.b, "vb").contains("xdp"),
+        "still attached after exit"
+    );
+}
+
+#[test]
+fn scm_proxy_without_privileges_says_what_it_needs() {
+    if !require_root("xdp_netns::scm_proxy_without_privileges_says_what_it_needs") {
+        return;
+    }
+    // Drop to an unprivileged uid with no capabilities (setpriv, util-linux).
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .args([
+            env!("CARGO_BIN_EXE_scm-proxy"),
+            "xdp",
+            "attach",
+            "--iface",
+            "lo",
+        ])
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("running setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("permission denied"), "{stderr}");
+    assert!(stderr.contains("CAP_BPF"), "{stderr}");
+    assert!(stderr.contains("uid 65534"), "{stderr}");
+}
