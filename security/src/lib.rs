@@ -1,1 +1,18 @@
-//! scm Security server.
+//! scm's Security server: the user directory (local and LDAP), device enrolment with shared keys
+//! sealed at rest, in-memory sessions, app distribution, the resource and site catalogs, and the
+//! three HTTPS APIs (device, proxies' with mutual TLS, admin). `docs/security-server.md` is the
+//! manual.
+
+pub mod admin_types;
+pub mod api;
+pub mod apps;
+pub mod cli;
+pub mod config;
+pub mod devcerts;
+pub mod directory;
+pub mod error;
+pub mod keys;
+pub mod server;
+pub mod sessions;
+pub mod store;
+pub mod tls;

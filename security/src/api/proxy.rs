@@ -1,0 +1,109 @@
+//! The proxies' API, served only to clients with a certificate from the configured CA: session
+//! validation, the revocation stream (NDJSON), the resource catalog and the app policy.
+
+use std::convert::Infallible;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use scm_proto::api::{
+    AppPolicy, PATH_PROXY_APPS, PATH_PROXY_RESOURCES, PATH_PROXY_REVOCATIONS, PATH_PROXY_VALIDATE,
+    ProxyEvent, Resource, ValidateRequest, ValidateResponse,
+};
+use scm_proto::crypto;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{ApiJson, method_not_allowed, not_found};
+use crate::error::ApiError;
+use crate::server::Shared;
+use crate::sessions::{Lookup, now_ms};
+
+/// The proxies' API routes.
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route(PATH_PROXY_VALIDATE, post(validate))
+        .route(PATH_PROXY_REVOCATIONS, get(revocations))
+        .route(PATH_PROXY_RESOURCES, get(resources))
+        .route(PATH_PROXY_APPS, get(apps))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn validate(
+    State(st): State<Shared>,
+    ApiJson(req): ApiJson<ValidateRequest>,
+) -> Result<Json<ValidateResponse>, ApiError> {
+    let s = st.sessions.validate(&req.session_id).map_err(|l| match l {
+        Lookup::Unknown => ApiError::not_found("unknown_session", "no such live session"),
+        Lookup::Expired => ApiError::not_found("session_expired", "the session has expired"),
+    })?;
+    let allowed_resources = st
+        .resources()
+        .iter()
+        .filter(|r| r.allowed_groups.iter().any(|g| s.groups.contains(g)))
+        .map(|r| r.name.clone())
+        .collect();
+    Ok(Json(ValidateResponse {
+        session_tag: s.tag.0.clone(),
+        user: s.user.clone(),
+        groups: s.groups.clone(),
+        session_key: crypto::b64(s.key.as_bytes()),
+        app_id: s.app_id.clone(),
+        app_version: s.app_version.clone(),
+        device_id: s.device_id.clone(),
+        site: s.site.clone(),
+        idle_timeout_secs: st.sessions.idle_timeout().as_secs(),
+        absolute_expires_at: s.absolute_expires_ms / 1000,
+        allowed_resources,
+    }))
+}
+
+fn line(ev: &ProxyEvent) -> Bytes {
+    let mut v = serde_json::to_vec(ev).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+/// Newline-delimited [`ProxyEvent`]s: a heartbeat at once (so a subscriber knows it is live),
+/// every revocation as it happens, and a heartbeat every interval. A subscriber too slow to keep
+/// up is disconnected, so it reconnects and drops its cache rather than miss a revocation.
+async fn revocations(State(st): State<Shared>) -> Response {
+    let rx = st.sessions.subscribe();
+    let mut tick = tokio::time::interval(st.settings.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stream = futures_util::stream::unfold((rx, tick), |(mut rx, mut tick)| async move {
+        let ev = tokio::select! {
+            r = rx.recv() => match r {
+                Ok(ev) => ev,
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "revocation subscriber lagged; closing its stream");
+                    return None;
+                }
+                Err(RecvError::Closed) => return None,
+            },
+            _ = tick.tick() => ProxyEvent::Heartbeat { at: now_ms() / 1000 },
+        };
+        Some((Ok::<_, Infallible>(line(&ev)), (rx, tick)))
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+async fn resources(State(st): State<Shared>) -> Json<Vec<Resource>> {
+    Json(st.resources().as_ref().clone())
+}
+
+async fn apps(State(st): State<Shared>) -> Result<Json<Vec<AppPolicy>>, ApiError> {
+    Ok(Json(st.store.policies().await?))
+}

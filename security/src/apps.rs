@@ -1,0 +1,272 @@
+//! App packages on disk: content-addressed files under DATA_DIR/apps, written while hashing the
+//! upload, served with single HTTP byte ranges; and the update answer devices ask for.
+
+use std::path::{Path, PathBuf};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse as _, Response};
+use futures_util::StreamExt as _;
+use scm_proto::api::{AppPolicy, AppRelease, HEADER_SHA256, UpdateCheckResponse};
+use scm_proto::version::AppVersion;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+
+use crate::error::{ApiError, Error};
+
+/// Directory of package files.
+pub fn dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("apps")
+}
+
+/// Streams `body` into a temporary file in `dir`, hashing it; returns (temp path, sha256 hex,
+/// size). Refuses bodies over `max` bytes.
+pub async fn receive(dir: &Path, body: Body, max: u64) -> Result<(PathBuf, String, u64), ApiError> {
+    let tmp = dir.join(format!(
+        "upload-{}.tmp",
+        hex::encode(scm_proto::crypto::random_bytes::<8>())
+    ));
+    let result = async {
+        let mut file = tokio::fs::File::create(&tmp)
+            .await
+            .map_err(|e| ApiError::from(Error::io(&tmp, e)))?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut stream = body.into_data_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk
+                .map_err(|_| ApiError::bad_request("bad_body", "the upload was interrupted"))?;
+            size += chunk.len() as u64;
+            if size > max {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the package exceeds the limit of {max} bytes"),
+                ));
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| ApiError::from(Error::io(&tmp, e)))?;
+        }
+        file.sync_all()
+            .await
+            .map_err(|e| ApiError::from(Error::io(&tmp, e)))?;
+        if size == 0 {
+            return Err(ApiError::bad_request(
+                "empty_package",
+                "the package is empty",
+            ));
+        }
+        Ok((hex::encode(hasher.finalize()), size))
+    }
+    .await;
+    match result {
+        Ok((sha, size)) => Ok((tmp, sha, size)),
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            Err(e)
+        }
+    }
+}
+
+/// Moves a received temp file to its content address.
+pub async fn commit(dir: &Path, tmp: &Path, sha256: &str) -> Result<(), Error> {
+    let dest = dir.join(sha256);
+    tokio::fs::rename(tmp, &dest)
+        .await
+        .map_err(|e| Error::io(&dest, e))
+}
+
+/// A parsed `Range: bytes=...` header: a single range, inclusive.
+fn parse_range(text: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = text.strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        // Several ranges: serve the whole file instead (allowed by RFC 9110).
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let r = if a.is_empty() {
+        let n: u64 = b.parse().ok()?;
+        if n == 0 || size == 0 {
+            return Some(Err(()));
+        }
+        (size.saturating_sub(n), size - 1)
+    } else {
+        let start: u64 = a.parse().ok()?;
+        let end = if b.is_empty() {
+            size.saturating_sub(1)
+        } else {
+            b.parse::<u64>().ok()?.min(size.saturating_sub(1))
+        };
+        if start >= size || end < start {
+            return Some(Err(()));
+        }
+        (start, end)
+    };
+    Some(Ok(r))
+}
+
+/// Serves a package file, whole or one range, with its SHA-256 header.
+pub async fn download(
+    dir: &Path,
+    rel: &AppRelease,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let path = dir.join(&rel.sha256);
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::from(Error::io(&path, e)))?;
+    let size = rel.size;
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|t| parse_range(t, size));
+    let (status, start, end) = match range {
+        None => (StatusCode::OK, 0, size.saturating_sub(1)),
+        Some(Ok((s, e))) => (StatusCode::PARTIAL_CONTENT, s, e),
+        Some(Err(())) => {
+            let mut r = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                format!("the package has {size} bytes"),
+            )
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(r);
+        }
+    };
+    let len = end + 1 - start;
+    file.seek(std::io::SeekFrom::Start(start))
+        .await
+        .map_err(|e| ApiError::from(Error::io(&path, e)))?;
+    let stream = tokio_util::io::ReaderStream::new(file.take(len));
+    let mut resp = Response::new(Body::from_stream(stream));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Ok(v) = HeaderValue::from_str(&rel.sha256) {
+        h.insert(HEADER_SHA256, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", rel.sha256)) {
+        h.insert(header::ETAG, v);
+    }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{size}"))
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    Ok(resp)
+}
+
+/// Whether `version` may be used under `policy`.
+pub fn allowed(policy: &AppPolicy, version: &AppVersion) -> bool {
+    let above_min = policy
+        .min_version
+        .as_deref()
+        .and_then(|m| AppVersion::parse(m).ok())
+        .is_none_or(|m| *version >= m);
+    let revoked = policy
+        .revoked_versions
+        .iter()
+        .filter_map(|r| AppVersion::parse(r).ok())
+        .any(|r| r == *version);
+    above_min && !revoked
+}
+
+/// The update answer for a device running `current` on `platform`.
+pub fn update_answer(
+    releases: &[AppRelease],
+    policy: &AppPolicy,
+    platform: &str,
+    current: &AppVersion,
+) -> UpdateCheckResponse {
+    let latest = releases
+        .iter()
+        .filter(|r| r.platform == platform)
+        .filter_map(|r| AppVersion::parse(&r.version).ok().map(|v| (v, r)))
+        .filter(|(v, _)| allowed(policy, v))
+        .max_by(|a, b| a.0.cmp(&b.0));
+    UpdateCheckResponse {
+        update_available: latest.as_ref().is_some_and(|(v, _)| v > current),
+        current_allowed: allowed(policy, current),
+        min_version: policy.min_version.clone(),
+        latest: latest.map(|(_, r)| r.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(v: &str, p: &str) -> AppRelease {
+        AppRelease {
+            app_id: "mail".into(),
+            version: v.into(),
+            platform: p.into(),
+            sha256: "00".into(),
+            size: 1,
+            download_path: String::new(),
+        }
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some(Ok((0, 9))));
+        assert_eq!(parse_range("bytes=90-", 100), Some(Ok((90, 99))));
+        assert_eq!(parse_range("bytes=-10", 100), Some(Ok((90, 99))));
+        assert_eq!(parse_range("bytes=50-500", 100), Some(Ok((50, 99))));
+        assert_eq!(parse_range("bytes=100-", 100), Some(Err(())));
+        assert_eq!(parse_range("bytes=9-1", 100), Some(Err(())));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+        assert_eq!(parse_range("bytes=x-1", 100), None);
+    }
+
+    #[test]
+    fn update_policy() {
+        let rels = [
+            rel("1.0", "android"),
+            rel("1.2", "android"),
+            rel("2.0", "android"),
+            rel("3.0", "ios"),
+        ];
+        let mut policy = AppPolicy {
+            app_id: "mail".into(),
+            min_version: Some("1.1".into()),
+            revoked_versions: vec!["2.0".into()],
+        };
+        let v = |s| AppVersion::parse(s).unwrap();
+        let a = update_answer(&rels, &policy, "android", &v("1.0"));
+        assert!(a.update_available && !a.current_allowed);
+        assert_eq!(
+            a.latest.unwrap().version,
+            "1.2",
+            "revoked 2.0 is not offered"
+        );
+        let a = update_answer(&rels, &policy, "android", &v("1.2"));
+        assert!(!a.update_available && a.current_allowed);
+        assert!(!update_answer(&rels, &policy, "android", &v("2.0")).current_allowed);
+        policy.revoked_versions.clear();
+        assert_eq!(
+            update_answer(&rels, &policy, "android", &v("1.2"))
+                .latest
+                .unwrap()
+                .version,
+            "2.0"
+        );
+        assert!(
+            update_answer(&rels, &policy, "web", &v("1"))
+                .latest
+                .is_none()
+        );
+    }
+}

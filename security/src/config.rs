@@ -1,0 +1,571 @@
+//! The command line: every flag (with its `SCM_...` environment twin) and subcommand of
+//! `scm-security`. Nothing else in the crate reads the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const TOP_HELP: &str = "\
+Examples:
+  # A development CA and certificates for the Security server and the proxies:
+  scm-security dev-certs --out ./certs
+  # Master key and admin token (serve also creates them on first start if missing):
+  scm-security init --data-dir ./data
+  # Run it (SQLite file ./data/scm.db is created on first start):
+  scm-security serve --data-dir ./data --tls-cert certs/security.pem --tls-key certs/security.key \\
+      --client-ca certs/ca.pem
+  # Manage it:
+  echo s3cret | scm-security admin --ca certs/ca.pem --token-file data/admin.token \\
+      users add alice --groups staff --password-stdin";
+
+/// scm Security server: directory, device enrolment, sessions, app distribution and the proxies' API.
+#[derive(Debug, Parser)]
+#[command(name = "scm-security", version, after_help = TOP_HELP)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the Security server: the device API, the proxies' API (mutual TLS) and the admin API.
+    Serve(Box<ServeArgs>),
+    /// Create the master key file and the admin token file (0600), refusing to overwrite them.
+    Init(InitArgs),
+    /// Make a development CA (ECDSA P-256) and leaf certificates for the Security server and proxies.
+    DevCerts(DevCertsArgs),
+    /// Manage a running server through its admin API.
+    Admin(AdminArgs),
+}
+
+const SERVE_HELP: &str = "\
+Listeners:
+  --listen        device API (HTTPS): enrol, challenge, login, logout, app updates and downloads
+  --proxy-listen  proxies' API (HTTPS, client certificate from --client-ca required)
+  --admin-listen  admin API (HTTPS, bearer token from --admin-token-file); keep it on loopback
+
+Files created on first start if missing (mode 0600): the master key (32 random bytes, base64)
+and the admin token. Shared keys are stored AES-256-GCM encrypted under the master key: losing
+the master key means every device must enrol again.
+
+Durations are written like 500ms, 30s, 15m, 12h, 1d.
+
+Example:
+  scm-security serve --data-dir ./data --tls-cert certs/security.pem --tls-key certs/security.key \\
+      --client-ca certs/ca.pem --session-idle-timeout 15m --session-max-lifetime 12h
+  # PostgreSQL instead of the SQLite file:
+  scm-security serve ... --database-url postgres://scm:pw@127.0.0.1/scm";
+
+/// Flags of `scm-security serve`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = SERVE_HELP)]
+pub struct ServeArgs {
+    /// Directory for the SQLite database, app packages, and (by default) the key and token files.
+    #[arg(long, env = "SCM_DATA_DIR", default_value = "scm-data")]
+    pub data_dir: PathBuf,
+
+    /// Database URL: `sqlite://PATH` or `postgres://USER:PASS@HOST:PORT/DB`.
+    /// Default: the SQLite file DATA_DIR/scm.db, created on first start.
+    #[arg(long, env = "SCM_DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// File holding the master key (base64 of 32 bytes). Default: DATA_DIR/master.key.
+    #[arg(long, env = "SCM_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+
+    /// File holding the admin API's bearer token. Default: DATA_DIR/admin.token.
+    #[arg(long, env = "SCM_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// PEM certificate chain of this server (device and admin listeners, and the proxies' one).
+    #[arg(long, env = "SCM_TLS_CERT")]
+    pub tls_cert: PathBuf,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SCM_TLS_KEY")]
+    pub tls_key: PathBuf,
+
+    /// PEM CA certificate(s) that sign the proxies' client certificates.
+    #[arg(long, env = "SCM_CLIENT_CA")]
+    pub client_ca: PathBuf,
+
+    /// Address of the device API.
+    #[arg(long, env = "SCM_LISTEN", default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+
+    /// Address of the proxies' API (mutual TLS).
+    #[arg(long, env = "SCM_PROXY_LISTEN", default_value = "127.0.0.1:8444")]
+    pub proxy_listen: SocketAddr,
+
+    /// Address of the admin API.
+    #[arg(long, env = "SCM_ADMIN_LISTEN", default_value = "127.0.0.1:8445")]
+    pub admin_listen: SocketAddr,
+
+    /// A session ends after this long without activity (login or validation).
+    #[arg(long, env = "SCM_SESSION_IDLE_TIMEOUT", default_value = "15m", value_parser = parse_duration)]
+    pub session_idle_timeout: Duration,
+
+    /// A session ends this long after login, whatever its activity.
+    #[arg(long, env = "SCM_SESSION_MAX_LIFETIME", default_value = "12h", value_parser = parse_duration)]
+    pub session_max_lifetime: Duration,
+
+    /// At most this many live sessions; logins beyond it are refused (503).
+    #[arg(long, env = "SCM_MAX_SESSIONS", default_value_t = 1_000_000)]
+    pub max_sessions: usize,
+
+    /// How long a login challenge stays usable (each serves one login attempt).
+    #[arg(long, env = "SCM_CHALLENGE_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub challenge_ttl: Duration,
+
+    /// Failed logins in a row after which a user is locked out.
+    #[arg(long, env = "SCM_LOCKOUT_THRESHOLD", default_value_t = 5)]
+    pub lockout_threshold: u32,
+
+    /// How long a lockout lasts (admin `users unlock` ends it early).
+    #[arg(long, env = "SCM_LOCKOUT_DURATION", default_value = "15m", value_parser = parse_duration)]
+    pub lockout_duration: Duration,
+
+    /// Failed logins or enrolments from one source address per --source-window before that
+    /// address is refused (429) until the window passes.
+    #[arg(long, env = "SCM_SOURCE_FAILURE_LIMIT", default_value_t = 30)]
+    pub source_failure_limit: u32,
+
+    /// Window of --source-failure-limit.
+    #[arg(long, env = "SCM_SOURCE_WINDOW", default_value = "5m", value_parser = parse_duration)]
+    pub source_window: Duration,
+
+    /// Require an admin-issued activation code (`admin users activation-code`) to enrol.
+    #[arg(long, env = "SCM_REQUIRE_ACTIVATION_CODE")]
+    pub require_activation_code: bool,
+
+    /// Site of users created without one, and of LDAP users.
+    #[arg(long, env = "SCM_DEFAULT_SITE", default_value = "main")]
+    pub default_site: String,
+
+    /// Interval of heartbeat lines on the revocation stream.
+    #[arg(long, env = "SCM_HEARTBEAT_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Largest app package accepted by `admin apps publish`, in bytes.
+    #[arg(long, env = "SCM_MAX_PACKAGE_BYTES", default_value_t = 1 << 30)]
+    pub max_package_bytes: u64,
+
+    /// Log lines as JSON instead of text (filter with RUST_LOG, default info).
+    #[arg(long, env = "SCM_LOG_JSON")]
+    pub log_json: bool,
+
+    /// LDAP directory settings (optional).
+    #[command(flatten)]
+    pub ldap: LdapArgs,
+}
+
+/// LDAP flags: users authenticate by binding; users and groups are synced periodically.
+#[derive(Debug, Clone, Args)]
+pub struct LdapArgs {
+    /// LDAP server, e.g. ldap://127.0.0.1:389 or ldaps://ldap.example.com. Enables LDAP.
+    #[arg(long, env = "SCM_LDAP_URL")]
+    pub ldap_url: Option<String>,
+
+    /// DN used to search the directory during sync (anonymous if absent).
+    #[arg(long, env = "SCM_LDAP_BIND_DN")]
+    pub ldap_bind_dn: Option<String>,
+
+    /// File holding the password of --ldap-bind-dn.
+    #[arg(long, env = "SCM_LDAP_BIND_PASSWORD_FILE")]
+    pub ldap_bind_password_file: Option<PathBuf>,
+
+    /// Base DN under which users are searched, e.g. ou=people,dc=example,dc=org.
+    #[arg(long, env = "SCM_LDAP_USER_BASE")]
+    pub ldap_user_base: Option<String>,
+
+    /// Filter selecting user entries.
+    #[arg(
+        long,
+        env = "SCM_LDAP_USER_FILTER",
+        default_value = "(objectClass=inetOrgPerson)"
+    )]
+    pub ldap_user_filter: String,
+
+    /// Attribute holding the user name.
+    #[arg(long, env = "SCM_LDAP_USER_ATTR", default_value = "uid")]
+    pub ldap_user_attr: String,
+
+    /// Base DN under which groups are searched (default: --ldap-user-base's parent search skipped).
+    #[arg(long, env = "SCM_LDAP_GROUP_BASE")]
+    pub ldap_group_base: Option<String>,
+
+    /// Filter selecting group entries.
+    #[arg(
+        long,
+        env = "SCM_LDAP_GROUP_FILTER",
+        default_value = "(objectClass=groupOfNames)"
+    )]
+    pub ldap_group_filter: String,
+
+    /// Attribute holding a group's name.
+    #[arg(long, env = "SCM_LDAP_GROUP_NAME_ATTR", default_value = "cn")]
+    pub ldap_group_name_attr: String,
+
+    /// Attribute of a group listing its members' DNs.
+    #[arg(long, env = "SCM_LDAP_MEMBER_ATTR", default_value = "member")]
+    pub ldap_member_attr: String,
+
+    /// Interval between syncs of users and groups.
+    #[arg(long, env = "SCM_LDAP_SYNC_INTERVAL", default_value = "30m", value_parser = parse_duration)]
+    pub ldap_sync_interval: Duration,
+}
+
+/// Flags of `scm-security init`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "Example:\n  scm-security init --data-dir ./data\n  \
+    # creates ./data/master.key and ./data/admin.token, mode 0600")]
+pub struct InitArgs {
+    /// Directory for the files (created if missing).
+    #[arg(long, env = "SCM_DATA_DIR", default_value = "scm-data")]
+    pub data_dir: PathBuf,
+    /// Where to write the master key. Default: DATA_DIR/master.key.
+    #[arg(long, env = "SCM_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// Where to write the admin token. Default: DATA_DIR/admin.token.
+    #[arg(long, env = "SCM_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// Flags of `scm-security dev-certs`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "\
+Writes into --out (keys mode 0600):
+  ca.pem ca.key                      development CA (trust it in devices, proxies and admin CLI)
+  security.pem security.key          Security server certificate (serverAuth)
+  proxy.pem proxy.key                proxy certificate for the devices' TLS (serverAuth)
+  proxy-client.pem proxy-client.key  proxy client certificate for mutual TLS to the Security server
+All leaf certificates name localhost and 127.0.0.1, plus every --san.
+
+Example:
+  scm-security dev-certs --out ./certs --san proxy.lan --san 10.0.0.5")]
+pub struct DevCertsArgs {
+    /// Output directory (created if missing).
+    #[arg(long, env = "SCM_DEV_CERTS_OUT")]
+    pub out: PathBuf,
+    /// Extra subject alternative name (DNS name or IP address) for the leaf certificates.
+    #[arg(long = "san")]
+    pub sans: Vec<String>,
+    /// Overwrite existing files.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Global flags of `scm-security admin`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "\
+Examples:
+  export SCM_ADMIN_CA=certs/ca.pem SCM_ADMIN_TOKEN_FILE=data/admin.token
+  echo s3cret | scm-security admin users add alice --groups staff,dev --password-stdin
+  scm-security admin resources set intranet --address 10.0.0.7:80 --mode http --groups staff
+  scm-security admin sites set main --proxy-url 127.0.0.1:9443
+  scm-security admin apps publish mail 1.2.0 android ./mail-1.2.0.apk
+  scm-security admin sessions list --json")]
+pub struct AdminArgs {
+    /// Base URL of the admin API.
+    #[arg(long, env = "SCM_ADMIN_URL", default_value = "https://127.0.0.1:8445")]
+    pub url: String,
+    /// PEM CA certificate that signed the server's certificate.
+    #[arg(long, env = "SCM_ADMIN_CA")]
+    pub ca: PathBuf,
+    /// File holding the admin token.
+    #[arg(long, env = "SCM_ADMIN_TOKEN_FILE")]
+    pub token_file: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to manage.
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+/// `scm-security admin` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AdminCommand {
+    /// Local and LDAP users.
+    #[command(subcommand)]
+    Users(UsersCmd),
+    /// Enrolled (user, device, app) triples.
+    #[command(subcommand)]
+    Devices(DevicesCmd),
+    /// Shared keys of enrolled devices.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Live sessions.
+    #[command(subcommand)]
+    Sessions(SessionsCmd),
+    /// App packages and their update policy.
+    #[command(subcommand)]
+    Apps(AppsCmd),
+    /// The resource catalog.
+    #[command(subcommand)]
+    Resources(ResourcesCmd),
+    /// Sites and their proxies.
+    #[command(subcommand)]
+    Sites(SitesCmd),
+    /// The audit log, newest first.
+    Audit {
+        /// How many entries.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// The LDAP directory.
+    #[command(subcommand)]
+    Ldap(LdapCmd),
+}
+
+/// `admin users ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum UsersCmd {
+    /// List users.
+    List,
+    /// Add a local user (password read from stdin).
+    Add {
+        /// User name (letters, digits, `._-`).
+        name: String,
+        /// Comma-separated groups.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        /// The user's site (default: the server's --default-site).
+        #[arg(long)]
+        site: Option<String>,
+        /// Read the password from the first line of stdin.
+        #[arg(long, required = true)]
+        password_stdin: bool,
+    },
+    /// Change attributes of a user.
+    Update {
+        /// User name.
+        name: String,
+        /// Replace the groups (comma-separated) of a local user.
+        #[arg(long, value_delimiter = ',')]
+        groups: Option<Vec<String>>,
+        /// Move the user to a site.
+        #[arg(long)]
+        site: Option<String>,
+        /// Set a new password, read from the first line of stdin.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Delete a user, revoking their keys and sessions.
+    Delete {
+        /// User name.
+        name: String,
+    },
+    /// Clear a user's lockout.
+    Unlock {
+        /// User name.
+        name: String,
+    },
+    /// Issue a single-use activation code the user must give when enrolling a device.
+    ActivationCode {
+        /// User name.
+        name: String,
+        /// How long the code stays valid.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+/// `admin devices ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum DevicesCmd {
+    /// List enrolments.
+    List {
+        /// Only this user's.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Revoke every key of a device (and end its sessions).
+    Revoke {
+        /// Device id.
+        device_id: String,
+    },
+}
+
+/// `admin keys ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeysCmd {
+    /// List keys (never their value).
+    List {
+        /// Only this user's.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Revoke one key (and end the sessions logged in with it).
+    Revoke {
+        /// Key id.
+        key_id: String,
+    },
+}
+
+/// `admin sessions ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum SessionsCmd {
+    /// List live sessions by tag (ids are never shown).
+    List {
+        /// Only this user's.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// End a session; every proxy hears of it on the revocation stream.
+    Revoke {
+        /// The session's tag.
+        tag: String,
+    },
+    /// End every session of a user.
+    RevokeUser {
+        /// User name.
+        user: String,
+    },
+}
+
+/// `admin apps ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AppsCmd {
+    /// List published releases and policies.
+    List,
+    /// Publish a package file.
+    Publish {
+        /// App id.
+        app_id: String,
+        /// Version (dot-separated integers).
+        version: String,
+        /// Platform, e.g. android or ios.
+        platform: String,
+        /// The package file.
+        file: PathBuf,
+    },
+    /// Set the update policy: minimum version and revoked versions.
+    Policy {
+        /// App id.
+        app_id: String,
+        /// Lowest allowed version ("none" clears it).
+        #[arg(long)]
+        min_version: Option<String>,
+        /// Revoke a version (repeatable).
+        #[arg(long = "revoke")]
+        revoke: Vec<String>,
+        /// Lift a revocation (repeatable).
+        #[arg(long = "unrevoke")]
+        unrevoke: Vec<String>,
+    },
+}
+
+/// Relay mode flag.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ModeArg {
+    /// Raw bytes.
+    Tcp,
+    /// HTTP reverse proxy.
+    Http,
+}
+
+/// `admin resources ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ResourcesCmd {
+    /// List resources.
+    List,
+    /// Create or replace a resource.
+    Set {
+        /// Name devices ask for.
+        name: String,
+        /// Back end host:port.
+        #[arg(long)]
+        address: String,
+        /// Relay mode.
+        #[arg(long, value_enum)]
+        mode: ModeArg,
+        /// Comma-separated groups allowed to use it.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+    },
+    /// Delete a resource.
+    Delete {
+        /// Name.
+        name: String,
+    },
+}
+
+/// `admin sites ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum SitesCmd {
+    /// List sites.
+    List,
+    /// Create or replace a site.
+    Set {
+        /// Site name.
+        name: String,
+        /// A proxy of the site, host:port (repeatable, in order of preference).
+        #[arg(long = "proxy-url")]
+        proxy_urls: Vec<String>,
+    },
+    /// Delete a site (refused while users belong to it).
+    Delete {
+        /// Site name.
+        name: String,
+    },
+}
+
+/// `admin ldap ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum LdapCmd {
+    /// Sync users and groups from LDAP now.
+    Sync,
+}
+
+/// Parses durations like `500ms`, `30s`, `15m`, `12h`, `1d` (a bare number means seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 30s, 15m, 12h"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {text:?}: use ms, s, m, h or d"
+            ));
+        }
+    }
+    .ok_or_else(|| format!("duration {text:?} is too large"))?;
+    Ok(Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,327 @@
+//! Wiring: turns `serve` flags into running listeners (device, proxies', admin) over one shared
+//! state, plus the background tasks (expiry sweeper, LDAP sync).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use scm_proto::api::{ProxyEvent, Resource};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServeArgs;
+use crate::directory::{Directory, LdapConfig};
+use crate::error::Error;
+use crate::keys::{self, MasterKey};
+use crate::sessions::{Challenges, Lockouts, Sessions, SourceLimiter};
+use crate::store::Store;
+
+/// Largest outstanding challenge count before new ones are refused.
+const MAX_CHALLENGES: usize = 100_000;
+
+/// Settings the handlers need, resolved from the flags.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Whether enrolment needs an activation code.
+    pub require_activation_code: bool,
+    /// Site of new users.
+    pub default_site: String,
+    /// Revocation stream heartbeat.
+    pub heartbeat: Duration,
+    /// Largest app package.
+    pub max_package_bytes: u64,
+}
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct State {
+    /// Database.
+    pub store: Store,
+    /// Master key sealing shared keys.
+    pub master: MasterKey,
+    /// Users.
+    pub directory: Directory,
+    /// Live sessions.
+    pub sessions: Sessions,
+    /// Outstanding challenges.
+    pub challenges: Challenges,
+    /// Per-user lockouts.
+    pub lockouts: Lockouts,
+    /// Per-source limits.
+    pub limiter: SourceLimiter,
+    /// Admin token.
+    pub admin_token: String,
+    /// Resolved settings.
+    pub settings: Settings,
+    /// The resource catalog, cached for validations.
+    pub resources: RwLock<Arc<Vec<Resource>>>,
+}
+
+/// Shared state handle.
+pub type Shared = Arc<State>;
+
+impl State {
+    /// Reloads the cached resource catalog and tells the proxies it changed.
+    pub async fn catalog_changed(&self) -> Result<(), Error> {
+        let fresh = Arc::new(self.store.resources().await?);
+        *self.resources.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.sessions.publish(ProxyEvent::CatalogChanged);
+        Ok(())
+    }
+
+    /// The cached resource catalog.
+    pub fn resources(&self) -> Arc<Vec<Resource>> {
+        self.resources
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Writes an audit entry; a failure is logged, not returned (the action already happened).
+    pub async fn audit(&self, kind: &str, actor: &str, subject: &str, source: &str, detail: &str) {
+        if let Err(e) = self.store.audit(kind, actor, subject, source, detail).await {
+            tracing::error!(error = %e, kind, "audit write failed");
+        }
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Running {
+    /// Device API address.
+    pub device_addr: SocketAddr,
+    /// Proxies' API address.
+    pub proxy_addr: SocketAddr,
+    /// Admin API address.
+    pub admin_addr: SocketAddr,
+    /// The shared state (tests and benches look inside).
+    pub state: Shared,
+    stop: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// Stops every listener and task and waits for them.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        self.state.store.close().await;
+    }
+
+    /// Runs until a task ends (they end only on shutdown) or ctrl-c.
+    pub async fn wait(mut self) {
+        tokio::select! {
+            _ = self.tasks.join_next() => {}
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        }
+        self.shutdown().await;
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The master key and admin token paths of a data directory, with flags' overrides.
+pub fn secret_paths(
+    data_dir: &std::path::Path,
+    master: Option<&PathBuf>,
+    token: Option<&PathBuf>,
+) -> (PathBuf, PathBuf) {
+    (
+        master
+            .cloned()
+            .unwrap_or_else(|| data_dir.join("master.key")),
+        token
+            .cloned()
+            .unwrap_or_else(|| data_dir.join("admin.token")),
+    )
+}
+
+/// Starts the server described by `args`; returns once every listener is bound.
+pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
+    if args.session_idle_timeout.is_zero() || args.session_max_lifetime.is_zero() {
+        return Err(Error::Invalid("session timeouts must be above zero".into()));
+    }
+    crate::store::check_name("--default-site", &args.default_site, 64)?;
+    std::fs::create_dir_all(&args.data_dir).map_err(|e| Error::io(&args.data_dir, e))?;
+    let (master_path, token_path) = secret_paths(
+        &args.data_dir,
+        args.master_key_file.as_ref(),
+        args.admin_token_file.as_ref(),
+    );
+    if keys::ensure_secret_file(&master_path, keys::new_master_key_text)? {
+        tracing::warn!(path = %master_path.display(), "created a new master key (mode 0600); back it up");
+    }
+    if keys::ensure_secret_file(&token_path, keys::new_admin_token_text)? {
+        tracing::warn!(path = %token_path.display(), "created a new admin token (mode 0600)");
+    }
+    let master = MasterKey::load(&master_path)?;
+    let admin_token = keys::read_token_file(&token_path)?;
+
+    let device_tls = crate::tls::server_config(&args.tls_cert, &args.tls_key)?;
+    let proxy_tls = crate::tls::mtls_server_config(&args.tls_cert, &args.tls_key, &args.client_ca)?;
+
+    let url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| Store::sqlite_url(&args.data_dir));
+    let store = Store::open(&url).await?;
+    store.ensure_site(&args.default_site).await?;
+    let ldap = LdapConfig::from_args(&args.ldap)?;
+    let directory = Directory::new(store.clone(), ldap, args.default_site.clone())?;
+    let resources = RwLock::new(Arc::new(store.resources().await?));
+
+    let state: Shared = Arc::new(State {
+        master,
+        directory,
+        sessions: Sessions::new(
+            args.session_idle_timeout,
+            args.session_max_lifetime,
+            args.max_sessions,
+        ),
+        challenges: Challenges::new(args.challenge_ttl, MAX_CHALLENGES),
+        lockouts: Lockouts::new(args.lockout_threshold, args.lockout_duration),
+        limiter: SourceLimiter::new(args.source_failure_limit, args.source_window),
+        admin_token,
+        settings: Settings {
+            data_dir: args.data_dir.clone(),
+            require_activation_code: args.require_activation_code,
+            default_site: args.default_site.clone(),
+            heartbeat: args.heartbeat_interval,
+            max_package_bytes: args.max_package_bytes,
+        },
+        resources,
+        store,
+    });
+    std::fs::create_dir_all(crate::apps::dir(&state.settings.data_dir))
+        .map_err(|e| Error::io(&state.settings.data_dir, e))?;
+
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::io(format!("listening on {addr}"), e))
+    };
+    let device_l = bind(args.listen).await?;
+    let proxy_l = bind(args.proxy_listen).await?;
+    let admin_l = bind(args.admin_listen).await?;
+    let local = |l: &TcpListener| {
+        l.local_addr()
+            .map_err(|e| Error::io("reading a listener's address", e))
+    };
+    let (device_addr, proxy_addr, admin_addr) =
+        (local(&device_l)?, local(&proxy_l)?, local(&admin_l)?);
+
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(crate::tls::serve(
+        "device",
+        device_l,
+        device_tls.clone(),
+        crate::api::device::router(state.clone()),
+        stop.clone(),
+    ));
+    tasks.spawn(crate::tls::serve(
+        "proxy",
+        proxy_l,
+        proxy_tls,
+        crate::api::proxy::router(state.clone()),
+        stop.clone(),
+    ));
+    tasks.spawn(crate::tls::serve(
+        "admin",
+        admin_l,
+        device_tls,
+        crate::api::admin::router(state.clone()),
+        stop.clone(),
+    ));
+    tasks.spawn(sweeper(state.clone(), stop.clone()));
+    if let Some(interval) = state.directory.ldap().map(|l| l.sync_interval) {
+        tasks.spawn(ldap_syncer(state.clone(), interval, stop.clone()));
+    }
+    tracing::info!(
+        device = %device_addr, proxy = %proxy_addr, admin = %admin_addr,
+        database = ?state.store.backend(), "scm Security server listening"
+    );
+    Ok(Running {
+        device_addr,
+        proxy_addr,
+        admin_addr,
+        state,
+        stop,
+        tasks,
+    })
+}
+
+/// Ends expired sessions (telling the proxies) and forgets stale counters.
+async fn sweeper(state: Shared, stop: CancellationToken) {
+    let period = (state.sessions.idle_timeout() / 4)
+        .clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for s in state.sessions.sweep() {
+            tracing::info!(session = %s.tag, user = %s.user, "session expired");
+        }
+        state.challenges.sweep();
+        state.lockouts.sweep();
+        state.limiter.sweep();
+    }
+}
+
+/// Syncs LDAP users and groups now and then every `interval`.
+async fn ldap_syncer(state: Shared, interval: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = run_ldap_sync(&state, "system").await {
+            tracing::warn!(error = %e, "LDAP sync failed; keeping the previous users and groups");
+        }
+    }
+}
+
+/// One LDAP sync, ending the sessions of users who left the directory.
+pub async fn run_ldap_sync(
+    state: &State,
+    actor: &str,
+) -> Result<crate::directory::SyncReport, Error> {
+    let report = state.directory.sync().await?;
+    for name in &report.removed {
+        state
+            .sessions
+            .remove_where(|s| &s.user == name, "user_removed");
+    }
+    tracing::info!(
+        users = report.users,
+        groups = report.groups,
+        removed = report.removed.len(),
+        "LDAP sync done"
+    );
+    state
+        .audit(
+            "ldap_sync",
+            actor,
+            "ldap",
+            "",
+            &format!(
+                "users={} groups={} removed={:?} skipped={:?}",
+                report.users, report.groups, report.removed, report.skipped
+            ),
+        )
+        .await;
+    Ok(report)
+}
