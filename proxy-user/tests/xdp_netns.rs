@@ -234,7 +234,8 @@ fn scm_proxy_xdp_attach_reports_counters_and_detaches_on_sigterm() {
             "--interval",
             "0.2",
         ])
-        .env("RUST_LOG", "info")
+        // Debug for scm-proxy turns on the kernel program's own log, forwarded to stderr.
+        .env("RUST_LOG", "info,scm_proxy=debug,scm_ebpf=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -265,6 +266,21 @@ fn scm_proxy_xdp_attach_reports_counters_and_detaches_on_sigterm() {
         Duration::from_secs(10),
         "a table with the UDP datagrams",
         |l| last_udp_packets(l) == Some(sent as u64),
+    );
+
+    // A malformed frame shows up in the program's log, forwarded through aya-log.
+    let bogus = proxy_common::testing::PacketBuilder::ipv4([10, 211, 0, 1], [10, 211, 0, 2])
+        .udp(1, 2)
+        .ihl(2)
+        .build();
+    support::inject_frames(&pair.a, "va", &[bogus]);
+    let mut log = Vec::new();
+    wait_for(
+        &stderr,
+        &mut log,
+        Duration::from_secs(10),
+        "the kernel log record",
+        |l| l.iter().any(|l| l.contains("malformed frame, reason 4")),
     );
 
     kill(pid, Signal::SIGTERM).expect("SIGTERM");
@@ -331,4 +347,76 @@ fn scm_proxy_without_privileges_says_what_it_needs() {
     assert!(stderr.contains("permission denied"), "{stderr}");
     assert!(stderr.contains("CAP_BPF"), "{stderr}");
     assert!(stderr.contains("uid 65534"), "{stderr}");
+}
+
+#[test]
+fn crafted_frames_on_the_wire_are_classified() {
+    if !require_root("xdp_netns::crafted_frames_on_the_wire_are_classified") {
+        return;
+    }
+    use proxy_common::{
+        parse::{TCP_ACK, TCP_SYN},
+        testing::PacketBuilder,
+    };
+    let pair = NetnsPair::create();
+    let mut ingress = XdpIngress::load().expect("loading the XDP program");
+    in_netns(&pair.b, || ingress.attach("vb", AttachMode::Native)).expect("attach");
+    let (a, b) = ([10, 211, 0, 1], [10, 211, 0, 2]);
+    let syn_vlan = PacketBuilder::ipv4(a, b)
+        .vlan(42)
+        .tcp(1000, 80, TCP_SYN)
+        .build();
+    let udp_qinq = PacketBuilder::ipv4(a, b)
+        .qinq(5, 6)
+        .udp(1000, 53)
+        .payload(&[7; 30])
+        .build();
+    let bogus_ihl = PacketBuilder::ipv4(a, b)
+        .ihl(3)
+        .tcp(1000, 80, TCP_SYN)
+        .build();
+    let cut_tcp = PacketBuilder::ipv4(a, b)
+        .tcp(1000, 80, TCP_ACK)
+        .cut_l4(10)
+        .build();
+    let frames = vec![
+        syn_vlan.clone(),
+        udp_qinq.clone(),
+        bogus_ihl.clone(),
+        cut_tcp.clone(),
+    ];
+    let before = ingress.counters().unwrap();
+    support::inject_frames(&pair.a, "va", &[frames.clone(), frames].concat());
+
+    // The frames cross the veth asynchronously; wait until all eight have been counted.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let moved = loop {
+        let moved = ingress.counters().unwrap().since(&before);
+        if moved.class(PacketClass::Malformed).packets >= 4 || Instant::now() > deadline {
+            break moved;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let syn = moved.class(PacketClass::TcpSyn);
+    assert_eq!(
+        (syn.packets, syn.bytes),
+        (2, 2 * syn_vlan.len() as u64),
+        "{moved}"
+    );
+    let udp = moved.class(PacketClass::Udp);
+    assert_eq!(
+        (udp.packets, udp.bytes),
+        (2, 2 * udp_qinq.len() as u64),
+        "{moved}"
+    );
+    let bad = moved.class(PacketClass::Malformed);
+    let bad_bytes = 2 * (bogus_ihl.len() + cut_tcp.len()) as u64;
+    assert_eq!((bad.packets, bad.bytes), (4, bad_bytes), "{moved}");
+    assert_eq!(
+        moved.malformed(Malformed::Ipv4BadHeaderLength),
+        2,
+        "{moved}"
+    );
+    assert_eq!(moved.malformed(Malformed::TcpTruncated), 2, "{moved}");
+    assert_eq!(moved.class(PacketClass::Tcp).packets, 0, "{moved}");
 }

@@ -136,3 +136,52 @@ pub fn in_netns<R: Send>(ns: &str, f: impl FnOnce() -> R + Send) -> R {
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
 }
+
+/// Sends raw Ethernet frames out of `dev` in namespace `ns` through an `AF_PACKET` socket, so
+/// frames no socket API would build (bogus headers, VLAN tags) reach the peer's XDP program.
+pub fn inject_frames(ns: &str, dev: &str, frames: &[Vec<u8>]) {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    in_netns(ns, || {
+        let if_index =
+            nix::net::if_::if_nametoindex(dev).unwrap_or_else(|e| panic!("no {dev} in {ns}: {e}"));
+        // Protocol 0: this socket only sends, it never receives.
+        // SAFETY: socket(2) has no memory preconditions; the result is checked below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `fd` is a fresh descriptor owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        for frame in frames {
+            // SAFETY: sockaddr_ll is plain old data, valid when zeroed.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = if_index as i32;
+            addr.sll_halen = 6;
+            if let Some(dst) = frame.get(..6) {
+                addr.sll_addr[..6].copy_from_slice(dst);
+            }
+            // SAFETY: the buffer and the address are valid for the lengths passed, and the
+            // kernel only reads them during the call.
+            let sent = unsafe {
+                libc::sendto(
+                    fd.as_raw_fd(),
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(
+                sent,
+                frame.len() as isize,
+                "sending a {}-byte frame on {dev}: {}",
+                frame.len(),
+                std::io::Error::last_os_error()
+            );
+        }
+    });
+}
