@@ -17,7 +17,8 @@
 //! - UDP: the 8-byte header inside the datagram and a length field that fits it.
 //! - Any other IP protocol (ICMP, GRE, ...) is `other`.
 //!
-//! Every offset stays below 2^14, so the additions here cannot overflow.
+//! Every offset read at stays below 2^14 and every datagram end below 2^17, so the additions
+//! here cannot overflow.
 
 use crate::{PacketBytes, PacketClass};
 

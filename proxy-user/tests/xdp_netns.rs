@@ -420,3 +420,54 @@ fn crafted_frames_on_the_wire_are_classified() {
     assert_eq!(moved.malformed(Malformed::TcpTruncated), 2, "{moved}");
     assert_eq!(moved.class(PacketClass::Tcp).packets, 0, "{moved}");
 }
+
+#[test]
+fn sigkilled_scm_proxy_leaves_no_program_behind() {
+    if !require_root("xdp_netns::sigkilled_scm_proxy_leaves_no_program_behind") {
+        return;
+    }
+    // The attachment is a BPF link owned by the process: the kernel detaches when it dies,
+    // even without the SIGTERM path running.
+    let pair = NetnsPair::create();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &pair.b, env!("CARGO_BIN_EXE_scm-proxy")])
+        .args([
+            "xdp",
+            "attach",
+            "--iface",
+            "vb",
+            "--mode",
+            "native",
+            "--interval",
+            "5",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawning scm-proxy");
+    let stdout = spawn_line_reader(child.stdout.take().unwrap());
+    let mut out = Vec::new();
+    wait_for(
+        &stdout,
+        &mut out,
+        Duration::from_secs(20),
+        "the attach line",
+        |l| {
+            l.iter()
+                .any(|l| l.contains("attached to vb in native mode"))
+        },
+    );
+    assert!(pair.link_show(&pair.b, "vb").contains("xdp"));
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait");
+    // Link release is asynchronous in the kernel; give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pair.link_show(&pair.b, "vb").contains("xdp") {
+        assert!(
+            Instant::now() < deadline,
+            "XDP still attached after the owner was killed"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
