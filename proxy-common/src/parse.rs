@@ -775,6 +775,56 @@ mod tests {
     }
 
     #[test]
+    fn mutated_frames_never_panic_and_offsets_stay_inside() {
+        // A cheap deterministic fuzzer until the cargo-fuzz target exists: valid frames of every
+        // shape with random bytes overwritten, and every prefix of each.
+        let seeds = [
+            PacketBuilder::ipv4(A4, B4)
+                .tcp(1, 2, TCP_SYN)
+                .tcp_options(&[1; 8])
+                .build(),
+            PacketBuilder::ipv4(A4, B4)
+                .ipv4_options(&[1; 12])
+                .udp(1, 2)
+                .payload(&[0; 9])
+                .build(),
+            PacketBuilder::ipv6(A6, B6)
+                .ipv6_ext(IPPROTO_HOPOPTS, 16)
+                .tcp(1, 2, 0)
+                .build(),
+            PacketBuilder::ipv6(A6, B6)
+                .fragment(0, true)
+                .udp(1, 2)
+                .build(),
+            PacketBuilder::ipv4(A4, B4).qinq(1, 2).udp(3, 4).build(),
+            PacketBuilder::arp_request().vlan(5).build(),
+        ];
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..20_000usize {
+            let mut frame = seeds[round % seeds.len()].clone();
+            for _ in 0..(next() % 4 + 1) {
+                let i = (next() % frame.len() as u64) as usize;
+                frame[i] = next() as u8;
+            }
+            let cut = (next() % (frame.len() as u64 + 1)) as usize;
+            for f in [&frame[..], &frame[..cut]] {
+                if let Ok(p) = parse(f) {
+                    assert!(usize::from(p.l3_offset) <= f.len());
+                    if matches!(p.l4, L4::Tcp { .. } | L4::Udp { .. }) {
+                        assert!(usize::from(p.l4_offset) + 8 <= f.len());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn malformed_indices_are_dense_and_in_order() {
         for (i, m) in Malformed::ALL.iter().enumerate() {
             assert_eq!(m.index() as usize, i);
