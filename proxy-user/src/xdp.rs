@@ -548,3 +548,50 @@ fn raise_memlock_limit() {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counters(udp: (u64, u64), bad_ihl: u64) -> IngressCounters {
+        let mut c = IngressCounters::default();
+        c.classes[PacketClass::Udp.index() as usize] = ClassCounter {
+            packets: udp.0,
+            bytes: udp.1,
+        };
+        c.classes[PacketClass::Malformed.index() as usize] = ClassCounter {
+            packets: bad_ihl,
+            bytes: bad_ihl * 60,
+        };
+        c.malformed[Malformed::Ipv4BadHeaderLength.index() as usize] = bad_ihl;
+        c
+    }
+
+    #[test]
+    fn since_subtracts_every_counter() {
+        let moved = counters((10, 1000), 3).since(&counters((4, 400), 1));
+        assert_eq!(moved, counters((6, 600), 2));
+        assert_eq!(
+            moved.total(),
+            ClassCounter {
+                packets: 8,
+                bytes: 720
+            }
+        );
+    }
+
+    #[test]
+    fn table_has_one_row_per_class_and_the_nonzero_reasons() {
+        let table = counters((10, 1000), 3).to_string();
+        let rows: Vec<Vec<&str>> = table
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows[0], ["class", "packets", "bytes"]);
+        assert_eq!(rows[3], ["udp", "10", "1000"]);
+        assert_eq!(rows[5], ["malformed", "3", "180"]);
+        assert_eq!(rows[6], ["total", "13", "1180"]);
+        assert_eq!(rows[7], ["malformed", "ipv4-bad-header-length", "3"]);
+        assert_eq!(rows.len(), 8);
+    }
+}
