@@ -3,6 +3,7 @@
 //! Every task that needs the eBPF toolchain or system packages runs `setup` first; `setup` is
 //! idempotent and takes a second when everything is already there.
 
+mod bench;
 mod cmd;
 mod demo;
 mod netns;
@@ -36,6 +37,8 @@ enum Task {
     },
     /// Run the demo (the README's first command): see `cargo xtask demo --help`.
     Demo(demo::DemoArgs),
+    /// Benchmark scm-proxy against nginx side by side: see `cargo xtask bench --help`.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -48,6 +51,7 @@ fn main() -> Result<()> {
             setup::run(&setup::SetupArgs::default())?;
             demo::run(&args)
         }
+        Task::Bench(args) => bench::run(&args),
     }
 }
 
