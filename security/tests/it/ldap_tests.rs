@@ -1,0 +1,124 @@
+//! LDAP against a real slapd: bind authentication, sync of users and groups at start and
+//! periodically, removal of users who leave the directory (ending their sessions).
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::Value;
+
+use crate::both_backends;
+use crate::ldap::{BASE, ROOT_DN, ROOT_PW, Slapd};
+use crate::support::{Db, Device, Server, assert_error, eventually};
+
+both_backends!(ldap_bind_and_sync);
+
+async fn ldap_bind_and_sync(db: Db) {
+    let Some(slapd) = Slapd::start() else { return };
+    let pw_file = slapd.dir.path().join("bind.pw");
+    std::fs::write(&pw_file, format!("{ROOT_PW}\n")).unwrap();
+    let user_base = format!("ou=people,{BASE}");
+    let group_base = format!("ou=groups,{BASE}");
+    let srv = Server::start(
+        db,
+        &[
+            "--ldap-url",
+            &slapd.url,
+            "--ldap-bind-dn",
+            ROOT_DN,
+            "--ldap-bind-password-file",
+            pw_file.to_str().unwrap(),
+            "--ldap-user-base",
+            &user_base,
+            "--ldap-group-base",
+            &group_base,
+            "--ldap-sync-interval",
+            "1s",
+        ],
+    )
+    .await;
+    // The first sync runs at start.
+    let users = async || srv.admin_ok(Method::GET, "/users", None).await;
+    let synced = eventually(Duration::from_secs(10), async || {
+        users().await.as_array().is_some_and(|a| a.len() == 2)
+    })
+    .await;
+    assert!(synced, "LDAP users synced: {}", users().await);
+    let list = users().await;
+    let carol = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "carol")
+        .unwrap()
+        .clone();
+    assert_eq!(carol["source"], "ldap");
+    assert_eq!(carol["groups"], serde_json::json!(["ops", "staff"]));
+    assert_eq!(carol["ldap_dn"], format!("uid=carol,{user_base}"));
+
+    // Bind authentication.
+    let dev = Device::enroll(&srv, "carol", "carol-pw", "phone").await;
+    let login = dev.login(&srv).await;
+    assert_eq!(login.resp.groups, vec!["ops", "staff"]);
+    let e = Device::try_enroll(&srv, "carol", "wrong", "phone2", None)
+        .await
+        .err()
+        .unwrap();
+    assert_error(&e, 401, "bad_credentials");
+    // An empty password would be an anonymous bind: refused.
+    let e = Device::try_enroll(&srv, "carol", "", "phone2", None)
+        .await
+        .err()
+        .unwrap();
+    assert_error(&e, 401, "bad_credentials");
+    // LDAP users' passwords are not set here.
+    let r = srv
+        .admin(
+            Method::PATCH,
+            "/users/carol",
+            Some(serde_json::json!({"password": "x"})),
+        )
+        .await;
+    assert_error(&r, 409, "ldap_user");
+
+    let dave = Device::enroll(&srv, "dave", "dave-pw", "dphone").await;
+    let dave_login = dave.login(&srv).await;
+
+    // Periodic sync picks up additions and removals.
+    slapd.tool(
+        "ldapadd",
+        &[],
+        Some(&format!(
+            "dn: uid=erin,{user_base}\nobjectClass: inetOrgPerson\nuid: erin\ncn: Erin\nsn: E\nuserPassword: erin-pw\n"
+        )),
+    );
+    slapd.tool("ldapdelete", &[&format!("uid=dave,{user_base}")], None);
+    let changed = eventually(Duration::from_secs(10), async || {
+        let names: Vec<Value> = users()
+            .await
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["name"].clone())
+            .collect();
+        names.contains(&"erin".into()) && !names.contains(&"dave".into())
+    })
+    .await;
+    assert!(
+        changed,
+        "sync saw erin added and dave removed: {}",
+        users().await
+    );
+    assert_error(
+        &srv.validate(&dave_login.resp.session_id).await,
+        404,
+        "unknown_session",
+    );
+    assert!(dave.try_login(&srv).await.is_err());
+    Device::enroll(&srv, "erin", "erin-pw", "ephone")
+        .await
+        .login(&srv)
+        .await;
+    // Sync on demand through the admin API.
+    let report = srv.admin_ok(Method::POST, "/ldap/sync", None).await;
+    assert_eq!(report["users"], 2);
+}
