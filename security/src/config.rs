@@ -138,6 +138,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_SOURCE_WINDOW", default_value = "5m", value_parser = parse_duration)]
     pub source_window: Duration,
 
+    /// Challenges one source address may ask for per minute (0: no limit). Outstanding
+    /// challenges are capped globally too, so one address cannot starve the others.
+    #[arg(long, env = "SCM_CHALLENGE_RATE_LIMIT", default_value_t = 600)]
+    pub challenge_rate_limit: u32,
+
     /// Require an admin-issued activation code (`admin users activation-code`) to enrol.
     #[arg(long, env = "SCM_REQUIRE_ACTIVATION_CODE")]
     pub require_activation_code: bool,

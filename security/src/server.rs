@@ -53,6 +53,8 @@ pub struct State {
     pub lockouts: Lockouts,
     /// Per-source limits.
     pub limiter: SourceLimiter,
+    /// Per-source challenge rate (None: unlimited).
+    pub challenge_limiter: Option<SourceLimiter>,
     /// Admin token.
     pub admin_token: String,
     /// Resolved settings.
@@ -189,6 +191,8 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         challenges: Challenges::new(args.challenge_ttl, MAX_CHALLENGES),
         lockouts: Lockouts::new(args.lockout_threshold, args.lockout_duration),
         limiter: SourceLimiter::new(args.source_failure_limit, args.source_window),
+        challenge_limiter: (args.challenge_rate_limit > 0)
+            .then(|| SourceLimiter::new(args.challenge_rate_limit, Duration::from_secs(60))),
         admin_token,
         settings: Settings {
             data_dir: args.data_dir.clone(),
@@ -276,6 +280,9 @@ async fn sweeper(state: Shared, stop: CancellationToken) {
         state.challenges.sweep();
         state.lockouts.sweep();
         state.limiter.sweep();
+        if let Some(l) = &state.challenge_limiter {
+            l.sweep();
+        }
     }
 }
 

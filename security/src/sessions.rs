@@ -177,7 +177,7 @@ impl Sessions {
             map.get(&id).cloned().ok_or(Lookup::Unknown)?
         };
         if self.expired(&s, now) {
-            self.remove_where(|x| x.id == id, "expired");
+            self.end(id_text, "expired");
             return Err(Lookup::Expired);
         }
         s.last_seen_ms.fetch_max(now, Ordering::Relaxed);

@@ -108,8 +108,15 @@ async fn challenge(
     State(st): State<Shared>,
     Extension(peer): Extension<Peer>,
 ) -> Result<Json<ChallengeResponse>, ApiError> {
-    if st.limiter.is_blocked(peer.0.ip()) {
+    let ip = peer.0.ip();
+    if st.limiter.is_blocked(ip) {
         return Err(rate_limited());
+    }
+    if let Some(l) = &st.challenge_limiter {
+        if l.is_blocked(ip) {
+            return Err(rate_limited());
+        }
+        l.fail(ip);
     }
     let (id, nonce) = st.challenges.issue().ok_or_else(|| {
         ApiError::new(

@@ -23,6 +23,7 @@ both_backends!(
     challenge_expiry,
     lockout_per_user,
     source_address_limit,
+    challenge_rate_limit,
     idle_expiry,
     absolute_expiry,
     admin_revocation_reaches_subscriber,
@@ -271,6 +272,17 @@ async fn source_address_limit(db: Db) {
         .err()
         .unwrap();
     assert_error(&e, 429, "rate_limited");
+}
+
+async fn challenge_rate_limit(db: Db) {
+    let srv = Server::start(db, &["--challenge-rate-limit", "5"]).await;
+    for _ in 0..5 {
+        Device::challenge(&srv).await;
+    }
+    let r = srv
+        .device_post(scm_proto::api::PATH_CHALLENGE, &json!({}))
+        .await;
+    assert_error(&r, 429, "rate_limited");
 }
 
 async fn idle_expiry(db: Db) {
