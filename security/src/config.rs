@@ -199,7 +199,7 @@ pub struct LdapArgs {
     #[arg(long, env = "SCM_LDAP_USER_ATTR", default_value = "uid")]
     pub ldap_user_attr: String,
 
-    /// Base DN under which groups are searched (default: --ldap-user-base's parent search skipped).
+    /// Base DN under which groups are searched; without it no groups are synced.
     #[arg(long, env = "SCM_LDAP_GROUP_BASE")]
     pub ldap_group_base: Option<String>,
 
