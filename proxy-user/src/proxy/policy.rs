@@ -74,8 +74,8 @@ pub fn check_binding(
     }
 }
 
-/// Checks the app context: the same device and app as at login, a known app, a version at or
-/// above the minimum and not revoked.
+/// Checks the app context: the same device and app as at login (so an app the Security server
+/// knows), a well-formed version at or above the app's minimum and not revoked.
 pub fn check_app(
     apps: &HashMap<String, AppPolicy>,
     session: &SessionInfo,
@@ -94,15 +94,14 @@ pub fn check_app(
             preamble.app_id
         ));
     }
-    let Some(policy) = apps.get(&preamble.app_id) else {
-        return refuse(format!(
-            "app {:?} is not in the app catalog",
-            preamble.app_id
-        ));
-    };
     let version = match AppVersion::parse(&preamble.app_version) {
         Ok(v) => v,
         Err(e) => return refuse(e.to_string()),
+    };
+    // The app is known: the Security server enrolled it and logged this session in with it. The
+    // policy list only names apps that have a minimum or revoked versions.
+    let Some(policy) = apps.get(&preamble.app_id) else {
+        return Ok(());
     };
     if let Some(min) = &policy.min_version {
         match AppVersion::parse(min) {
@@ -242,7 +241,7 @@ mod tests {
         assert!(e.reason.contains("below the minimum"), "{}", e.reason);
         let e = check_app(&apps(None, &["1.4.0"]), &s, &p).unwrap_err();
         assert!(e.reason.contains("revoked"));
-        assert!(check_app(&HashMap::new(), &s, &p).is_err());
+        assert!(check_app(&HashMap::new(), &s, &p).is_ok());
         assert!(check_app(&apps(Some("garbage"), &[]), &s, &p).is_err());
         let mut q = p.clone();
         q.device_id = "other-phone".into();
