@@ -20,6 +20,8 @@ pub struct Binaries {
     pub security: PathBuf,
     /// `scm-proxy`.
     pub proxy: PathBuf,
+    /// `scm-device` (the device CLI).
+    pub device: PathBuf,
 }
 
 /// The workspace root (parent of this crate).
@@ -29,9 +31,10 @@ pub fn workspace_root() -> PathBuf {
         .map_or_else(|| PathBuf::from("."), Path::to_owned)
 }
 
-/// Builds (once per process) and locates `scm-security` and `scm-proxy`. `SCM_E2E_BIN_DIR` names
+/// Builds (once per process) and locates `scm-security`, `scm-proxy` and `scm-device`. `SCM_E2E_BIN_DIR` names
 /// a directory holding prebuilt ones instead; otherwise `cargo build` runs in the workspace with
-/// the caller's target directory and the executables are read off its JSON messages.
+/// the caller's target directory (`--release` when `SCM_E2E_PROFILE=release`) and the executables
+/// are read off its JSON messages.
 pub fn binaries() -> &'static Binaries {
     static BINS: OnceLock<Binaries> = OnceLock::new();
     BINS.get_or_init(|| match locate() {
@@ -46,20 +49,29 @@ fn locate() -> Result<Binaries> {
         return Ok(Binaries {
             security: dir.join("scm-security"),
             proxy: dir.join("scm-proxy"),
+            device: dir.join("scm-device"),
         });
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build");
+    if std::env::var("SCM_E2E_PROFILE").is_ok_and(|p| p == "release") {
+        cmd.arg("--release");
+    }
+    let out = cmd
         .args([
-            "build",
             "-p",
             "scm-security",
             "-p",
             "scm-proxy",
+            "-p",
+            "scm-device",
             "--bin",
             "scm-security",
             "--bin",
             "scm-proxy",
+            "--bin",
+            "scm-device",
             "--message-format=json-render-diagnostics",
         ])
         .current_dir(workspace_root())
@@ -71,6 +83,7 @@ fn locate() -> Result<Binaries> {
     }
     let mut security = None;
     let mut proxy = None;
+    let mut device = None;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
@@ -84,12 +97,14 @@ fn locate() -> Result<Binaries> {
         match name {
             "scm-security" => security = Some(PathBuf::from(exe)),
             "scm-proxy" => proxy = Some(PathBuf::from(exe)),
+            "scm-device" => device = Some(PathBuf::from(exe)),
             _ => {}
         }
     }
     Ok(Binaries {
         security: security.context("cargo reported no scm-security executable")?,
         proxy: proxy.context("cargo reported no scm-proxy executable")?,
+        device: device.context("cargo reported no scm-device executable")?,
     })
 }
 

@@ -569,3 +569,99 @@ async fn proxy_fails_over_to_the_next_security_url() {
             >= 1.0
     );
 }
+
+/// Runs the device CLI with the stack's state file; returns stdout, failing on a non-zero exit.
+fn cli(stack: &Stack, args: &[&str]) -> String {
+    let out = std::process::Command::new(&scm_e2e::stack::binaries().device)
+        .arg("--state")
+        .arg(stack.dir.path().join("alice.json"))
+        .args(args)
+        .env("SCM_DEVICE_PASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scm-device {}: {}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_cli_runs_the_whole_workflow() {
+    let stack = stack().await;
+    let url = format!("https://{}", stack.device_api);
+    let ca = stack.certs.join("ca.pem");
+    let out = cli(
+        &stack,
+        &[
+            "enroll",
+            "--security-url",
+            &url,
+            "--ca",
+            ca.to_str().unwrap(),
+            "--user",
+            "alice",
+            "--device-id",
+            "cli-phone",
+            "--app-id",
+            "mail",
+            "--app-version",
+            "1.0.0",
+        ],
+    );
+    assert!(out.contains("enrolled alice"), "{out}");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let meta = std::fs::metadata(stack.dir.path().join("alice.json")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
+    let out = cli(&stack, &["login"]);
+    assert!(out.contains("logged in as alice"), "{out}");
+
+    let out = cli(&stack, &["get", "http://web/from-cli"]);
+    let seen: Seen = serde_json::from_str(&out).unwrap();
+    assert_eq!(seen.path, "/from-cli");
+    assert_eq!(seen.headers["x-scm-user"], "alice");
+
+    let port = scm_e2e::stack::free_port();
+    let forward = format!("127.0.0.1:{port}:echo");
+    let mut tunnel = std::process::Command::new(&scm_e2e::stack::binaries().device)
+        .arg("--state")
+        .arg(stack.dir.path().join("alice.json"))
+        .args(["tunnel", "-L", &forward])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut local = eventually(Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+    })
+    .await
+    .expect("the tunnel listens");
+    local.write_all(b"ssh -L style").await.unwrap();
+    let mut got = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), local.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"ssh -L style");
+    let _ = tunnel.kill();
+    let _ = tunnel.wait();
+
+    let out = cli(&stack, &["update", "check"]);
+    assert!(out.contains("\"update_available\": true"), "{out}");
+    let pkg = stack.dir.path().join("update.pkg");
+    let out = cli(&stack, &["update", "fetch", "--out", pkg.to_str().unwrap()]);
+    assert!(out.contains("verified"), "{out}");
+    assert_eq!(std::fs::read(&pkg).unwrap(), b"mail package 1.1.0, newer");
+
+    let out = cli(&stack, &["logout"]);
+    assert!(out.contains("logged out"), "{out}");
+    let out = cli(&stack, &["status"]);
+    assert!(out.contains("not logged in"), "{out}");
+}
