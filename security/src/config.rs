@@ -159,6 +159,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_MAX_PACKAGE_BYTES", default_value_t = 1 << 30)]
     pub max_package_bytes: u64,
 
+    /// Time a client has for each step: TLS handshake, request headers, request body. Slower
+    /// clients are disconnected (or answered 408 for a slow body).
+    #[arg(long, env = "SCM_IO_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub io_timeout: Duration,
+
     /// Log lines as JSON instead of text (filter with RUST_LOG, default info).
     #[arg(long, env = "SCM_LOG_JSON")]
     pub log_json: bool,

@@ -229,6 +229,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         device_l,
         device_tls.clone(),
         crate::api::device::router(state.clone()),
+        args.io_timeout,
         stop.clone(),
     ));
     tasks.spawn(crate::tls::serve(
@@ -236,6 +237,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         proxy_l,
         proxy_tls,
         crate::api::proxy::router(state.clone()),
+        args.io_timeout,
         stop.clone(),
     ));
     tasks.spawn(crate::tls::serve(
@@ -243,6 +245,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         admin_l,
         device_tls,
         crate::api::admin::router(state.clone()),
+        args.io_timeout,
         stop.clone(),
     ));
     tasks.spawn(sweeper(state.clone(), stop.clone()));

@@ -21,16 +21,17 @@ use tower::ServiceExt as _;
 
 use crate::error::Error;
 
-/// Time a client has to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time a client has to send a request's headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent connections per listener.
 const MAX_CONNECTIONS: usize = 10_000;
 
 /// The address of the peer of a request's connection, put in every request's extensions.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
+
+/// Time a client has for each step (TLS handshake, request headers, request body); put in every
+/// request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct IoTimeout(pub Duration);
 
 /// The crypto provider every configuration uses.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -134,6 +135,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     router: Router,
+    io_timeout: Duration,
     stop: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
@@ -160,7 +162,7 @@ pub async fn serve(
         let stop = stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let tls = match tokio::time::timeout(io_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
@@ -174,13 +176,14 @@ pub async fn serve(
             let svc =
                 router.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(Peer(peer));
+                    req.extensions_mut().insert(IoTimeout(io_timeout));
                     req.map(axum::body::Body::new)
                 });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT);
+                .header_read_timeout(io_timeout);
             let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
             tokio::pin!(conn);
             tokio::select! {

@@ -20,8 +20,8 @@ use crate::tls::Peer;
 
 /// Largest JSON body accepted on any endpoint.
 pub const MAX_BODY: usize = 64 * 1024;
-/// Time a client has to send a body.
-const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to send a body when the accept loop did not say.
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A JSON body, read with a size and time limit and decoded strictly. Rejections are JSON
 /// `ErrorBody`s: `unsupported_media_type`, `payload_too_large`, `request_timeout`,
@@ -71,8 +71,12 @@ pub async fn read_body(req: Request, limit: usize) -> Result<bytes::Bytes, ApiEr
     {
         return Err(too_large());
     }
+    let timeout = req
+        .extensions()
+        .get::<crate::tls::IoTimeout>()
+        .map_or(DEFAULT_BODY_TIMEOUT, |t| t.0);
     let body = http_body_util::Limited::new(req.into_body(), limit);
-    match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
+    match tokio::time::timeout(timeout, body.collect()).await {
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",

@@ -357,3 +357,71 @@ async fn bad_input_is_refused_cleanly(db: Db) {
     let r = send(srv.device.get(format!("{d}/healthz"))).await;
     assert_eq!(r.0, StatusCode::OK);
 }
+
+/// Slow clients: one that never starts TLS, one that never finishes its headers, one that never
+/// finishes its body. Each is cut off after --io-timeout while others are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let srv = Server::start(Db::Sqlite, &["--io-timeout", "1s"]).await;
+    let addr = srv.running.as_ref().unwrap().device_addr;
+    let tls =
+        Arc::new(scm_security::tls::client_config(&srv.certs().join("ca.pem"), None).unwrap());
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+
+    // Reads until EOF or error; returns what arrived, failing if the server holds on too long.
+    async fn drain(mut s: impl tokio::io::AsyncRead + Unpin) -> Vec<u8> {
+        let mut out = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(r.is_ok(), "the server kept a slow connection open");
+        out
+    }
+
+    // 1. TCP only, no TLS handshake.
+    let t0 = Instant::now();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    drain(tcp).await;
+    assert!(t0.elapsed() >= Duration::from_millis(800));
+
+    // 2. Headers never finished.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut s = connector.connect(name.clone(), tcp).await.unwrap();
+    s.write_all(b"POST /v1/login HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    let got = drain(s).await;
+    assert!(
+        got.is_empty() || got.starts_with(b"HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+
+    // 3. Body never finished: a JSON 408.
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut s = connector.connect(name.clone(), tcp).await.unwrap();
+    s.write_all(
+        b"POST /v1/login HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"user",
+    )
+    .await
+    .unwrap();
+    let got = String::from_utf8_lossy(&drain(s).await).into_owned();
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    assert!(got.contains("request_timeout"), "{got}");
+
+    // The server is still serving.
+    let r = send(srv.device.get(format!("{}/healthz", srv.device_url))).await;
+    assert_eq!(r.0, StatusCode::OK);
+}
