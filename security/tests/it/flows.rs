@@ -98,6 +98,26 @@ async fn enrol_login_validate_logout(db: Db) {
     .await;
     assert_eq!(s, StatusCode::OK);
 
+    // The nginx auth_request endpoint (benchmark peer) answers identity, never the key.
+    let auth = format!("{}/v1/auth/nginx", srv.device_url);
+    let resp = srv
+        .device
+        .get(&auth)
+        .bearer_auth(&r.session_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-scm-user"], "alice");
+    assert_eq!(resp.headers()["x-scm-groups"], "staff");
+    assert_eq!(resp.bytes().await.unwrap().len(), 0);
+    assert_error(
+        &send(srv.device.get(&auth).bearer_auth("nope")).await,
+        401,
+        "unknown_session",
+    );
+    assert_error(&send(srv.device.get(&auth)).await, 401, "unknown_session");
+
     // Logout ends it; a second logout and a validation see nothing.
     let out = srv
         .device
