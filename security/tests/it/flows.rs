@@ -306,18 +306,18 @@ async fn challenge_rate_limit(db: Db) {
 }
 
 async fn idle_expiry(db: Db) {
-    let srv = Server::start(db, &["--session-idle-timeout", "1s"]).await;
+    let srv = Server::start(db, &["--session-idle-timeout", "2s"]).await;
     srv.add_user("alice", "alice-pw", &[]).await;
     let dev = Device::enroll(&srv, "alice", "alice-pw", "phone-1").await;
     let login = dev.login(&srv).await;
-    assert_eq!(login.resp.idle_timeout_secs, 1);
+    assert_eq!(login.resp.idle_timeout_secs, 2);
     // Activity keeps it alive past the idle timeout...
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(srv.validate(&login.resp.session_id).await.0, StatusCode::OK);
     }
     // ...and silence ends it; the sweeper removes it without anyone asking.
-    let gone = eventually(Duration::from_secs(3), async || {
+    let gone = eventually(Duration::from_secs(5), async || {
         srv.state().sessions.is_empty()
     })
     .await;
