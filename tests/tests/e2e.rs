@@ -665,3 +665,35 @@ async fn device_cli_runs_the_whole_workflow() {
     let out = cli(&stack, &["status"]);
     assert!(out.contains("not logged in"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_tunnels_are_revalidated_every_ttl() {
+    let mut stack = Stack::start(StackOptions {
+        cache_ttl: "1s".into(),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let alice = login(&stack, "alice", "phone-1", "1.0.0").await;
+    let mut tunnel = alice.open("echo").await.unwrap();
+    // Several TTLs pass: the proxy validates the session again and keeps the tunnel.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    echo_once(&mut tunnel, b"still valid").await;
+    assert!(
+        stack
+            .metric("scm_proxy_validations_total{result=\"valid\"}")
+            .await
+            .unwrap()
+            >= 2.0
+    );
+    // A restarted Security server has forgotten the session (sessions live in its memory): the
+    // next revalidation finds it gone and closes the tunnel, with no revocation event needed.
+    stack.kill_security();
+    stack.start_security().await.unwrap();
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(5), tunnel.read(&mut buf))
+        .await
+        .expect("the tunnel of a forgotten session must be closed within a few TTLs");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert_eq!(refused(alice.open("echo").await).0, Status::SessionInvalid);
+}

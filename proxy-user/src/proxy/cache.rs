@@ -153,11 +153,13 @@ impl SessionCache {
     }
 }
 
+type ConnMap = HashMap<SessionTag, (SessionId, HashMap<u64, CancellationToken>)>;
+
 /// The open connections of each session.
 #[derive(Default)]
 pub struct Connections {
     next: AtomicU64,
-    map: Mutex<HashMap<SessionTag, HashMap<u64, CancellationToken>>>,
+    map: Mutex<ConnMap>,
 }
 
 /// A registered connection; dropping it unregisters it.
@@ -170,19 +172,18 @@ pub struct ConnGuard<'a> {
 }
 
 impl Connections {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<SessionTag, HashMap<u64, CancellationToken>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnMap> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a connection of the session `tag`.
-    pub fn register(&self, tag: &SessionTag) -> ConnGuard<'_> {
+    /// Registers a connection of the session `session` (whose tag is `tag`).
+    pub fn register(&self, tag: &SessionTag, session: &SessionId) -> ConnGuard<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let token = CancellationToken::new();
         self.lock()
             .entry(tag.clone())
-            .or_default()
+            .or_insert_with(|| (session.clone(), HashMap::new()))
+            .1
             .insert(id, token.clone());
         ConnGuard {
             owner: self,
@@ -194,18 +195,28 @@ impl Connections {
 
     /// Cancels every open connection of the session; returns how many.
     pub fn cut(&self, tag: &SessionTag) -> usize {
-        let conns = self.lock().remove(tag).unwrap_or_default();
+        let Some((_, conns)) = self.lock().remove(tag) else {
+            return 0;
+        };
         for token in conns.values() {
             token.cancel();
         }
         conns.len()
+    }
+
+    /// The sessions that have open connections.
+    pub fn sessions(&self) -> Vec<(SessionTag, SessionId)> {
+        self.lock()
+            .iter()
+            .map(|(tag, (id, _))| (tag.clone(), id.clone()))
+            .collect()
     }
 }
 
 impl Drop for ConnGuard<'_> {
     fn drop(&mut self) {
         let mut map = self.owner.lock();
-        if let Some(conns) = map.get_mut(&self.tag) {
+        if let Some((_, conns)) = map.get_mut(&self.tag) {
             conns.remove(&self.id);
             if conns.is_empty() {
                 map.remove(&self.tag);
@@ -273,13 +284,17 @@ mod tests {
     fn cut_cancels_only_that_sessions_connections() {
         let conns = Connections::default();
         let (ta, tb) = (SessionTag("a".into()), SessionTag("b".into()));
-        let a1 = conns.register(&ta);
-        let a2 = conns.register(&ta);
-        let b1 = conns.register(&tb);
+        let (sa, sb) = (SessionId::generate(), SessionId::generate());
+        let a1 = conns.register(&ta, &sa);
+        let a2 = conns.register(&ta, &sa);
+        let b1 = conns.register(&tb, &sb);
+        assert_eq!(conns.sessions().len(), 2);
         assert_eq!(conns.cut(&ta), 2);
         assert!(a1.token.is_cancelled() && a2.token.is_cancelled());
         assert!(!b1.token.is_cancelled());
+        assert_eq!(conns.sessions(), vec![(tb.clone(), sb)]);
         drop(b1);
+        assert!(conns.sessions().is_empty());
         assert_eq!(conns.cut(&tb), 0);
         assert_eq!(conns.cut(&ta), 0);
     }

@@ -147,6 +147,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     proxy.refresh_catalog().await;
     tokio::spawn(proxy.clone().revocation_loop());
     tokio::spawn(proxy.clone().catalog_loop());
+    tokio::spawn(proxy.clone().revalidate_loop());
     tracing::info!(
         listen = %proxy.args.listen,
         security = ?proxy.args.security_urls,
@@ -252,6 +253,44 @@ impl Proxy {
             self.refresh_catalog().await;
         }
         self.catalog()
+    }
+
+    /// Validates again, about once a cache TTL, every session that has open connections: this
+    /// keeps the session alive at the Security server while its tunnels are in use, and closes
+    /// them if the session ended there without a revocation reaching this proxy (a missed event,
+    /// a restarted server). While no server answers, connections are left alone.
+    async fn revalidate_loop(self: Arc<Self>) {
+        let period = self.args.cache_ttl.max(Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(period).await;
+            for (tag, id) in self.conns.sessions() {
+                if self.cache.get(&id).is_some() {
+                    continue;
+                }
+                match self.security.validate(&id).await {
+                    Ok(Validation::Valid(s)) => {
+                        self.metrics.validations.with_label_values(&["valid"]).inc();
+                        self.cache.insert(id, s);
+                    }
+                    Ok(Validation::Invalid(body)) => {
+                        self.metrics
+                            .validations
+                            .with_label_values(&["invalid"])
+                            .inc();
+                        self.cache.revoke(&tag);
+                        let cut = self.conns.cut(&tag);
+                        tracing::info!(session = %tag, code = %body.code, connections_closed = cut, "session no longer valid at the Security server");
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .validations
+                            .with_label_values(&["unavailable"])
+                            .inc();
+                        tracing::debug!(session = %tag, error = %e, "revalidation failed; keeping the connections");
+                    }
+                }
+            }
+        }
     }
 
     async fn catalog_loop(self: Arc<Self>) {
@@ -435,7 +474,13 @@ impl Proxy {
                 return;
             }
         };
-        let (session, resource) = match self.admit(&preamble, &exporter).await {
+        let Some(id) = SessionId::parse(&preamble.session_id) else {
+            let r = Refusal::new(Status::SessionInvalid, "malformed session id");
+            self.metrics.error(r.status.code());
+            self.refuse(&mut stream, peer, r).await;
+            return;
+        };
+        let (session, resource) = match self.admit(&id, &preamble, &exporter).await {
             Ok(ok) => ok,
             Err(r) => {
                 self.metrics.error(r.status.code());
@@ -445,7 +490,7 @@ impl Proxy {
         };
         let app = format!("{}/{}", preamble.app_id, preamble.app_version);
         drop(preamble);
-        let guard = self.conns.register(&session.tag);
+        let guard = self.conns.register(&session.tag, &id);
         // A revocation may have landed between the validation and the registration.
         if self.cache.is_revoked(&session.tag) {
             let r = Refusal::new(Status::SessionInvalid, "the session has been revoked");
@@ -592,22 +637,21 @@ impl Proxy {
     /// resource and group rule. The refusal says which check failed.
     async fn admit(
         &self,
+        id: &SessionId,
         p: &Preamble,
         exporter: &[u8],
     ) -> Result<(Arc<SessionInfo>, Resource), Refusal> {
-        let id = SessionId::parse(&p.session_id)
-            .ok_or_else(|| Refusal::new(Status::SessionInvalid, "malformed session id"))?;
-        let session = match self.cache.get(&id) {
+        let session = match self.cache.get(id) {
             Some(s) => {
                 self.metrics.cache_hits.inc();
                 s
             }
             None => {
                 self.metrics.cache_misses.inc();
-                match self.security.validate(&id).await {
+                match self.security.validate(id).await {
                     Ok(Validation::Valid(s)) => {
                         self.metrics.validations.with_label_values(&["valid"]).inc();
-                        if !self.cache.insert(id, s.clone()) {
+                        if !self.cache.insert(id.clone(), s.clone()) {
                             return Err(Refusal::new(
                                 Status::SessionInvalid,
                                 "the session has been revoked",

@@ -1,9 +1,9 @@
-//! `scm-bench`: measures the data path on this machine and prints the figures side by side with
+//! `scm-e2e-bench`: measures the data path on this machine and prints the figures side by side with
 //! a peer (the same work straight to the back end, without scm): MB/s through a tunnel,
 //! requests/s through http mode, and new connections/s (TLS handshake + preamble + cached session
 //! check + back-end connect). Starts its own Security server and proxy like the tests do.
 //!
-//! `SCM_E2E_PROFILE=release cargo run --release -p scm-e2e --bin scm-bench`
+//! `SCM_E2E_PROFILE=release cargo run --release -p scm-e2e --bin scm-e2e-bench`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 
 /// Benchmark scm's proxy against direct connections to the same back ends.
 #[derive(Debug, Parser)]
-#[command(name = "scm-bench")]
+#[command(name = "scm-e2e-bench")]
 struct Cli {
     /// Megabytes pushed through the tunnel (each way).
     #[arg(long, default_value_t = 256)]
