@@ -176,6 +176,14 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         .unwrap_or_else(|| Store::sqlite_url(&args.data_dir));
     let store = Store::open(&url).await?;
     store.ensure_site(&args.default_site).await?;
+    if let Some(k) = store.any_key().await? {
+        master.open(&k.key_id, &k.sealed_key).map_err(|_| {
+            Error::Crypto(format!(
+                "{} does not open the keys stored in this database: wrong master key file?",
+                master_path.display()
+            ))
+        })?;
+    }
     let ldap = LdapConfig::from_args(&args.ldap)?;
     let directory = Directory::new(store.clone(), ldap, args.default_site.clone())?;
     let resources = RwLock::new(Arc::new(store.resources().await?));

@@ -185,9 +185,15 @@ impl Store {
                 url.split(':').next().unwrap_or_default()
             )));
         };
+        // A SQLite file is created on first start.
+        let url = if backend == Backend::Sqlite && !url.contains("mode=") {
+            format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
+        } else {
+            url.to_owned()
+        };
         let pool = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 4 } else { 16 })
-            .connect(url)
+            .connect(&url)
             .await
             .db("connecting")?;
         if backend == Backend::Sqlite {
@@ -462,6 +468,15 @@ impl Store {
         }
         .db("listing keys")?;
         rows.iter().map(key_from).collect()
+    }
+
+    /// Any one stored key (to check the master key at start).
+    pub async fn any_key(&self) -> Result<Option<KeyRow>, Error> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLS} FROM device_keys LIMIT 1"))
+            .fetch_optional(&self.pool)
+            .await
+            .db("reading a key")?;
+        row.as_ref().map(key_from).transpose()
     }
 
     /// Revokes one key; `NotFound` if unknown, `Ok(false)` if it was already revoked.

@@ -885,3 +885,33 @@ async fn admin_api_requires_token(db: Db) {
     .await;
     assert_error(&r, 404, "not_found");
 }
+
+/// A server refuses to start with a master key that does not open the stored keys, rather than
+/// failing every login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_master_key_refused_at_start() {
+    let mut srv = Server::start(Db::Sqlite, &[]).await;
+    srv.add_user("alice", "alice-pw", &[]).await;
+    Device::enroll(&srv, "alice", "alice-pw", "p1").await;
+    srv.stop().await;
+    let other = srv.dir.path().join("other.key");
+    std::fs::write(&other, scm_security::keys::new_master_key_text()).unwrap();
+    let certs = srv.certs();
+    let args = crate::support::serve_args(
+        srv.dir.path(),
+        &certs,
+        &Db::Sqlite,
+        &["--master-key-file", other.to_str().unwrap()],
+    );
+    let err = scm_security::server::start(&args)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("wrong master key"), "{err}");
+    // The right key still works.
+    let args = crate::support::serve_args(srv.dir.path(), &certs, &Db::Sqlite, &[]);
+    scm_security::server::start(&args)
+        .await
+        .expect("starts")
+        .shutdown()
+        .await;
+}
