@@ -11,6 +11,7 @@ extern crate alloc;
 pub mod counters;
 pub mod packet;
 pub mod parse;
+pub mod steer;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 

@@ -1,12 +1,13 @@
-//! scm's kernel programs: the XDP ingress parser that counts every frame by class.
+//! scm's kernel programs: the XDP ingress program (parse, count, shield, steer) and the
+//! sk_lookup program that delivers each new connection to the chosen worker.
 //!
-//! The program is thin on purpose: parsing lives in `proxy-common` (host-tested), and the
-//! decision on a frame is one function, [`verdict`], that the shield and the steering will grow
-//! into. Today every frame passes.
+//! The programs are thin on purpose: parsing lives in `proxy-common` (host-tested), and the
+//! decision on a frame is one function, `steer::verdict`.
 #![no_std]
 #![no_main]
 
 mod frame;
+mod steer;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -16,9 +17,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use frame::XdpFrame;
-use proxy_common::{
-    ClassCounter, Malformed, Packet, PacketBytes, PacketClass, parse, parse::classify,
-};
+use proxy_common::{ClassCounter, Malformed, PacketBytes, PacketClass, parse, parse::classify};
 
 /// Packets and bytes per [`PacketClass`]; per CPU so counting needs no atomics.
 /// User space finds it by `proxy_common::counters::CLASS_STATS_MAP`.
@@ -55,15 +54,8 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, ()> {
             len
         );
     }
-    Ok(verdict(&parsed))
-}
-
-/// Where the shield (rate limits, blocklist, SYN handling) and the steering will decide a
-/// frame's fate from what the parser found. Until then every frame goes on to the stack,
-/// malformed ones included: the kernel stack drops those itself, and counting them is the job.
-#[inline(always)]
-fn verdict(_parsed: &Result<Packet, Malformed>) -> u32 {
-    xdp_action::XDP_PASS
+    // Malformed frames pass: the kernel stack drops them itself, and counting them is the job.
+    Ok(steer::verdict(&parsed))
 }
 
 #[inline(always)]
@@ -94,7 +86,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 }
 
 /// The kernel wants a license string; GPL-only helpers would need a GPL-compatible one, and
-/// none is used.
+/// none is used (bpf_sk_assign, bpf_sk_release, map helpers and bpf_ktime_get_ns are not
+/// GPL-only; bpf_tcp_raw_gen_syncookie_ipv4/6 would be, see docs/data-plane.md).
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 11] = *b"Apache-2.0\0";

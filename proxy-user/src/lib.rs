@@ -2,4 +2,5 @@
 //! data plane.
 
 pub mod proxy;
+pub mod steer;
 pub mod xdp;

@@ -268,7 +268,7 @@ struct Attachment {
 
 /// The loaded XDP ingress program and its maps.
 pub struct XdpIngress {
-    ebpf: Ebpf,
+    pub(crate) ebpf: Ebpf,
     attachment: Option<Attachment>,
 }
 
@@ -288,23 +288,31 @@ impl XdpIngress {
 
     /// Creates the maps and loads the program into the kernel, which runs the verifier.
     pub fn load_with(options: &LoadOptions) -> Result<Self, XdpError> {
+        Self::load_configured(options, |_| {})
+    }
+
+    /// [`Self::load_with`], letting the caller set up the loader first (map sizes, pin paths).
+    pub(crate) fn load_configured<'a>(
+        options: &LoadOptions,
+        configure: impl FnOnce(&mut EbpfLoader<'a>),
+    ) -> Result<Self, XdpError> {
+        // Static, so the loader may borrow it for any lifetime the caller's pin paths have.
+        static LEVELS: [u8; 6] = [0, 1, 2, 3, 4, 5];
         raise_memlock_limit();
-        let level: u8 = options.kernel_log_level.map_or(0, |l| l as u8);
-        let mut ebpf = EbpfLoader::new()
-            .override_global(aya_log::LEVEL, &level, true)
-            .load(EBPF_OBJECT)
-            .map_err(
-                |e| match io_source(&e).filter(|io| is_permission_error(io)) {
-                    Some(io) => XdpError::PermissionDenied {
-                        action: "creating the eBPF maps".into(),
-                        uid: effective_uid(),
-                        source: io::Error::from_raw_os_error(
-                            io.raw_os_error().unwrap_or(libc::EPERM),
-                        ),
-                    },
-                    None => XdpError::Object(e),
+        let level = options.kernel_log_level.map_or(0, |l| l as usize);
+        let mut loader = EbpfLoader::new();
+        loader.override_global(aya_log::LEVEL, &LEVELS[level.min(5)], true);
+        configure(&mut loader);
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
+            match io_source(&e).filter(|io| is_permission_error(io)) {
+                Some(io) => XdpError::PermissionDenied {
+                    action: "creating the eBPF maps".into(),
+                    uid: effective_uid(),
+                    source: io::Error::from_raw_os_error(io.raw_os_error().unwrap_or(libc::EPERM)),
                 },
-            )?;
+                None => XdpError::Object(e),
+            }
+        })?;
         let program = program_mut(&mut ebpf)?;
         match program.load() {
             Ok(()) => {}
@@ -423,6 +431,52 @@ impl XdpIngress {
             mode: attached,
         });
         Ok(attached)
+    }
+
+    /// Pins the current attachment's BPF link at `path` (in bpffs), so that the program stays
+    /// attached after this process exits, and gives up managing it: dropping `self` no longer
+    /// detaches. Only BPF-link attachments can be pinned (native and generic XDP on 5.9+).
+    pub fn pin_attachment(&mut self, path: &std::path::Path) -> Result<(), XdpError> {
+        let attachment = self.attachment.take().ok_or(XdpError::NotAttached)?;
+        let program = program_mut(&mut self.ebpf)?;
+        let link = program
+            .take_link(attachment.link)
+            .map_err(|e| program_error("taking the XDP link", e))?;
+        let link = aya::programs::links::FdLink::try_from(link).map_err(|e| {
+            XdpError::Log(format!(
+                "the XDP attachment on {} is not a BPF link, so it cannot be pinned: {e}",
+                attachment.iface
+            ))
+        })?;
+        link.pin(path).map_err(|e| {
+            XdpError::Log(format!("pinning the XDP link at {}: {e}", path.display()))
+        })?;
+        Ok(())
+    }
+
+    /// Replaces the program of the XDP link pinned at `path` with this one (BPF_LINK_UPDATE,
+    /// atomic: no frame goes unprocessed), so a new supervisor adopts a running attachment.
+    pub fn adopt_pinned_attachment(&mut self, path: &std::path::Path) -> Result<(), XdpError> {
+        let pinned = aya::programs::links::PinnedLink::from_pin(path).map_err(|e| {
+            XdpError::Log(format!(
+                "opening the pinned XDP link {}: {e}",
+                path.display()
+            ))
+        })?;
+        let link =
+            aya::programs::xdp::XdpLink::try_from(aya::programs::links::FdLink::from(pinned))
+                .map_err(|e| {
+                    XdpError::Log(format!("{} is not an XDP link: {e}", path.display()))
+                })?;
+        let program = program_mut(&mut self.ebpf)?;
+        let id = program
+            .attach_to_link(link)
+            .map_err(|e| program_error(format!("updating the XDP link {}", path.display()), e))?;
+        // Keep the link's fd out of the program's managed set: the pin holds the attachment.
+        let _link = program
+            .take_link(id)
+            .map_err(|e| program_error("taking the XDP link", e))?;
+        Ok(())
     }
 
     /// The interface and mode of the current attachment.

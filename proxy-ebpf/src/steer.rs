@@ -1,0 +1,356 @@
+//! Steering and shield: the XDP verdict on TCP segments to the service port, and the sk_lookup
+//! program that hands each new connection to the worker's listening socket.
+//!
+//! XDP decides (shield first, then the worker by Maglev) and records the choice in the LRU flow
+//! table; sk_lookup, which the kernel runs when a segment needs a *listening* socket (the SYN),
+//! delivers the connection to the recorded worker's socket. Where no XDP runs (loopback, a NIC
+//! without XDP) sk_lookup makes the same choice from the same maps itself. After the handshake
+//! the kernel's established-socket table keeps the flow on its worker.
+
+use aya_ebpf::{
+    bindings::{sk_action, xdp_action},
+    helpers::bpf_ktime_get_ns,
+    macros::{map, sk_lookup},
+    maps::{Array, LruHashMap, PerCpuArray, SockMap},
+    programs::SkLookupContext,
+};
+use proxy_common::{
+    L3, L4, Malformed, Packet,
+    parse::{IPPROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN},
+    steer::{
+        BLOCKLIST_SIZE, FAMILY_V4, FAMILY_V6, FLOW_ACKED, FLOW_TABLE_SIZE, FlowEntry, FlowKey,
+        MAGLEV_SIZE, MAX_WORKERS, NO_WORKER, SOURCE_TABLE_SIZE, SYN_WINDOW_NS, SourceKey,
+        SteerConfig, SteerStat, SynWindow, WorkerSlot, gcra_admit, v4_key,
+    },
+};
+
+#[map]
+static SCM_STEER_CONFIG: Array<SteerConfig> = Array::with_max_entries(1, 0);
+#[map]
+static SCM_WORKERS: Array<WorkerSlot> = Array::with_max_entries(MAX_WORKERS, 0);
+#[map]
+static SCM_MAGLEV: Array<u32> = Array::with_max_entries(MAGLEV_SIZE, 0);
+#[map]
+static SCM_FLOWS: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+#[map]
+static SCM_RATE: LruHashMap<SourceKey, u64> = LruHashMap::with_max_entries(SOURCE_TABLE_SIZE, 0);
+#[map]
+static SCM_BLOCK: LruHashMap<SourceKey, u64> = LruHashMap::with_max_entries(BLOCKLIST_SIZE, 0);
+#[map]
+static SCM_VERIFIED: LruHashMap<SourceKey, u64> =
+    LruHashMap::with_max_entries(SOURCE_TABLE_SIZE, 0);
+#[map]
+static SCM_SYN_WINDOW: PerCpuArray<SynWindow> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static SCM_STEER_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SteerStat::COUNT, 0);
+#[map]
+static SCM_WORKER_FLOWS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_WORKERS, 0);
+#[map]
+static SCM_SOCKETS: SockMap = SockMap::with_max_entries(MAX_WORKERS, 0);
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// Maglev slots sk_lookup tries after the chosen worker's socket is gone.
+const FALLBACK_TRIES: u32 = 8;
+
+#[inline(always)]
+fn bump(map: &PerCpuArray<u64>, index: u32) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot of a per-CPU array, written only by this program on this CPU.
+        unsafe { *c = (*c).wrapping_add(1) };
+    }
+}
+
+#[inline(always)]
+fn stat(s: SteerStat) {
+    bump(&SCM_STEER_STATS, s.index());
+}
+
+#[inline(always)]
+fn config() -> SteerConfig {
+    SCM_STEER_CONFIG.get(0).copied().unwrap_or_default()
+}
+
+#[inline(always)]
+fn worker(index: u32) -> WorkerSlot {
+    SCM_WORKERS.get(index).copied().unwrap_or_default()
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Reads a value from an LRU/hash map by copy.
+#[inline(always)]
+fn lru_get<K, V: Copy>(map: &LruHashMap<K, V>, key: &K) -> Option<V> {
+    // SAFETY: the pointer comes from a successful lookup and is read at once; an entry
+    // replaced concurrently yields an old or new value, both valid for these plain types.
+    map.get_ptr(key).map(|p| unsafe { *p })
+}
+
+/// The worker Maglev gives `key`, if it is healthy.
+#[inline(always)]
+fn maglev_choice(slot: u32) -> Option<u32> {
+    let w = *SCM_MAGLEV.get(slot)?;
+    if w != NO_WORKER && worker(w).is_healthy() {
+        Some(w)
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+fn record_new_flow(key: &FlowKey, w: u32) {
+    let _ = SCM_FLOWS.insert(
+        key,
+        FlowEntry {
+            worker: w,
+            flags: 0,
+        },
+        0,
+    );
+    bump(&SCM_WORKER_FLOWS, w);
+}
+
+/// The XDP verdict on a parsed frame. Only TCP to the configured service port is looked at;
+/// everything else passes as before.
+#[inline(always)]
+pub fn verdict(parsed: &Result<Packet, Malformed>) -> u32 {
+    let Ok(packet) = parsed else {
+        return xdp_action::XDP_PASS;
+    };
+    let L4::Tcp {
+        src_port,
+        dst_port,
+        flags,
+    } = packet.l4
+    else {
+        return xdp_action::XDP_PASS;
+    };
+    let cfg = config();
+    if cfg.service_port == 0 || u32::from(dst_port) != cfg.service_port {
+        return xdp_action::XDP_PASS;
+    }
+    let (src, dst, family) = match packet.l3 {
+        L3::Ipv4 { src, dst, .. } => (v4_key(src), v4_key(dst), FAMILY_V4),
+        L3::Ipv6 { src, dst, .. } => (src, dst, FAMILY_V6),
+        L3::NotIp { .. } => return xdp_action::XDP_PASS,
+    };
+    let key = FlowKey {
+        src,
+        dst,
+        src_port,
+        dst_port,
+        family,
+    };
+    stat(SteerStat::Inspected);
+    tcp_verdict(&cfg, &key, flags)
+}
+
+#[inline(always)]
+fn tcp_verdict(cfg: &SteerConfig, key: &FlowKey, flags: u8) -> u32 {
+    let now = now();
+    let source = key.source();
+    if let Some(expiry) = lru_get(&SCM_BLOCK, &source) {
+        if expiry > now {
+            stat(SteerStat::DropBlocklist);
+            return xdp_action::XDP_DROP;
+        }
+        let _ = SCM_BLOCK.remove(source);
+    }
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        established(key, &source, flags, now);
+        return xdp_action::XDP_PASS;
+    }
+    if let Some(entry) = lru_get(&SCM_FLOWS, key) {
+        if worker(entry.worker).is_alive() {
+            stat(SteerStat::SynRetransmit);
+            return xdp_action::XDP_PASS;
+        }
+        let _ = SCM_FLOWS.remove(key);
+    }
+    if cfg.syn_threshold != 0 && over_syn_threshold(cfg, now) {
+        let verified = lru_get(&SCM_VERIFIED, &source)
+            .is_some_and(|seen| now.saturating_sub(seen) <= cfg.verified_ttl_ns);
+        if !verified {
+            stat(SteerStat::DropSynFlood);
+            return xdp_action::XDP_DROP;
+        }
+        stat(SteerStat::SynFloodAdmitted);
+    }
+    if cfg.conn_interval_ns != 0 {
+        let tat = lru_get(&SCM_RATE, &source).unwrap_or(0);
+        match gcra_admit(tat, now, cfg.conn_interval_ns, cfg.conn_burst_ns) {
+            Some(tat) => {
+                let _ = SCM_RATE.insert(source, tat, 0);
+            }
+            None => {
+                stat(SteerStat::DropRateLimit);
+                return xdp_action::XDP_DROP;
+            }
+        }
+    }
+    match maglev_choice(key.maglev_slot()) {
+        Some(w) => {
+            record_new_flow(key, w);
+            stat(SteerStat::NewFlow);
+        }
+        None => stat(SteerStat::NoWorker),
+    }
+    xdp_action::XDP_PASS
+}
+
+/// A non-SYN segment: keep the flow's record, note that its source answered our SYN+ACK.
+#[inline(always)]
+fn established(key: &FlowKey, source: &SourceKey, flags: u8, now: u64) {
+    let Some(entry) = SCM_FLOWS.get_ptr_mut(key) else {
+        stat(SteerStat::UnknownFlow);
+        return;
+    };
+    // SAFETY: a pointer from a successful lookup in a hash map value; the fields are plain
+    // integers, and a racing update from another CPU can only set the same flag.
+    let (w, acked) = unsafe { ((*entry).worker, (*entry).flags & FLOW_ACKED != 0) };
+    if !worker(w).is_alive() {
+        stat(SteerStat::DeadWorkerFlow);
+        let _ = SCM_FLOWS.remove(key);
+        return;
+    }
+    stat(SteerStat::Established);
+    if !acked && flags & (TCP_ACK | TCP_RST) == TCP_ACK {
+        // SAFETY: as above.
+        unsafe { (*entry).flags |= FLOW_ACKED };
+        let _ = SCM_VERIFIED.insert(source, now, 0);
+    }
+}
+
+/// Counts this SYN in the CPU's one-second window; whether the window is over the threshold.
+#[inline(always)]
+fn over_syn_threshold(cfg: &SteerConfig, now: u64) -> bool {
+    let Some(w) = SCM_SYN_WINDOW.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array, written only by this program on this CPU.
+    unsafe {
+        if now.saturating_sub((*w).start_ns) >= SYN_WINDOW_NS {
+            (*w).start_ns = now;
+            (*w).count = 0;
+        }
+        (*w).count = (*w).count.wrapping_add(1);
+        (*w).count > u64::from(cfg.syn_threshold)
+    }
+}
+
+/// Delivers a connection to the service port to a worker's listening socket.
+#[sk_lookup]
+pub fn scm_lookup(ctx: SkLookupContext) -> u32 {
+    lookup(&ctx);
+    // Always let the lookup go on: when no socket was assigned the kernel's own lookup runs.
+    sk_action::SK_PASS
+}
+
+#[inline(always)]
+fn lookup(ctx: &SkLookupContext) {
+    let l = ctx.lookup;
+    // SAFETY: `l` is the context pointer the kernel passed; each field is read with a load of
+    // its own size at its own offset, the only context accesses the verifier allows.
+    let (family, protocol, local_port, remote_port) = unsafe {
+        (
+            (&raw const (*l).family).read_volatile(),
+            (&raw const (*l).protocol).read_volatile(),
+            (&raw const (*l).local_port).read_volatile(),
+            (&raw const (*l).remote_port).read_volatile(),
+        )
+    };
+    let cfg = config();
+    if protocol != u32::from(IPPROTO_TCP) || cfg.service_port == 0 || local_port != cfg.service_port
+    {
+        return;
+    }
+    let mut key = FlowKey {
+        src_port: u16::from_be(remote_port),
+        dst_port: local_port as u16,
+        ..FlowKey::default()
+    };
+    if family == AF_INET {
+        // SAFETY: as above; the addresses are in network byte order in memory.
+        let (src, dst) = unsafe {
+            (
+                (&raw const (*l).remote_ip4).read_volatile(),
+                (&raw const (*l).local_ip4).read_volatile(),
+            )
+        };
+        key.src = v4_key(src.to_ne_bytes());
+        key.dst = v4_key(dst.to_ne_bytes());
+        key.family = FAMILY_V4;
+    } else if family == AF_INET6 {
+        let mut i = 0;
+        while i < 4 {
+            // SAFETY: as above, one 4-byte load per word.
+            let (s, d) = unsafe {
+                (
+                    (&raw const (*l).remote_ip6[i]).read_volatile(),
+                    (&raw const (*l).local_ip6[i]).read_volatile(),
+                )
+            };
+            let (s, d) = (s.to_ne_bytes(), d.to_ne_bytes());
+            let mut j = 0;
+            while j < 4 {
+                key.src[i * 4 + j] = s[j];
+                key.dst[i * 4 + j] = d[j];
+                j += 1;
+            }
+            i += 1;
+        }
+        key.family = FAMILY_V6;
+    } else {
+        return;
+    }
+
+    let slot = key.maglev_slot();
+    let (chosen, recorded) = match lru_get(&SCM_FLOWS, &key) {
+        Some(entry) => (entry.worker, true),
+        None => match maglev_choice(slot) {
+            Some(w) => {
+                record_new_flow(&key, w);
+                (w, false)
+            }
+            None => {
+                stat(SteerStat::NoWorker);
+                return;
+            }
+        },
+    };
+    if SCM_SOCKETS.redirect_sk_lookup(ctx, chosen, 0).is_ok() {
+        stat(if recorded {
+            SteerStat::LookupRecorded
+        } else {
+            SteerStat::LookupComputed
+        });
+        return;
+    }
+    // The chosen worker's socket is gone (the kernel removes a closed socket from the sockmap
+    // at once): take the next healthy worker along the Maglev table that has one.
+    let mut i = 1;
+    while i <= FALLBACK_TRIES {
+        if let Some(w) = maglev_choice((slot + i) % MAGLEV_SIZE)
+            && w != chosen
+            && SCM_SOCKETS.redirect_sk_lookup(ctx, w, 0).is_ok()
+        {
+            let _ = SCM_FLOWS.insert(
+                key,
+                FlowEntry {
+                    worker: w,
+                    flags: 0,
+                },
+                0,
+            );
+            bump(&SCM_WORKER_FLOWS, w);
+            stat(SteerStat::LookupFallback);
+            return;
+        }
+        i += 1;
+    }
+    stat(SteerStat::LookupNoSocket);
+}

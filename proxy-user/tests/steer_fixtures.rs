@@ -1,0 +1,479 @@
+//! Steering and shield branches of the XDP program run with `BPF_PROG_TEST_RUN`, katran style:
+//! each step is {description, frame from the packet builder, expected verdict, the counters that
+//! must move (and no other)}, with the maps set up between steps the way the supervisor and the
+//! proxy would. Needs root; see `support::require_root`.
+
+mod support;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use proxy_common::{
+    parse::{TCP_ACK, TCP_PSH, TCP_SYN},
+    steer::{FlowKey, MAGLEV_SIZE, SteerConfig, SteerStat, WorkerState},
+    testing::PacketBuilder,
+};
+use scm_proxy::{
+    steer::{SteerOptions, Steering, flow_key},
+    xdp::{XDP_DROP, XDP_PASS},
+};
+
+const SERVICE: u16 = 443;
+const PROXY: [u8; 4] = [192, 0, 2, 100];
+
+fn src(n: u8) -> [u8; 4] {
+    [198, 51, 100, n]
+}
+
+fn key(s: [u8; 4], port: u16) -> FlowKey {
+    flow_key(
+        SocketAddr::new(IpAddr::V4(s.into()), port),
+        SocketAddr::new(IpAddr::V4(PROXY.into()), SERVICE),
+    )
+}
+
+fn syn(s: [u8; 4], port: u16) -> Vec<u8> {
+    PacketBuilder::ipv4(s, PROXY)
+        .tcp(port, SERVICE, TCP_SYN)
+        .tcp_options(&[2, 4, 0x05, 0xb4])
+        .build()
+}
+
+fn ack(s: [u8; 4], port: u16) -> Vec<u8> {
+    PacketBuilder::ipv4(s, PROXY)
+        .tcp(port, SERVICE, TCP_ACK | TCP_PSH)
+        .payload(b"hello")
+        .build()
+}
+
+/// Runs one frame; checks the verdict, that the frame is unchanged, and that exactly the
+/// listed counters moved by the listed amounts.
+fn step(st: &Steering, description: &str, frame: &[u8], action: u32, moved: &[(SteerStat, u64)]) {
+    let before = st.counters().unwrap();
+    let out = st.test_run(frame).unwrap();
+    let delta = st.counters().unwrap().since(&before);
+    let mut problems = Vec::new();
+    if out.action != action {
+        problems.push(format!("verdict {} (expected {action})", out.action));
+    }
+    if out.frame != frame {
+        problems.push("frame changed".to_owned());
+    }
+    for s in SteerStat::ALL {
+        let expected = moved.iter().find(|(m, _)| *m == s).map_or(0, |(_, n)| *n);
+        if delta.get(s) != expected {
+            problems.push(format!(
+                "{} moved by {} (expected {expected})",
+                s.name(),
+                delta.get(s)
+            ));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{description}: {}",
+        problems.join("; ")
+    );
+}
+
+/// The test thread stays on one CPU: the SYN-rate window is per CPU.
+fn pin_to_one_cpu() {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
+fn loaded(options: &SteerOptions) -> Steering {
+    let mut st = Steering::load(options).expect("loading the steering programs");
+    st.set_config(&SteerConfig {
+        service_port: SERVICE.into(),
+        verified_ttl_ns: 60_000_000_000,
+        ..SteerConfig::default()
+    })
+    .unwrap();
+    for w in 0..4 {
+        st.set_worker(w, WorkerState::Healthy, 1000 + w).unwrap();
+    }
+    st
+}
+
+/// The worker Maglev gives a flow, from the table in the map.
+fn expected_worker(st: &Steering, k: &FlowKey) -> u32 {
+    st.maglev().unwrap()[(k.hash() % MAGLEV_SIZE) as usize]
+}
+
+/// A source port whose flow from `s` Maglev gives to worker `w`.
+fn port_for_worker(st: &Steering, s: [u8; 4], w: u32) -> u16 {
+    (20_000..30_000)
+        .find(|p| expected_worker(st, &key(s, *p)) == w)
+        .expect("some port maps to every worker")
+}
+
+#[test]
+fn steering_and_shield_branches() {
+    if !support::require_root("steer_fixtures::steering_and_shield_branches") {
+        return;
+    }
+    pin_to_one_cpu();
+    use SteerStat::*;
+    let mut st = loaded(&SteerOptions::default());
+    let a = src(1);
+
+    step(
+        &st,
+        "SYN to another port: not looked at",
+        &PacketBuilder::ipv4(a, PROXY).tcp(1, 22, TCP_SYN).build(),
+        XDP_PASS,
+        &[],
+    );
+    step(
+        &st,
+        "UDP to the service port: not looked at",
+        &PacketBuilder::ipv4(a, PROXY).udp(1, SERVICE).build(),
+        XDP_PASS,
+        &[],
+    );
+    step(
+        &st,
+        "malformed TCP to the service port: passes uncounted by steering",
+        &PacketBuilder::ipv4(a, PROXY)
+            .tcp(1, SERVICE, TCP_SYN)
+            .cut_l4(12)
+            .build(),
+        XDP_PASS,
+        &[],
+    );
+
+    // New flow: the worker is Maglev's choice and the flow table records it.
+    let before = st.counters().unwrap();
+    step(
+        &st,
+        "new flow",
+        &syn(a, 40_000),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+    let w = expected_worker(&st, &key(a, 40_000));
+    assert!(w < 4);
+    assert_eq!(st.flow(&key(a, 40_000)).unwrap().unwrap().worker, w);
+    let delta = st.counters().unwrap().since(&before);
+    assert_eq!(delta.worker_flows[w as usize], 1);
+    assert_eq!(delta.worker_flows.iter().sum::<u64>(), 1);
+
+    assert!(!st.is_verified(a.into()).unwrap());
+    step(
+        &st,
+        "established flow",
+        &ack(a, 40_000),
+        XDP_PASS,
+        &[(Inspected, 1), (Established, 1)],
+    );
+    assert!(
+        st.is_verified(a.into()).unwrap(),
+        "an answered SYN+ACK verifies the source"
+    );
+    step(
+        &st,
+        "SYN retransmission keeps its worker",
+        &syn(a, 40_000),
+        XDP_PASS,
+        &[(Inspected, 1), (SynRetransmit, 1)],
+    );
+    step(
+        &st,
+        "segment of a flow never seen",
+        &ack(a, 40_001),
+        XDP_PASS,
+        &[(Inspected, 1), (UnknownFlow, 1)],
+    );
+
+    // IPv6 takes the same path.
+    let v6a = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+    let v6p = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8];
+    step(
+        &st,
+        "IPv6 new flow",
+        &PacketBuilder::ipv6(v6a, v6p)
+            .tcp(5000, SERVICE, TCP_SYN)
+            .build(),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+
+    // Worker draining: its flows stay, it gets no new ones.
+    let b = src(2);
+    let drain = 1;
+    let p = port_for_worker(&st, b, drain);
+    step(
+        &st,
+        "flow to the worker about to drain",
+        &syn(b, p),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+    assert_eq!(st.flow(&key(b, p)).unwrap().unwrap().worker, drain);
+    st.set_worker(drain, WorkerState::Draining, 1001).unwrap();
+    step(
+        &st,
+        "draining worker keeps its flow",
+        &ack(b, p),
+        XDP_PASS,
+        &[(Inspected, 1), (Established, 1)],
+    );
+    assert_eq!(st.flow(&key(b, p)).unwrap().unwrap().worker, drain);
+    for port in 50_000..50_200 {
+        step(
+            &st,
+            "new flow while draining",
+            &syn(b, port),
+            XDP_PASS,
+            &[(Inspected, 1), (NewFlow, 1)],
+        );
+        let got = st.flow(&key(b, port)).unwrap().unwrap().worker;
+        assert_ne!(got, drain, "port {port} went to the draining worker");
+        assert!(got < 4);
+    }
+
+    // Worker removed (died): its flows are dropped from the table, no new flow goes there.
+    st.set_worker(drain, WorkerState::Absent, 0).unwrap();
+    step(
+        &st,
+        "flow of a removed worker",
+        &ack(b, p),
+        XDP_PASS,
+        &[(Inspected, 1), (DeadWorkerFlow, 1)],
+    );
+    assert_eq!(st.flow(&key(b, p)).unwrap(), None);
+    for port in 51_000..51_200 {
+        step(
+            &st,
+            "new flow without the removed worker",
+            &syn(b, port),
+            XDP_PASS,
+            &[(Inspected, 1), (NewFlow, 1)],
+        );
+        assert_ne!(st.flow(&key(b, port)).unwrap().unwrap().worker, drain);
+    }
+    st.set_worker(drain, WorkerState::Healthy, 2001).unwrap();
+    let back = port_for_worker(&st, b, drain);
+    step(
+        &st,
+        "restarted worker gets new flows",
+        &syn(b, back),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+    assert_eq!(st.flow(&key(b, back)).unwrap().unwrap().worker, drain);
+
+    // No healthy worker: the SYN passes unrecorded (sk_lookup finds no socket either).
+    for w in 0..4 {
+        st.set_worker(w, WorkerState::Absent, 0).unwrap();
+    }
+    step(
+        &st,
+        "no healthy worker",
+        &syn(b, 60_000),
+        XDP_PASS,
+        &[(Inspected, 1), (NoWorker, 1)],
+    );
+    assert_eq!(st.flow(&key(b, 60_000)).unwrap(), None);
+    for w in 0..4 {
+        st.set_worker(w, WorkerState::Healthy, 1000 + w).unwrap();
+    }
+
+    // Rate limit: a burst of 3 new connections per source, then 1 per second.
+    let cfg = st.config().unwrap();
+    st.set_config(&SteerConfig {
+        conn_interval_ns: 1_000_000_000,
+        conn_burst_ns: 3_000_000_000,
+        ..cfg
+    })
+    .unwrap();
+    let c = src(3);
+    for port in 1..=3 {
+        step(
+            &st,
+            "within the burst",
+            &syn(c, port),
+            XDP_PASS,
+            &[(Inspected, 1), (NewFlow, 1)],
+        );
+    }
+    step(
+        &st,
+        "rate limit hit",
+        &syn(c, 4),
+        XDP_DROP,
+        &[(Inspected, 1), (DropRateLimit, 1)],
+    );
+    assert_eq!(st.flow(&key(c, 4)).unwrap(), None);
+    step(
+        &st,
+        "established flows are not rate limited",
+        &ack(c, 1),
+        XDP_PASS,
+        &[(Inspected, 1), (Established, 1)],
+    );
+    step(
+        &st,
+        "another source has its own bucket",
+        &syn(src(4), 1),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+    st.set_config(&cfg).unwrap();
+
+    // Blocklist with expiry.
+    let d = src(5);
+    st.block(IpAddr::V4(d.into()), Duration::from_secs(60))
+        .unwrap();
+    step(
+        &st,
+        "blocklisted source: SYN",
+        &syn(d, 1),
+        XDP_DROP,
+        &[(Inspected, 1), (DropBlocklist, 1)],
+    );
+    step(
+        &st,
+        "blocklisted source: any segment",
+        &ack(d, 1),
+        XDP_DROP,
+        &[(Inspected, 1), (DropBlocklist, 1)],
+    );
+    step(
+        &st,
+        "a blocklisted source elsewhere is not our business",
+        &PacketBuilder::ipv4(d, PROXY).tcp(1, 22, TCP_SYN).build(),
+        XDP_PASS,
+        &[],
+    );
+    st.unblock(IpAddr::V4(d.into())).unwrap();
+    step(
+        &st,
+        "unblocked",
+        &syn(d, 1),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+    let e = src(6);
+    st.block(IpAddr::V4(e.into()), Duration::ZERO).unwrap();
+    step(
+        &st,
+        "expired block",
+        &syn(e, 1),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+
+    // SYN flood: above the threshold only verified sources get through.
+    st.set_config(&SteerConfig {
+        syn_threshold: 5,
+        ..cfg
+    })
+    .unwrap();
+    let f = src(7);
+    let mut dropped_at = None;
+    for port in 1..=7u16 {
+        let before = st.counters().unwrap();
+        let out = st.test_run(&syn(f, port)).unwrap();
+        let delta = st.counters().unwrap().since(&before);
+        if out.action == XDP_DROP {
+            assert_eq!(delta.get(DropSynFlood), 1);
+            assert_eq!(delta.get(NewFlow), 0);
+            dropped_at = Some(port);
+            break;
+        }
+        assert_eq!(delta.get(NewFlow), 1);
+    }
+    let dropped_at = dropped_at.expect("SYN-flood mode within threshold + 1 SYNs");
+    assert!(dropped_at <= 6);
+    step(
+        &st,
+        "SYN above threshold, unverified source",
+        &syn(f, 100),
+        XDP_DROP,
+        &[(Inspected, 1), (DropSynFlood, 1)],
+    );
+    step(
+        &st,
+        "SYN above threshold, verified source",
+        &syn(a, 41_000),
+        XDP_PASS,
+        &[(Inspected, 1), (SynFloodAdmitted, 1), (NewFlow, 1)],
+    );
+    step(
+        &st,
+        "established flows pass in SYN-flood mode",
+        &ack(a, 40_000),
+        XDP_PASS,
+        &[(Inspected, 1), (Established, 1)],
+    );
+    st.set_config(&cfg).unwrap();
+    step(
+        &st,
+        "threshold off again",
+        &syn(f, 100),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+
+    // Steering off: everything passes, nothing counted.
+    st.set_config(&SteerConfig::default()).unwrap();
+    step(&st, "steering off", &syn(src(9), 1), XDP_PASS, &[]);
+}
+
+#[test]
+fn lru_tables_filled_twice_over_keep_working() {
+    if !support::require_root("steer_fixtures::lru_tables_filled_twice_over_keep_working") {
+        return;
+    }
+    pin_to_one_cpu();
+    let size = 1024u32;
+    let mut st = loaded(&SteerOptions {
+        flow_table_size: Some(size),
+        source_table_size: Some(size),
+        ..SteerOptions::default()
+    });
+    // Rate limiting on, so the per-source table fills too.
+    let cfg = st.config().unwrap();
+    st.set_config(&SteerConfig {
+        conn_interval_ns: 1_000_000,
+        conn_burst_ns: 10_000_000,
+        ..cfg
+    })
+    .unwrap();
+    let before = st.counters().unwrap();
+    let n = 2 * size;
+    for i in 0..n {
+        let s = Ipv4Addr::from(0x0a00_0000 + i).octets();
+        let out = st.test_run(&syn(s, 10_000 + (i % 50_000) as u16)).unwrap();
+        assert_eq!(out.action, XDP_PASS, "SYN {i}");
+    }
+    let delta = st.counters().unwrap().since(&before);
+    assert_eq!(delta.get(SteerStat::NewFlow), u64::from(n));
+    assert_eq!(delta.get(SteerStat::DropRateLimit), 0);
+    let count = st.flow_count().unwrap();
+    assert!(
+        count <= size as usize,
+        "{count} entries in a {size}-entry LRU"
+    );
+    // The newest flows are there and established traffic on them is steered.
+    for i in n - 16..n {
+        let s = Ipv4Addr::from(0x0a00_0000 + i).octets();
+        let p = 10_000 + (i % 50_000) as u16;
+        assert!(
+            st.flow(&key(s, p)).unwrap().is_some(),
+            "newest flow {i} evicted"
+        );
+        step(
+            &st,
+            "established after eviction churn",
+            &ack(s, p),
+            XDP_PASS,
+            &[(SteerStat::Inspected, 1), (SteerStat::Established, 1)],
+        );
+    }
+}
