@@ -114,11 +114,20 @@ impl Running {
         self.state.store.close().await;
     }
 
-    /// Runs until a task ends (they end only on shutdown) or ctrl-c.
+    /// Runs until a task ends (they end only on shutdown), SIGINT or SIGTERM.
     pub async fn wait(mut self) {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = self.tasks.join_next() => {}
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+            () = term => tracing::info!("terminated; shutting down"),
         }
         self.shutdown().await;
     }

@@ -341,7 +341,7 @@ async fn binary_round_trips() {
 
     // SIGKILL and restart on the same data: users, keys and catalog persist; sessions do not.
     drop(server);
-    let _server = env.serve();
+    let mut server = env.serve();
     assert_eq!(
         std::fs::read(tmp.path().join("data/master.key")).unwrap(),
         master_before
@@ -353,4 +353,23 @@ async fn binary_round_trips() {
     env.admin(&["users", "delete", "alice"], None);
     assert!(!env.admin(&["users", "list"], None).contains("alice"));
     assert!(dev2.try_login(&remote).await.is_err());
+
+    // SIGTERM ends it cleanly.
+    let pid = server.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = server.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "server ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
 }
