@@ -149,3 +149,47 @@ pub fn path_error(e: axum::extract::rejection::PathRejection) -> ApiError {
 pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
     ApiError::bad_request("invalid_query", e.body_text())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code, reason = "only decoded")]
+    struct T {
+        a: u32,
+    }
+
+    #[test]
+    fn json_errors_are_classified() {
+        assert!(decode::<T>(br#"{"a":1}"#).is_ok());
+        for (body, code) in [
+            (&br#"{"a":"#[..], "malformed_json"),
+            (b"nope", "malformed_json"),
+            (b"", "malformed_json"),
+            (b"{}", "invalid_request"),
+            (br#"{"a":1,"b":2}"#, "invalid_request"),
+            (br#"{"a":-1}"#, "invalid_request"),
+        ] {
+            assert_eq!(decode::<T>(body).unwrap_err().code, code, "{body:?}");
+        }
+    }
+
+    #[test]
+    fn bearer_tokens() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+        h.insert(
+            header::CONTENT_TYPE,
+            "application/json; charset=utf-8".parse().unwrap(),
+        );
+        assert!(is_json(&h));
+        h.insert(header::CONTENT_TYPE, "text/json".parse().unwrap());
+        assert!(!is_json(&h));
+    }
+}
