@@ -195,6 +195,12 @@ async fn stolen_session_id_on_another_connection_is_refused() {
         .await
         .unwrap();
     assert_eq!(reply.status, Status::BindingFailed, "{}", reply.reason);
+    // After the refusal the proxy closes the connection.
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(2), attacker.read(&mut buf))
+        .await
+        .expect("closed after the refusal");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
 
     // The session id alone, with a MAC the attacker made up.
     let mut attacker = session.connect(&proxy).await.unwrap();
@@ -696,4 +702,29 @@ async fn open_tunnels_are_revalidated_every_ttl() {
         .expect("the tunnel of a forgotten session must be closed within a few TTLs");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
     assert_eq!(refused(alice.open("echo").await).0, Status::SessionInvalid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tunnels_are_closed() {
+    let stack = Stack::start(StackOptions {
+        idle_timeout: "1s".into(),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let alice = login(&stack, "alice", "phone-1", "1.0.0").await;
+    let mut busy = alice.open("echo").await.unwrap();
+    let mut idle = alice.open("echo").await.unwrap();
+    let started = Instant::now();
+    // Traffic every 300 ms keeps one tunnel open past the idle timeout.
+    while started.elapsed() < Duration::from_millis(2500) {
+        echo_once(&mut busy, b"tick").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut buf = [0u8; 8];
+    let n = tokio::time::timeout(Duration::from_secs(1), idle.read(&mut buf))
+        .await
+        .expect("the idle tunnel is closed by now");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    echo_once(&mut busy, b"busy one still open").await;
 }
