@@ -3,4 +3,5 @@
 
 pub mod proxy;
 pub mod steer;
+pub mod supervisor;
 pub mod xdp;

@@ -24,7 +24,7 @@ struct Cli {
 enum Command {
     /// Serve devices: TLS 1.3, preamble, session checks with the Security server, relaying.
     // Boxed: the serve flags dwarf the other variants (clippy::large_enum_variant).
-    Serve(Box<scm_proxy::proxy::ServeArgs>),
+    Serve(Box<ServeCommand>),
     /// The XDP ingress program: attach it to an interface and watch what it counts.
     #[command(subcommand)]
     Xdp(XdpCommand),
@@ -80,8 +80,26 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
-        Command::Serve(args) => Ok(scm_proxy::proxy::serve(*args).await?),
+        Command::Serve(cmd) => serve(*cmd).await,
         Command::Xdp(XdpCommand::Attach(args)) => xdp_attach(args).await,
+    }
+}
+
+/// `serve` flags: the proxy's own, and the supervisor's (`--workers` and the steering).
+#[derive(Debug, Args)]
+struct ServeCommand {
+    #[command(flatten)]
+    serve: scm_proxy::proxy::ServeArgs,
+    #[command(flatten)]
+    workers: scm_proxy::supervisor::SupervisorArgs,
+}
+
+async fn serve(cmd: ServeCommand) -> anyhow::Result<()> {
+    use scm_proxy::supervisor::{Role, role, run, worker_serve_args};
+    match role(&cmd.workers)? {
+        Role::Single => Ok(scm_proxy::proxy::serve(cmd.serve).await?),
+        Role::Worker { .. } => Ok(scm_proxy::proxy::serve(worker_serve_args(cmd.serve)?).await?),
+        Role::Supervisor { workers } => Ok(run(cmd.serve, cmd.workers, workers).await?),
     }
 }
 
