@@ -13,7 +13,7 @@ use std::{
     fs, io,
     net::{Ipv4Addr, SocketAddr, TcpListener as StdListener},
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -434,7 +434,7 @@ impl Supervisor {
             if !slot.is_alive() || slot.pid == 0 {
                 continue;
             }
-            let alive = same_binary(slot.pid);
+            let alive = same_binary(slot.pid) && process_runs(slot.pid);
             match pidfd_open(slot.pid).ok().filter(|_| alive) {
                 Some(pidfd) if index < self.count => {
                     self.generation += 1;
@@ -570,13 +570,22 @@ impl Supervisor {
     }
 }
 
+/// Whether `pid` runs; a zombie (dead, waiting for a reaper that is not us) does not.
+fn process_runs(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}
+
 /// Waits until process `pid` is gone (reaping it when it is our child).
 async fn wait_gone(pid: u32, mut child: Option<&mut Child>, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         let gone = match child.as_deref_mut() {
             Some(c) => matches!(c.try_wait(), Ok(Some(_)) | Err(_)),
-            None => !Path::new(&format!("/proc/{pid}")).exists(),
+            None => !process_runs(pid),
         };
         if gone {
             return true;

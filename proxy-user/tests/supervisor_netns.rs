@@ -445,3 +445,142 @@ fn four_workers_spread_and_a_killed_worker_is_replaced() {
         "{m}"
     );
 }
+
+fn wait_for(what: &str, h: &Harness, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout:?}\n{}",
+            h.supervisor_log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sighup_drains_each_worker_before_restarting_it() {
+    if !require_root("supervisor_netns::sighup_drains_each_worker_before_restarting_it") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Harness::new();
+    h.wait_ready();
+    let before = h.workers();
+    let mut held = h.many(80, 4);
+    assert!(held.iter().any(|(_, w)| *w == 0), "{:?}", tally(&held));
+    // Keep only worker 0's connections: the others would hold up their workers' turns.
+    held.retain(|(_, w)| *w == 0);
+
+    let sup = h.supervisor.as_ref().unwrap().id();
+    kill(Pid::from_raw(sup as i32), Signal::SIGHUP).unwrap();
+    let maps = || h.maps_cached().as_ref().unwrap().read_workers().unwrap();
+    wait_for("worker 0 draining", &h, Duration::from_secs(10), || {
+        maps()[0].state == proxy_common::steer::WorkerState::Draining as u32
+    });
+    // While it drains: no new connection goes to it, and its own stay open.
+    let during = h.many(200, 4);
+    assert_eq!(tally(&during)[0], 0, "{:?}", tally(&during));
+    drop(during);
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        maps()[0].pid,
+        before[0].pid,
+        "stopped with connections open"
+    );
+    for (tls, _) in held.iter_mut() {
+        still_open(tls).expect("a draining worker's connection stays open");
+    }
+    // The device side finishes its connections; only then is the worker replaced, and the
+    // rolling restart moves on to the others.
+    for (mut tls, _) in held {
+        tls.conn.send_close_notify();
+        let _ = tls.conn.complete_io(&mut tls.sock);
+    }
+    wait_for("every worker replaced", &h, Duration::from_secs(60), || {
+        let now = maps();
+        (0..4).all(|i| now[i].is_healthy() && now[i].pid != before[i].pid)
+    });
+    wait_for(
+        "the rolling restart logged as done",
+        &h,
+        Duration::from_secs(10),
+        || h.supervisor_log().contains("rolling restart done"),
+    );
+    let after = h.many(400, 4);
+    assert!(tally(&after).iter().all(|c| *c > 0), "{:?}", tally(&after));
+}
+
+#[test]
+fn a_killed_supervisor_leaves_steering_running_and_a_new_one_adopts_it() {
+    if !require_root(
+        "supervisor_netns::a_killed_supervisor_leaves_steering_running_and_a_new_one_adopts_it",
+    ) {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut h = Harness::new();
+    h.wait_ready();
+    let pids: Vec<u32> = h.workers().iter().map(|w| w.pid).collect();
+
+    h.kill_supervisor(Signal::SIGKILL);
+    // Steering goes on from the pinned programs and maps; the workers keep serving.
+    let orphaned = h.many(400, 4);
+    let t = tally(&orphaned);
+    eprintln!("without a supervisor: {t:?}");
+    assert!(t.iter().all(|c| *c > 0), "{t:?}");
+    drop(orphaned);
+
+    // A new supervisor adopts the pins and the running workers.
+    h.start_supervisor();
+    h.wait_ready();
+    let log = h.supervisor_log();
+    assert!(log.contains("pinned XDP link adopted"), "{log}");
+    assert_eq!(log.matches("adopted a running worker").count(), 4, "{log}");
+    let adopted: Vec<u32> = h.workers().iter().map(|w| w.pid).collect();
+    assert_eq!(adopted, pids, "the workers were adopted, not restarted");
+    assert_eq!(
+        h.pair
+            .link_show(&h.pair.b, "vb")
+            .matches("prog/xdp")
+            .count(),
+        1,
+        "one XDP program on vb"
+    );
+
+    // It is in charge: a worker that dies now is restarted by it.
+    kill(Pid::from_raw(pids[2] as i32), Signal::SIGKILL).unwrap();
+    let maps = || h.maps_cached().as_ref().unwrap().read_workers().unwrap();
+    wait_for(
+        "worker 2 restarted by the new supervisor",
+        &h,
+        Duration::from_secs(30),
+        || {
+            let w = maps()[2];
+            w.is_healthy() && w.pid != pids[2]
+        },
+    );
+    let t = tally(&h.many(400, 4));
+    assert!(t.iter().all(|c| *c > 0), "{t:?}");
+
+    // SIGTERM: workers stopped, pins removed, programs detached.
+    let last: Vec<u32> = maps().iter().take(4).map(|w| w.pid).collect();
+    *h.maps_cached() = None;
+    h.kill_supervisor(Signal::SIGTERM);
+    assert!(!Steering::is_pinned(&h.pin_dir), "pins left behind");
+    wait_for("XDP detached", &h, Duration::from_secs(5), || {
+        !h.pair.link_show(&h.pair.b, "vb").contains("xdp")
+    });
+    for pid in last {
+        assert!(!alive(pid), "worker {pid} still running after SIGTERM");
+    }
+}
+
+/// Whether a process runs (a zombie waiting for its reaper does not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
