@@ -1,6 +1,6 @@
 //! `cargo xtask demo`: shows what scm does, end to end, on this machine.
 //!
-//! `xdp`: the ingress XDP program attached to a veth inside a pair of fresh network namespaces,
+//! `workflow`: see [`crate::workflow`]. `xdp`: the ingress XDP program attached to a veth inside a pair of fresh network namespaces,
 //! with real TCP, UDP and ICMP traffic sent across and the per-class counters printed live.
 
 use std::process::{Child, Stdio};
@@ -16,7 +16,7 @@ use crate::netns::NetnsPair;
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Which demo to run.
-    #[arg(value_enum, default_value_t = Which::Xdp)]
+    #[arg(value_enum, default_value_t = Which::All)]
     which: Which,
     /// Seconds of traffic in the XDP demo.
     #[arg(long, default_value_t = 6)]
@@ -25,6 +25,11 @@ pub struct DemoArgs {
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum Which {
+    /// The workflow, then the XDP program.
+    All,
+    /// The six steps: Security server, proxy, back ends, and a device that enrols, logs in,
+    /// tunnels, sends an HTTP request, updates and logs out.
+    Workflow,
     /// The ingress XDP program with live counters, in a namespace pair.
     Xdp,
 }
@@ -32,6 +37,11 @@ enum Which {
 /// Runs the chosen demo.
 pub fn run(args: &DemoArgs) -> Result<()> {
     match args.which {
+        Which::All => {
+            crate::workflow::run()?;
+            xdp(args.seconds)
+        }
+        Which::Workflow => crate::workflow::run(),
         Which::Xdp => xdp(args.seconds),
     }
 }

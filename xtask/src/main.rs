@@ -8,6 +8,7 @@ mod cmd;
 mod demo;
 mod netns;
 mod setup;
+mod workflow;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
