@@ -245,15 +245,29 @@ impl Client {
 
     /// Opens one connection through every layer; says whether TLS resumed a session.
     pub async fn open(&self) -> Result<(Box<dyn Io>, bool), LoadError> {
+        self.open_with(&self.connector).await
+    }
+
+    /// A connector of its own (with its own session store), for one task of the resumption test.
+    pub fn own_connector(&self) -> Result<TlsConnector, LoadError> {
+        let resume = matches!(self.spec.mode, Mode::Connect { resume: true, .. });
+        Ok(TlsConnector::from(tls_config(
+            self.spec.ca_pem.as_ref(),
+            resume,
+        )?))
+    }
+
+    /// [`Client::open`] through `connector`.
+    pub async fn open_with(
+        &self,
+        connector: &TlsConnector,
+    ) -> Result<(Box<dyn Io>, bool), LoadError> {
         let tcp = TcpStream::connect(self.spec.addr).await?;
         tcp.set_nodelay(true)?;
         if matches!(self.spec.proto, Proto::Tcp) {
             return Ok((Box::new(tcp), false));
         }
-        let mut tls = self
-            .connector
-            .connect(self.server_name.clone(), tcp)
-            .await?;
+        let mut tls = connector.connect(self.server_name.clone(), tcp).await?;
         let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
         if let (Proto::Scm { creds, resource }, Some(key)) = (&self.spec.proto, &self.session_key) {
             let exporter = tls.get_ref().1.export_keying_material(
@@ -576,6 +590,9 @@ async fn connects(
     for _ in 0..concurrency.max(1) {
         let client = client.clone();
         let budget = budget.clone();
+        // rustls keeps at most 8 TLS 1.3 tickets per server and each resumption uses one up: with
+        // one store per task, each connection resumes from its task's previous one.
+        let connector = client.own_connector()?;
         set.spawn(async move {
             let mut tally = Tally::default();
             while Instant::now() < deadline
@@ -585,7 +602,7 @@ async fn connects(
             {
                 let t0 = Instant::now();
                 let result = timed("connection", async {
-                    let (io, resumed) = client.open().await?;
+                    let (io, resumed) = client.open_with(&connector).await?;
                     let mut conn = Conn::new(io);
                     if !client.spec.path.is_empty() {
                         let (status, _) = conn.exchange(&client.request).await?;

@@ -774,11 +774,11 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
     // Plan: progress bar length.
     let nginx_http_systems = if auth.is_some() { 3 } else { 1 };
     let rates_n = bench.p.rate_fractions.len() as u64;
-    let per_pair = 1 + rates_n;
-    let steps = 3 // ceilings
-        + nginx_http_systems + 1 + rates_n * 2 // nginx max + rates (http pair + stream)
-        + 2 + 2 + 2 + 1 // nginx bulk, connect, idle, wrk
-        + if scm_env.is_some() { 2 * per_pair + 2 + 2 + 1 } else { 0 };
+    let cached_connects = if auth.is_some() { 2 } else { 0 };
+    let steps = 3 // ceilings: aes, ecdsa, raw TCP
+        + nginx_http_systems + 1 + rates_n * 2 // nginx max (http systems, stream), rates
+        + 2 + 2 + cached_connects + 1 + 1 // nginx bulk, connects, idle, wrk
+        + if scm_env.is_some() { 2 + rates_n * 2 + 2 + 2 + 1 } else { 0 };
     bench.bar.set_length(steps);
 
     let r = ceilings(&mut bench, &mut report);
@@ -861,6 +861,12 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
         max: http_max,
         ..SystemFigures::default()
     };
+    // Cross-check nginx's max with wrk (OpenSSL client, same connections, duration and CPU),
+    // right after our own measurement so both see the same machine.
+    let r = wrk_cross_check(&bench, &http_peer, http_fig.max.as_ref());
+    if let Some(c) = note_err(&mut bench, "wrk cross-check", r) {
+        report.cross_checks.push(c);
+    }
     for &(_, rate) in &http_rates {
         let r = bench.at_rate(&http_peer, rate);
         if let Some(m) = note_err(&mut bench, &format!("{}: rate", http_peer.name), r) {
@@ -873,7 +879,7 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
     http_fig.connect_resumed = note_err(&mut bench, "nginx connect resumed", r);
     let cached_fig = http_cached
         .as_ref()
-        .map(|t| measure_system(&mut bench, t, None, false, false, false));
+        .map(|t| measure_system(&mut bench, t, None, false, true, false));
     let plain_fig =
         (auth.is_some()).then(|| measure_system(&mut bench, &plain, None, false, false, false));
 
@@ -907,11 +913,6 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
     let r = bench.idle(&stream_bulk);
     stream_fig.idle = note_err(&mut bench, "nginx stream idle", r);
 
-    // Cross-check nginx's max with wrk (OpenSSL client, same connections and duration).
-    let r = wrk_cross_check(&bench, &http_peer, http_fig.max.as_ref());
-    if let Some(c) = note_err(&mut bench, "wrk cross-check", r) {
-        report.cross_checks.push(c);
-    }
     drop(nginx);
 
     // scm-proxy on CPU 0.
@@ -1040,38 +1041,44 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
         ));
     }
     let hf = scm_http_fig.as_ref();
-    for (label, sget, nget) in [
-        (
-            "new connections/s, full TLS 1.3 handshake + session check + 1 request",
-            hf.and_then(|f| f.connect_full.as_ref()),
-            http_fig.connect_full.as_ref(),
-        ),
-        (
-            "new connections/s, resumed TLS session + session check + 1 request",
-            hf.and_then(|f| f.connect_resumed.as_ref()),
-            http_fig.connect_resumed.as_ref(),
-        ),
-    ] {
-        rows.push(row(
-            3,
-            label,
-            "conn/s",
-            scm_http,
-            &http_peer.name,
-            sget.map(|m| m.load.per_sec),
-            nget.map(|m| m.load.per_sec),
-            true,
-        ));
-        rows.push(row(
-            3,
-            "  per proxy CPU-second",
-            "conn/CPU-s",
-            scm_http,
-            &http_peer.name,
-            sget.and_then(Measured::per_cpu_sec),
-            nget.and_then(Measured::per_cpu_sec),
-            true,
-        ));
+    let mut peers3 = vec![(http_peer.name.as_str(), &http_fig)];
+    if let (Some(t), Some(f)) = (&http_cached, &cached_fig) {
+        peers3.push((t.name.as_str(), f));
+    }
+    for (peer, pf) in peers3 {
+        for (label, sget, nget) in [
+            (
+                "new connections/s, full TLS 1.3 handshake + session check + 1 request",
+                hf.and_then(|f| f.connect_full.as_ref()),
+                pf.connect_full.as_ref(),
+            ),
+            (
+                "new connections/s, resumption offered + session check + 1 request",
+                hf.and_then(|f| f.connect_resumed.as_ref()),
+                pf.connect_resumed.as_ref(),
+            ),
+        ] {
+            rows.push(row(
+                3,
+                label,
+                "conn/s",
+                scm_http,
+                peer,
+                sget.map(|m| m.load.per_sec),
+                nget.map(|m| m.load.per_sec),
+                true,
+            ));
+            rows.push(row(
+                3,
+                "  per proxy CPU-second",
+                "conn/CPU-s",
+                scm_http,
+                peer,
+                sget.and_then(Measured::per_cpu_sec),
+                nget.and_then(Measured::per_cpu_sec),
+                true,
+            ));
+        }
     }
     let idle_n = bench.p.idle_connections;
     let si = tf.and_then(|f| f.idle);

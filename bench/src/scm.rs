@@ -293,9 +293,10 @@ pub fn read_device_state(text: &str) -> Result<ScmCredentials> {
     Ok(ScmCredentials {
         session_id: s("/session/session_id")?,
         session_key: s("/session/session_key")?,
-        app_id: s("/enrollment/config/app_id")?,
-        app_version: s("/enrollment/config/app_version")?,
-        device_id: s("/enrollment/config/device_id")?,
+        // scm-device flattens the device config into the enrolment.
+        app_id: s("/enrollment/app_id")?,
+        app_version: s("/enrollment/app_version")?,
+        device_id: s("/enrollment/device_id")?,
     })
 }
 
@@ -379,9 +380,9 @@ mod tests {
 
     #[test]
     fn device_state_is_read() {
-        let text = r#"{"enrollment":{"config":{"security_urls":["https://x"],"ca_file":"ca.pem",
-            "device_id":"d1","app_id":"bench","app_version":"1.0.0","platform":"android"},
-            "key_id":"k","shared_key":"s"},
+        let text = r#"{"enrollment":{"security_urls":["https://x"],"ca_file":"ca.pem",
+            "device_id":"d1","app_id":"bench","app_version":"1.0.0","platform":"android",
+            "username":"bench","key_id":"k","shared_key":"s"},
             "session":{"session_id":"SID","session_key":"KEY","user":"bench","groups":[],
             "site":"main","proxy_urls":[],"idle_timeout_secs":900,"absolute_expires_at":1}}"#;
         let c = read_device_state(text).unwrap();
