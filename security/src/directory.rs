@@ -37,7 +37,7 @@ pub struct LdapConfig {
     /// Server URL.
     pub url: String,
     /// Search DN and password, if not anonymous.
-    pub bind: Option<(String, String)>,
+    pub bind: Option<(String, crate::keys::Secret)>,
     /// User search base.
     pub user_base: String,
     /// User filter.
@@ -69,7 +69,10 @@ impl LdapConfig {
         let bind = match (&a.ldap_bind_dn, &a.ldap_bind_password_file) {
             (Some(dn), Some(f)) => {
                 let pw = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
-                Some((dn.clone(), pw.trim_end_matches(['\r', '\n']).to_owned()))
+                Some((
+                    dn.clone(),
+                    crate::keys::Secret(pw.trim_end_matches(['\r', '\n']).to_owned()),
+                ))
             }
             (None, None) => None,
             _ => {
@@ -338,7 +341,7 @@ async fn ldap_read(
     let mut ldap = ldap_connect(cfg).await?;
     if let Some((dn, pw)) = &cfg.bind {
         ldap.with_timeout(LDAP_TIMEOUT)
-            .simple_bind(dn, pw)
+            .simple_bind(dn, &pw.0)
             .await
             .and_then(|r| r.success())
             .map_err(|e| ldap_err(cfg, e))?;

@@ -94,6 +94,16 @@ impl MasterKey {
     }
 }
 
+/// A secret string (admin token, LDAP bind password) whose `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(redacted)")
+    }
+}
+
 /// Writes `contents` to a new file with mode 0600, refusing to overwrite.
 pub fn write_secret_file(path: &Path, contents: &str) -> Result<(), Error> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -165,6 +175,16 @@ mod tests {
         // Another master key cannot open it.
         let other = MasterKey::from_bytes(&crypto::random_bytes());
         assert!(other.open("k1", &sealed.0).is_err());
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(
+            format!("{:?}", Secret("hunter2".into())),
+            "Secret(redacted)"
+        );
+        let mk = MasterKey::from_bytes(&[7; KEY_LEN]);
+        assert_eq!(format!("{mk:?}"), "MasterKey(redacted)");
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub struct State {
     /// Per-source challenge rate (None: unlimited).
     pub challenge_limiter: Option<SourceLimiter>,
     /// Admin token.
-    pub admin_token: String,
+    pub admin_token: keys::Secret,
     /// Resolved settings.
     pub settings: Settings,
     /// The resource catalog, cached for validations.
@@ -210,7 +210,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         limiter: SourceLimiter::new(args.source_failure_limit, args.source_window),
         challenge_limiter: (args.challenge_rate_limit > 0)
             .then(|| SourceLimiter::new(args.challenge_rate_limit, Duration::from_secs(60))),
-        admin_token,
+        admin_token: keys::Secret(admin_token),
         settings: Settings {
             data_dir: args.data_dir.clone(),
             require_activation_code: args.require_activation_code,

@@ -76,7 +76,7 @@ async fn require_token(State(st): State<Shared>, req: Request, next: Next) -> Re
         .into_response_();
     }
     let ok = bearer(req.headers())
-        .is_some_and(|t| crypto::ct_eq(t.as_bytes(), st.admin_token.as_bytes()));
+        .is_some_and(|t| crypto::ct_eq(t.as_bytes(), st.admin_token.0.as_bytes()));
     if !ok {
         st.limiter.fail(ip);
         return ApiError::unauthorized("bad_admin_token", "missing or wrong admin token")
