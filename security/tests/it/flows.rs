@@ -34,6 +34,7 @@ both_backends!(
     sites_and_user_at_site,
     no_plaintext_key_at_rest,
     admin_api_requires_token,
+    user_changes_and_session_cap,
 );
 
 async fn enrol_login_validate_logout(db: Db) {
@@ -914,4 +915,67 @@ async fn wrong_master_key_refused_at_start() {
         .expect("starts")
         .shutdown()
         .await;
+}
+
+async fn user_changes_and_session_cap(db: Db) {
+    let srv = Server::start(db, &["--max-sessions", "2"]).await;
+    srv.add_user("alice", "alice-pw", &["staff"]).await;
+    let dev = Device::enroll(&srv, "alice", "alice-pw", "phone-1").await;
+    let first = dev.login(&srv).await;
+    // Group changes apply at the next login.
+    let v = srv
+        .admin_ok(
+            Method::PATCH,
+            "/users/alice",
+            Some(json!({"groups": ["staff", "ops"]})),
+        )
+        .await;
+    assert_eq!(v["groups"], json!(["staff", "ops"]));
+    let second = dev.login(&srv).await;
+    assert_eq!(second.resp.groups, vec!["staff", "ops"]);
+    // The table is full: a third login is refused, nothing else changes.
+    let e = dev.try_login(&srv).await.err().expect("refused");
+    assert_error(&e, 503, "too_many_sessions");
+    // A new password replaces the old one.
+    srv.admin_ok(
+        Method::PATCH,
+        "/users/alice",
+        Some(json!({"password": "new-pw"})),
+    )
+    .await;
+    let mut old = dev.clone();
+    old.password = "alice-pw".into();
+    srv.admin_ok(
+        Method::POST,
+        &format!(
+            "/sessions/{}/revoke",
+            crypto::session_tag(&first.resp.session_id).0
+        ),
+        None,
+    )
+    .await;
+    assert_error(
+        &old.try_login(&srv).await.err().unwrap(),
+        401,
+        "bad_credentials",
+    );
+    // Deleting the user ends their sessions and revokes their keys.
+    let r = srv.admin_ok(Method::DELETE, "/users/alice", None).await;
+    assert_eq!(r["sessions"], 1);
+    assert_eq!(r["keys"], json!([dev.key_id]));
+    assert_error(
+        &srv.validate(&second.resp.session_id).await,
+        404,
+        "unknown_session",
+    );
+    assert!(
+        srv.state()
+            .store
+            .key(&dev.key_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_some()
+    );
 }
