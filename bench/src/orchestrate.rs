@@ -42,6 +42,10 @@ pub struct RunArgs {
     /// The workspace root (for `git rev-parse`).
     #[arg(long, default_value = ".")]
     pub repo: PathBuf,
+    /// Record a perf profile of the proxy under test during each max-rate run and write its flat
+    /// report to OUT/perf-SYSTEM.txt (needs `perf`, Debian package linux-perf).
+    #[arg(long)]
+    pub perf: bool,
 }
 
 /// Sizes of one run.
@@ -111,6 +115,8 @@ struct Bench {
     p: Params,
     bar: ProgressBar,
     notes: Vec<String>,
+    /// Where perf reports go, when profiling.
+    perf_out: Option<PathBuf>,
 }
 
 /// Flag set by SIGINT/SIGTERM so a run stops between steps and cleans up.
@@ -191,7 +197,24 @@ impl Bench {
                 max_requests: 100_000_000,
             },
         );
-        let m = self.load(&format!("{}: max requests/s", t.name), t.pid, &spec)?;
+        let data = self.work().join("perf.data");
+        let perf = match &self.perf_out {
+            Some(_) => Some(Proc::spawn(
+                "perf record",
+                Command::new("perf")
+                    .args(["record", "-F", "1999", "-p", &t.pid.to_string(), "-o"])
+                    .arg(&data),
+                self.work().join("perf.log"),
+            )?),
+            None => None,
+        };
+        let m = self.load(&format!("{}: max requests/s", t.name), t.pid, &spec);
+        if let (Some(perf), Some(out)) = (perf, &self.perf_out) {
+            // SIGTERM (on drop) makes perf write its data and exit.
+            drop(perf);
+            self.perf_report(&t.name, &data, out)?;
+        }
+        let m = m?;
         if m.load.ok == 0 {
             bail!(
                 "{}: no request succeeded: {}",
@@ -200,6 +223,39 @@ impl Bench {
             );
         }
         Ok(m)
+    }
+
+    /// Writes the flat profile of one max-rate run.
+    fn perf_report(&self, system: &str, data: &Path, out: &Path) -> Result<()> {
+        let slug: String = system
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let report = Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--sort",
+                "dso,symbol",
+                "--percent-limit",
+                "0.7",
+                "-i",
+            ])
+            .arg(data)
+            .output()
+            .context("running perf report")?;
+        fs::create_dir_all(out)?;
+        let path = out.join(format!("perf-{}.txt", slug.trim_matches('-')));
+        fs::write(&path, &report.stdout)?;
+        let _ = fs::remove_file(data);
+        Ok(())
     }
 
     fn at_rate(&self, t: &Target, rate: f64) -> Result<Measured> {
@@ -707,6 +763,7 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
         p,
         bar,
         notes: Vec::new(),
+        perf_out: args.perf.then(|| args.out.clone()),
     };
 
     // Back ends (CPU 1): nginx serving /1k and the bulk server.

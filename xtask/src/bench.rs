@@ -31,6 +31,10 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
         "util-linux",
         "taskset, to pin the proxy under test to one CPU",
     ),
+    (
+        "linux-perf",
+        "profiles of the proxies under test (cargo xtask bench --perf)",
+    ),
 ];
 
 /// Options of `cargo xtask bench`.
@@ -43,6 +47,9 @@ pub struct BenchArgs {
     /// Measure nginx only (do not build or run the scm binaries).
     #[arg(long)]
     nginx_only: bool,
+    /// Also record a perf profile of each proxy under test at max rate (bench/results/perf-*.txt).
+    #[arg(long)]
+    perf: bool,
 }
 
 fn installed(pkg: &str) -> bool {
@@ -81,7 +88,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         bail!("the benchmark makes network namespaces: run it as root");
     }
     apt()?;
-    cmd::cargo(&["build", "--release", "--locked", "-p", "scm-bench"])?;
     let release = cmd::target_dir().join("release");
     let mut run = Command::new(release.join("scm-bench"));
     run.arg("run")
@@ -92,25 +98,38 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.quick {
         run.arg("--quick");
     }
-    if !args.nginx_only {
+    if args.perf {
+        run.arg("--perf");
+    }
+    let bench_only = ["build", "--release", "--locked", "-p", "scm-bench"];
+    if args.nginx_only {
+        cmd::cargo(&bench_only)?;
+    } else {
         // scm-proxy's build script builds the eBPF programs: the same setup the demo needs.
         crate::setup::run(&crate::setup::SetupArgs::default())?;
-        // The scm side is measured only if its binaries build; the report says so otherwise.
-        match cmd::cargo(&[
+        // One cargo invocation for all four, so features unify once and a second run rebuilds
+        // nothing. The scm side is measured only if its binaries build; the report says so.
+        let all = [
             "build",
             "--release",
             "--locked",
+            "-p",
+            "scm-bench",
             "-p",
             "scm-proxy",
             "-p",
             "scm-security",
             "-p",
             "scm-device",
-        ]) {
+        ];
+        match cmd::cargo(&all) {
             Ok(()) => {
                 run.arg("--scm-bin-dir").arg(&release);
             }
-            Err(e) => eprintln!("bench: scm binaries did not build ({e:#}); measuring nginx only"),
+            Err(e) => {
+                eprintln!("bench: scm binaries did not build ({e:#}); measuring nginx only");
+                cmd::cargo(&bench_only)?;
+            }
         }
     }
     cmd::run(&mut run)
