@@ -31,8 +31,13 @@ pub const WORKER_FLOWS_MAP: &str = "SCM_WORKER_FLOWS";
 /// Sockmap ([`MAX_WORKERS`] entries): each worker's listening socket, for the sk_lookup program.
 pub const SOCKETS_MAP: &str = "SCM_SOCKETS";
 
+/// LRU hash [`SourceKey`] -> [`FailureWindow`]: authentication failures per source, counted by
+/// the workers (user space only; the kernel programs never read it).
+pub const AUTH_FAILS_MAP: &str = "SCM_AUTH_FAILS";
+
 /// Every map the supervisor pins, so that a successor adopts them.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 12] = [
+    AUTH_FAILS_MAP,
     CONFIG_MAP,
     WORKERS_MAP,
     MAGLEV_MAP,
@@ -171,6 +176,16 @@ pub struct SynWindow {
     pub count: u64,
 }
 
+/// Authentication failures of one source in the current window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FailureWindow {
+    /// Start of the window (ns, CLOCK_MONOTONIC).
+    pub start_ns: u64,
+    /// Failures since then.
+    pub count: u64,
+}
+
 /// Length of a SYN-rate window.
 pub const SYN_WINDOW_NS: u64 = 1_000_000_000;
 
@@ -190,6 +205,8 @@ mod pod {
     unsafe impl aya::Pod for super::SourceKey {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::SynWindow {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::FailureWindow {}
 }
 
 /// Counters of the steering and the shield, index into [`STEER_STATS_MAP`].
@@ -368,6 +385,7 @@ mod tests {
         assert_eq!(size_of::<FlowEntry>(), 8);
         assert_eq!(size_of::<SourceKey>(), 20);
         assert_eq!(size_of::<SynWindow>(), 16);
+        assert_eq!(size_of::<FailureWindow>(), 16);
     }
 
     #[test]

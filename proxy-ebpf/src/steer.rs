@@ -18,9 +18,9 @@ use proxy_common::{
     L3, L4, Malformed, Packet,
     parse::{IPPROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN},
     steer::{
-        BLOCKLIST_SIZE, FAMILY_V4, FAMILY_V6, FLOW_ACKED, FLOW_TABLE_SIZE, FlowEntry, FlowKey,
-        MAGLEV_SIZE, MAX_WORKERS, NO_WORKER, SOURCE_TABLE_SIZE, SYN_WINDOW_NS, SourceKey,
-        SteerConfig, SteerStat, SynWindow, WorkerSlot, gcra_admit, v4_key,
+        BLOCKLIST_SIZE, FAMILY_V4, FAMILY_V6, FLOW_ACKED, FLOW_TABLE_SIZE, FailureWindow,
+        FlowEntry, FlowKey, MAGLEV_SIZE, MAX_WORKERS, NO_WORKER, SOURCE_TABLE_SIZE, SYN_WINDOW_NS,
+        SourceKey, SteerConfig, SteerStat, SynWindow, WorkerSlot, gcra_admit, v4_key,
     },
 };
 
@@ -39,6 +39,11 @@ static SCM_BLOCK: LruHashMap<SourceKey, u64> = LruHashMap::with_max_entries(BLOC
 #[map]
 static SCM_VERIFIED: LruHashMap<SourceKey, u64> =
     LruHashMap::with_max_entries(SOURCE_TABLE_SIZE, 0);
+/// Filled and read by the workers only (authentication failures); declared here so that it is
+/// created, pinned and adopted with the others.
+#[map]
+static SCM_AUTH_FAILS: LruHashMap<SourceKey, FailureWindow> =
+    LruHashMap::with_max_entries(BLOCKLIST_SIZE, 0);
 #[map]
 static SCM_SYN_WINDOW: PerCpuArray<SynWindow> = PerCpuArray::with_max_entries(1, 0);
 #[map]
@@ -165,7 +170,10 @@ fn tcp_verdict(cfg: &SteerConfig, key: &FlowKey, flags: u8) -> u32 {
         return xdp_action::XDP_PASS;
     }
     if let Some(entry) = lru_get(&SCM_FLOWS, key) {
-        if worker(entry.worker).is_alive() {
+        // A retransmitted SYN, or a client reusing the port of an old connection: either way
+        // a healthy worker keeps it. A draining or dead one takes no new connection, so the
+        // stale entry goes and the SYN is a new flow.
+        if worker(entry.worker).is_healthy() {
             stat(SteerStat::SynRetransmit);
             return xdp_action::XDP_PASS;
         }
@@ -309,20 +317,20 @@ fn lookup(ctx: &SkLookupContext) {
     }
 
     let slot = key.maglev_slot();
+    // sk_lookup sees only connections being set up, so a recorded worker that is no longer
+    // healthy (a port reused after that worker began draining) is not used.
     let (chosen, recorded) = match lru_get(&SCM_FLOWS, &key) {
-        Some(entry) => (entry.worker, true),
-        None => match maglev_choice(slot) {
+        Some(entry) if worker(entry.worker).is_healthy() => (entry.worker, true),
+        _ => match maglev_choice(slot) {
             Some(w) => {
                 record_new_flow(&key, w);
                 (w, false)
             }
-            None => {
-                stat(SteerStat::NoWorker);
-                return;
-            }
+            // The table still names a worker that just left: fall back along it below.
+            None => (NO_WORKER, false),
         },
     };
-    if SCM_SOCKETS.redirect_sk_lookup(ctx, chosen, 0).is_ok() {
+    if chosen != NO_WORKER && SCM_SOCKETS.redirect_sk_lookup(ctx, chosen, 0).is_ok() {
         stat(if recorded {
             SteerStat::LookupRecorded
         } else {

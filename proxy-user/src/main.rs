@@ -72,13 +72,35 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // A worker under a supervisor also feeds the XDP blocklist from its refusals; that layer
+    // sees every event, whatever RUST_LOG lets through to stderr.
+    let shield = match &cli.command {
+        Command::Serve(cmd) => scm_proxy::supervisor::auth_failure_layer(&cmd.workers),
+        Command::Xdp(_) => None,
+    };
+    {
+        use tracing_subscriber::{
+            Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
+        };
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_filter(
+                        EnvFilter::try_from_default_env()
+                            .unwrap_or_else(|_| EnvFilter::new("info")),
+                    ),
+            )
+            // Only the proxy's refusals: an unfiltered layer would enable every trace event.
+            .with(shield.map(|layer| {
+                layer.with_filter(
+                    tracing_subscriber::filter::Targets::new()
+                        .with_target("scm_proxy::proxy::server", tracing::Level::INFO),
+                )
+            }))
+            .init();
+    }
     match cli.command {
         Command::Serve(cmd) => serve(*cmd).await,
         Command::Xdp(XdpCommand::Attach(args)) => xdp_attach(args).await,

@@ -4,6 +4,7 @@
 //!
 //! `docs/data-plane.md` explains the design; `tests/steer_*.rs` prove it.
 
+pub mod auth_failures;
 pub mod maglev;
 
 use std::{
@@ -221,6 +222,11 @@ impl Steering {
         }
     }
 
+    /// Detaches an XDP attachment this instance made without pinning.
+    pub fn detach_xdp(&mut self) -> Result<(), XdpError> {
+        self.ingress.detach()
+    }
+
     /// Attaches sk_lookup to the network namespace `netns` (e.g. `/proc/self/ns/net`). With a
     /// pin directory the link is pinned; a link already pinned there is kept (it runs the same
     /// code on the same maps).
@@ -338,8 +344,11 @@ impl Steering {
     pub fn unregister_socket(&mut self, index: u32) -> Result<(), XdpError> {
         let mut map: SockMap<&mut MapData> = self.map_mut(SOCKETS_MAP)?;
         match map.clear_index(&index) {
-            Ok(()) => Ok(()),
-            Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            // A sockmap answers EINVAL for an empty slot (the socket closed already).
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EINVAL) => {
+                Ok(())
+            }
             Err(e) => Err(map_error(SOCKETS_MAP)(e)),
         }
     }
@@ -409,6 +418,29 @@ impl Steering {
             *slot = v.iter().fold(0u64, |a, b| a.wrapping_add(*b));
         }
         Ok(out)
+    }
+
+    /// The sk_lookup program's run statistics (total run time, run count); zero unless
+    /// `kernel.bpf_stats_enabled` is 1. The XDP program's are `ingress().run_stats()`.
+    pub fn lookup_run_stats(&self) -> Result<(Duration, u64), XdpError> {
+        let program: &SkLookup = self
+            .ingress
+            .ebpf
+            .program(LOOKUP_PROGRAM)
+            .ok_or(XdpError::Missing {
+                kind: "program",
+                name: LOOKUP_PROGRAM,
+            })?
+            .try_into()
+            .map_err(|e| XdpError::Program {
+                action: "finding the sk_lookup program".into(),
+                source: e,
+            })?;
+        let info = program.info().map_err(|e| XdpError::Program {
+            action: "reading the sk_lookup program's info".into(),
+            source: e,
+        })?;
+        Ok((info.run_time(), info.run_count()))
     }
 
     /// Runs the XDP program once on `frame` (BPF_PROG_TEST_RUN).

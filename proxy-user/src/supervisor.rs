@@ -32,7 +32,10 @@ use tracing::{info, warn};
 
 use crate::{
     proxy::{ServeArgs, config::parse_duration},
-    steer::{SteerOptions, Steering},
+    steer::{
+        SteerOptions, Steering,
+        auth_failures::{AuthFailureLayer, BlockPolicy},
+    },
     xdp::{AttachMode, XdpError},
 };
 
@@ -82,6 +85,19 @@ pub struct SupervisorArgs {
     /// How long a completed handshake keeps a source admitted in SYN-flood mode.
     #[arg(long, env = "SCM_PROXY_VERIFIED_TTL", value_parser = parse_duration, default_value = "10m")]
     pub verified_ttl: Duration,
+
+    /// Authentication failures (invalid session, failed channel binding) from one
+    /// source address, counted over all workers, that put it on the XDP blocklist; 0: never.
+    #[arg(long, env = "SCM_PROXY_BLOCK_AFTER", default_value_t = 10)]
+    pub block_after: u32,
+
+    /// The window --block-after counts in.
+    #[arg(long, env = "SCM_PROXY_BLOCK_WINDOW", value_parser = parse_duration, default_value = "60s")]
+    pub block_window: Duration,
+
+    /// How long a blocked source stays blocked.
+    #[arg(long, env = "SCM_PROXY_BLOCK_FOR", value_parser = parse_duration, default_value = "10m")]
+    pub block_for: Duration,
 
     /// On SIGHUP, how long a draining worker may take to finish its connections before it is
     /// stopped anyway.
@@ -175,6 +191,31 @@ pub fn worker_serve_args(mut serve: ServeArgs) -> Result<ServeArgs, SupervisorEr
     })?;
     serve.metrics_listen = addr(WORKER_METRICS_ENV)?;
     Ok(serve)
+}
+
+/// In a worker (and with --block-after set), the `tracing` layer that puts sources failing
+/// authentication repeatedly on the XDP blocklist. `None` elsewhere, or when the pinned maps
+/// cannot be opened (said on stderr: logging is not up yet).
+pub fn auth_failure_layer(args: &SupervisorArgs) -> Option<AuthFailureLayer> {
+    if std::env::var_os(WORKER_INDEX_ENV).is_none() || args.block_after == 0 {
+        return None;
+    }
+    let policy = BlockPolicy {
+        threshold: args.block_after,
+        window: args.block_window,
+        block_for: args.block_for,
+    };
+    match AuthFailureLayer::new(&args.pin_dir, policy) {
+        Ok(layer) => Some(layer),
+        Err(e) => {
+            eprintln!(
+                "scm-proxy worker: cannot open the blocklist in {} ({e}); authentication \
+                 failures will not block sources",
+                args.pin_dir.display()
+            );
+            None
+        }
+    }
 }
 
 fn steer_config(serve: &ServeArgs, args: &SupervisorArgs) -> SteerConfig {

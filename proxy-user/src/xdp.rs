@@ -562,6 +562,45 @@ impl XdpIngress {
         })
     }
 
+    /// Runs the program `repeat` times on `frame` in one `BPF_PROG_TEST_RUN` (katran's
+    /// packet-path benchmark); returns the action and the kernel's mean time per run.
+    pub fn test_run_repeat(
+        &self,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), XdpError> {
+        let program = self.program()?;
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .map_err(|e| program_error(format!("BPF_PROG_TEST_RUN x{repeat}"), e))?;
+        Ok((result.return_value, result.duration))
+    }
+
+    /// The kernel's run statistics of the program: total run time and run count. Both stay
+    /// zero unless `kernel.bpf_stats_enabled` is 1.
+    pub fn run_stats(&self) -> Result<(std::time::Duration, u64), XdpError> {
+        let info = self
+            .program()?
+            .info()
+            .map_err(|e| program_error("reading the program's info", e))?;
+        Ok((info.run_time(), info.run_count()))
+    }
+
+    fn program(&self) -> Result<&Xdp, XdpError> {
+        self.ebpf
+            .program(INGRESS_PROGRAM)
+            .ok_or(XdpError::Missing {
+                kind: "program",
+                name: INGRESS_PROGRAM,
+            })?
+            .try_into()
+            .map_err(|e| program_error("finding the XDP program", e))
+    }
+
     fn per_cpu_array<V: aya::Pod>(
         &self,
         name: &'static str,

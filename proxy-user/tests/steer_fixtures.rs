@@ -214,6 +214,16 @@ fn steering_and_shield_branches() {
         &[(Inspected, 1), (NewFlow, 1)],
     );
     assert_eq!(st.flow(&key(b, p)).unwrap().unwrap().worker, drain);
+    let reused = (p + 1..30_000)
+        .find(|q| expected_worker(&st, &key(b, *q)) == drain)
+        .unwrap();
+    step(
+        &st,
+        "a second flow to the worker about to drain",
+        &syn(b, reused),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
     st.set_worker(drain, WorkerState::Draining, 1001).unwrap();
     step(
         &st,
@@ -235,6 +245,16 @@ fn steering_and_shield_branches() {
         assert_ne!(got, drain, "port {port} went to the draining worker");
         assert!(got < 4);
     }
+
+    // A client reusing the port of a connection the draining worker had: a new flow, elsewhere.
+    step(
+        &st,
+        "port reused after its worker began draining",
+        &syn(b, reused),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+    assert_ne!(st.flow(&key(b, reused)).unwrap().unwrap().worker, drain);
 
     // Worker removed (died): its flows are dropped from the table, no new flow goes there.
     st.set_worker(drain, WorkerState::Absent, 0).unwrap();

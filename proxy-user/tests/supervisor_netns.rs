@@ -584,3 +584,63 @@ fn alive(pid: u32) -> bool {
             .is_some_and(|r| !r.trim_start().starts_with('Z'))
     })
 }
+
+#[test]
+fn repeated_authentication_failures_put_the_source_on_the_blocklist() {
+    if !require_root(
+        "supervisor_netns::repeated_authentication_failures_put_the_source_on_the_blocklist",
+    ) {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Harness::new();
+    h.wait_ready();
+    // Connections closed before any preamble (as the other tests do by the thousand) are no
+    // authentication failure.
+    drop(h.many(40, 4));
+    // The default --block-after is 10, counted over all workers.
+    for i in 0..10 {
+        let (mut tls, w) = h
+            .tls_connect()
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        // A well-formed preamble whose session id is not one: refused as session_invalid.
+        let preamble = scm_proto::preamble::Preamble {
+            session_id: "not-a-session".into(),
+            app_id: "mail".into(),
+            app_version: "1.0".into(),
+            device_id: "device-1".into(),
+            resource: "intranet".into(),
+            mac: [0; 32],
+        };
+        tls.write_all(&preamble.encode().unwrap()).unwrap();
+        tls.flush().unwrap();
+        let mut reply = Vec::new();
+        let _ = tls.read_to_end(&mut reply);
+        assert!(
+            !reply.is_empty(),
+            "connection {i} (worker {w}): no refusal received"
+        );
+    }
+    // The eleventh SYN from that address is dropped in XDP.
+    let maps = h.maps();
+    let before = maps.counters().unwrap();
+    let to = SocketAddr::new(B_V4.parse().unwrap(), SERVICE);
+    let blocked = in_netns(&h.pair.a, || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(1))
+    });
+    assert!(
+        blocked.is_err(),
+        "the source was not blocked:\n{}",
+        h.supervisor_log()
+    );
+    let moved = maps.counters().unwrap().since(&before);
+    assert!(
+        moved.get(proxy_common::steer::SteerStat::DropBlocklist) >= 1,
+        "{moved}"
+    );
+    assert!(
+        h.supervisor_log().contains("blocked for"),
+        "{}",
+        h.supervisor_log()
+    );
+}
