@@ -40,6 +40,57 @@ pub enum Command {
     DevCerts(DevCertsArgs),
     /// Manage a running server through its admin API.
     Admin(AdminArgs),
+    /// Write a consistent snapshot of the database (and app packages) into a new folder.
+    Backup(BackupArgs),
+    /// Restore a snapshot into a fresh instance (empty database, same master key file).
+    Restore(RestoreArgs),
+}
+
+/// Flags of `scm-security backup`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "\
+Writes one NDJSON file per table, the app packages and manifest.json (time, schema version, row
+counts, sha256 of every file) into --out, which must be missing or empty. Safe while `serve`
+runs, on a primary or a hot standby. Shared keys stay sealed under the master key: back the
+master key file up separately.
+
+Example:
+  scm-security backup --data-dir ./data --out /backups/scm-$(date +%F)")]
+pub struct BackupArgs {
+    /// Data directory of the instance (its SQLite file and app packages).
+    #[arg(long, env = "SCM_DATA_DIR", default_value = "scm-data")]
+    pub data_dir: PathBuf,
+    /// Database URL (default: the SQLite file DATA_DIR/scm.db).
+    #[arg(long, env = "SCM_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Folder to write the snapshot into (created; must be empty).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Flags of `scm-security restore`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = "\
+Checks the manifest (format, schema version) and the size and sha256 of every file, checks that
+the master key opens every sealed key of the snapshot, refuses a database that is not empty,
+then loads everything in one transaction. Put the master key file of the backed-up instance in
+place first (default DATA_DIR/master.key).
+
+Example:
+  scm-security restore --from /backups/scm-backup-1764000000-042 --data-dir ./data")]
+pub struct RestoreArgs {
+    /// Snapshot folder (holding manifest.json).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Data directory of the new instance (created if missing).
+    #[arg(long, env = "SCM_DATA_DIR", default_value = "scm-data")]
+    pub data_dir: PathBuf,
+    /// Database URL of the new instance (default: the SQLite file DATA_DIR/scm.db).
+    #[arg(long, env = "SCM_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// The master key of the instance that was backed up. Default: DATA_DIR/master.key.
+    #[arg(long, env = "SCM_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
 }
 
 const SERVE_HELP: &str = "\
@@ -167,6 +218,40 @@ pub struct ServeArgs {
     /// Log lines as JSON instead of text (filter with RUST_LOG, default info).
     #[arg(long, env = "SCM_LOG_JSON")]
     pub log_json: bool,
+
+    /// Folder of the scheduled backups. Default: DATA_DIR/backups.
+    #[arg(long, env = "SCM_BACKUP_DIR")]
+    pub backup_dir: Option<PathBuf>,
+
+    /// Time between scheduled backups (0: no scheduled backups).
+    #[arg(long, env = "SCM_BACKUP_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub backup_interval: Duration,
+
+    /// Scheduled snapshots kept; older ones are deleted after each successful run.
+    #[arg(long, env = "SCM_BACKUP_KEEP", default_value_t = 12)]
+    pub backup_keep: usize,
+
+    /// Address of a plain-HTTP Prometheus endpoint, GET /metrics (backup runs, database role,
+    /// replication). Off by default; keep it on loopback or a management network.
+    #[arg(long, env = "SCM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Enrolment waits until a synchronous PostgreSQL standby has applied the new key
+    /// (synchronous_commit = remote_apply); refused with 503 no_sync_standby when none streams.
+    #[arg(long, env = "SCM_REQUIRE_SYNC_COMMIT")]
+    pub require_sync_commit: bool,
+
+    /// Longest wait for the synchronous standby's confirmation of an enrolment.
+    #[arg(long, env = "SCM_SYNC_COMMIT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub sync_commit_timeout: Duration,
+
+    /// How often the database's role (primary or read-only standby) and replication are checked.
+    #[arg(long, env = "SCM_ROLE_CHECK_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub role_check_interval: Duration,
+
+    /// Replay lag (WAL bytes) of a standby above which the primary logs a warning.
+    #[arg(long, env = "SCM_REPLICATION_LAG_WARN", default_value_t = 16 << 20)]
+    pub replication_lag_warn: i64,
 
     /// LDAP directory settings (optional).
     #[command(flatten)]

@@ -79,6 +79,30 @@ impl From<Error> for ApiError {
             Error::NotFound(what) => ApiError::not_found("not_found", format!("{what} not found")),
             Error::Conflict(what) => ApiError::conflict("conflict", what),
             Error::Invalid(what) => ApiError::bad_request("invalid_field", what),
+            Error::ReadOnly(what) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "read_only_standby",
+                format!(
+                    "this Security server's database is a read-only standby ({what}): \
+                     enrol and make admin changes at the primary, or promote this standby"
+                ),
+            ),
+            Error::NoSyncStandby(why) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_sync_standby",
+                format!(
+                    "enrolment needs a synchronous standby (--require-sync-commit) and {why}; \
+                     nothing was enrolled"
+                ),
+            ),
+            Error::SyncTimeout(after) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sync_commit_timeout",
+                format!(
+                    "no synchronous standby confirmed the enrolment within {after:?}; \
+                     enrol again once the standby is back"
+                ),
+            ),
             other => ApiError::internal(&other),
         }
     }
@@ -130,6 +154,18 @@ pub enum Error {
     /// Password hashing failed.
     #[error("password hashing: {0}")]
     Hash(String),
+    /// A write reached a database that is a read-only hot standby.
+    #[error("database is a read-only standby: {0}")]
+    ReadOnly(&'static str),
+    /// Synchronous commit is required but no synchronous standby is there.
+    #[error("no synchronous standby: {0}")]
+    NoSyncStandby(String),
+    /// Synchronous commit did not complete in time.
+    #[error("synchronous commit not confirmed within {0:?}")]
+    SyncTimeout(std::time::Duration),
+    /// A backup snapshot is unusable or a backup/restore step failed.
+    #[error("backup: {0}")]
+    Backup(String),
 }
 
 impl Error {
@@ -150,6 +186,15 @@ pub trait DbContext<T> {
 
 impl<T> DbContext<T> for Result<T, sqlx::Error> {
     fn db(self, context: &'static str) -> Result<T, Error> {
-        self.map_err(|source| Error::Db { context, source })
+        self.map_err(|source| {
+            // SQLSTATE 25006 read_only_sql_transaction: a hot standby refused a write.
+            let read_only = matches!(&source, sqlx::Error::Database(d)
+                if d.code().is_some_and(|c| c == "25006"));
+            if read_only {
+                Error::ReadOnly(context)
+            } else {
+                Error::Db { context, source }
+            }
+        })
     }
 }

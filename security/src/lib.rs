@@ -6,11 +6,13 @@
 pub mod admin_types;
 pub mod api;
 pub mod apps;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod devcerts;
 pub mod directory;
 pub mod error;
+pub mod ha;
 pub mod keys;
 pub mod server;
 pub mod sessions;

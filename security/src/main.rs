@@ -3,6 +3,7 @@
 use anyhow::Context as _;
 use clap::Parser as _;
 use scm_security::config::{Cli, Command};
+use scm_security::store::Store;
 use tracing_subscriber::EnvFilter;
 
 fn init_logs(json: bool) {
@@ -62,6 +63,72 @@ async fn main() -> anyhow::Result<()> {
         Command::Admin(args) => {
             let out = scm_security::cli::run(&args).await?;
             print!("{out}");
+        }
+        Command::Backup(args) => {
+            init_logs(false);
+            let url = args
+                .database_url
+                .clone()
+                .unwrap_or_else(|| Store::sqlite_url(&args.data_dir));
+            let store = Store::open(&url).await.context("opening the database")?;
+            let started = std::time::Instant::now();
+            let m = scm_security::backup::snapshot(&store, &args.data_dir, &args.out)
+                .await
+                .with_context(|| format!("backing up into {}", args.out.display()))?;
+            store.close().await;
+            println!(
+                "snapshot {}: schema {}, {} users, {} device keys, {} app packages, in {:.1}s",
+                args.out.display(),
+                m.schema_version,
+                m.rows("users"),
+                m.rows("device_keys"),
+                m.files.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Command::Restore(args) => {
+            init_logs(false);
+            let started = std::time::Instant::now();
+            let (master_path, _) = scm_security::server::secret_paths(
+                &args.data_dir,
+                args.master_key_file.as_ref(),
+                None,
+            );
+            if !master_path.exists() {
+                anyhow::bail!(
+                    "{} does not exist: copy the master key file of the instance that was \
+                     backed up there (or name it with --master-key-file); without it the \
+                     restored devices could not log in",
+                    master_path.display()
+                );
+            }
+            let master = scm_security::keys::MasterKey::load(&master_path)
+                .context("reading the master key")?;
+            // Check the snapshot before creating anything.
+            scm_security::backup::verify(&args.from)
+                .with_context(|| format!("checking {}", args.from.display()))?;
+            std::fs::create_dir_all(&args.data_dir)
+                .with_context(|| format!("creating {}", args.data_dir.display()))?;
+            let url = args
+                .database_url
+                .clone()
+                .unwrap_or_else(|| Store::sqlite_url(&args.data_dir));
+            let store = Store::open(&url)
+                .await
+                .context("opening the target database")?;
+            let m = scm_security::backup::restore(&store, &master, &args.data_dir, &args.from)
+                .await
+                .with_context(|| format!("restoring {}", args.from.display()))?;
+            store.close().await;
+            println!(
+                "restored {} (taken at {}): {} users, {} device keys, {} app packages, in {:.1}s",
+                args.from.display(),
+                m.created_at,
+                m.rows("users"),
+                m.rows("device_keys"),
+                m.files.len(),
+                started.elapsed().as_secs_f64()
+            );
         }
     }
     Ok(())

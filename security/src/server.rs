@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -61,6 +62,10 @@ pub struct State {
     pub settings: Settings,
     /// The resource catalog, cached for validations.
     pub resources: RwLock<Arc<Vec<Resource>>>,
+    /// Database role and replication health, as last checked.
+    pub ha: Arc<crate::ha::HaStatus>,
+    /// The backup scheduler's figures.
+    pub backup_stats: Arc<crate::backup::BackupStats>,
 }
 
 /// Shared state handle.
@@ -85,8 +90,18 @@ impl State {
 
     /// Writes an audit entry; a failure is logged, not returned (the action already happened).
     pub async fn audit(&self, kind: &str, actor: &str, subject: &str, source: &str, detail: &str) {
-        if let Err(e) = self.store.audit(kind, actor, subject, source, detail).await {
-            tracing::error!(error = %e, kind, "audit write failed");
+        match self.store.audit(kind, actor, subject, source, detail).await {
+            Ok(()) => {}
+            // A hot standby serves logins without writing: the entry goes to the log instead.
+            Err(Error::ReadOnly(_)) => tracing::warn!(
+                kind,
+                actor,
+                subject,
+                source,
+                detail,
+                "audit entry not stored: the database is a read-only standby"
+            ),
+            Err(e) => tracing::error!(error = %e, kind, "audit write failed"),
         }
     }
 }
@@ -100,6 +115,8 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     /// Admin API address.
     pub admin_addr: SocketAddr,
+    /// Metrics address (`--metrics-listen`).
+    pub metrics_addr: Option<SocketAddr>,
     /// The shared state (tests and benches look inside).
     pub state: Shared,
     stop: CancellationToken,
@@ -183,8 +200,18 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         .database_url
         .clone()
         .unwrap_or_else(|| Store::sqlite_url(&args.data_dir));
-    let store = Store::open(&url).await?;
-    store.ensure_site(&args.default_site).await?;
+    let mut store = Store::open(&url).await?;
+    if args.require_sync_commit {
+        store.require_sync_commit(args.sync_commit_timeout)?;
+    }
+    match store.ensure_site(&args.default_site).await {
+        Ok(()) => {}
+        Err(Error::ReadOnly(_)) => tracing::warn!(
+            site = %args.default_site,
+            "the default site is not in the standby's database; it is created at the primary"
+        ),
+        Err(e) => return Err(e),
+    }
     if let Some(k) = store.any_key().await? {
         master.open(&k.key_id, &k.sealed_key).map_err(|_| {
             Error::Crypto(format!(
@@ -220,6 +247,8 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         },
         resources,
         store,
+        ha: Arc::new(crate::ha::HaStatus::default()),
+        backup_stats: Arc::new(crate::backup::BackupStats::default()),
     });
     std::fs::create_dir_all(crate::apps::dir(&state.settings.data_dir))
         .map_err(|e| Error::io(&state.settings.data_dir, e))?;
@@ -238,6 +267,11 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     };
     let (device_addr, proxy_addr, admin_addr) =
         (local(&device_l)?, local(&proxy_l)?, local(&admin_l)?);
+    let metrics_l = match args.metrics_listen {
+        Some(a) => Some(crate::ha::bind_metrics(a).await?),
+        None => None,
+    };
+    let metrics_addr = metrics_l.as_ref().map(local).transpose()?;
 
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -269,7 +303,46 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     if let Some(interval) = state.directory.ldap().map(|l| l.sync_interval) {
         tasks.spawn(ldap_syncer(state.clone(), interval, stop.clone()));
     }
+    // The first look is synchronous so that metrics are right from the start.
+    match crate::ha::observe(&state.store).await {
+        Ok(o) => state
+            .ha
+            .read_only
+            .store(i64::from(o.read_only), Ordering::Relaxed),
+        Err(e) => tracing::warn!(error = %e, "database role check failed"),
+    }
+    tasks.spawn(crate::ha::watcher(
+        state.store.clone(),
+        state.ha.clone(),
+        args.role_check_interval.max(Duration::from_millis(100)),
+        args.replication_lag_warn,
+        stop.clone(),
+    ));
+    if !args.backup_interval.is_zero() {
+        let sched = crate::backup::Schedule {
+            dir: args
+                .backup_dir
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join("backups")),
+            interval: args.backup_interval,
+            keep: args.backup_keep,
+        };
+        tracing::info!(dir = %sched.dir.display(), every = ?sched.interval, keep = sched.keep, "scheduled backups");
+        tasks.spawn(crate::backup::scheduler(
+            state.store.clone(),
+            args.data_dir.clone(),
+            sched,
+            state.backup_stats.clone(),
+            stop.clone(),
+        ));
+    } else {
+        tracing::warn!("scheduled backups are off (--backup-interval 0)");
+    }
+    if let Some(l) = metrics_l {
+        tasks.spawn(crate::ha::serve_metrics(l, state.clone(), stop.clone()));
+    }
     tracing::info!(
+        metrics = ?metrics_addr,
         device = %device_addr, proxy = %proxy_addr, admin = %admin_addr,
         database = ?state.store.backend(), "scm Security server listening"
     );
@@ -277,6 +350,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         device_addr,
         proxy_addr,
         admin_addr,
+        metrics_addr,
         state,
         stop,
         tasks,

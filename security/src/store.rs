@@ -29,6 +29,8 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// When set, enrolments wait this long at most for a synchronous standby (PostgreSQL).
+    sync_commit: Option<std::time::Duration>,
 }
 
 /// A user of the directory.
@@ -202,11 +204,79 @@ impl Store {
                 .await
                 .db("enabling WAL")?;
         }
-        match backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
-            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+        let store = Self {
+            pool,
+            backend,
+            sync_commit: None,
+        };
+        // A hot standby cannot run migrations (they write); its schema comes from the primary.
+        if store.in_recovery().await? {
+            let have = store.schema_version().await?;
+            let want = latest_schema_version();
+            if have != want {
+                return Err(Error::Invalid(format!(
+                    "this database is a read-only standby at schema version {have}, and this \
+                     scm-security needs version {want}: start scm-security on the primary first"
+                )));
+            }
+            tracing::warn!(
+                "the database is a read-only hot standby: serving logins and validations, \
+                 refusing enrolments and admin changes until it is promoted"
+            );
+            return Ok(store);
         }
-        Ok(Self { pool, backend })
+        match backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(&store.pool).await?,
+            Backend::Postgres => POSTGRES_MIGRATIONS.run(&store.pool).await?,
+        }
+        Ok(store)
+    }
+
+    /// Makes enrolments wait for a synchronous standby (`synchronous_commit = remote_apply`),
+    /// at most `timeout`. PostgreSQL only.
+    pub fn require_sync_commit(&mut self, timeout: std::time::Duration) -> Result<(), Error> {
+        if self.backend != Backend::Postgres {
+            return Err(Error::Invalid(
+                "--require-sync-commit needs PostgreSQL streaming replication (--database-url \
+                 postgres://...)"
+                    .into(),
+            ));
+        }
+        self.sync_commit = Some(timeout);
+        Ok(())
+    }
+
+    /// The pool (backup and replication monitoring run their own queries).
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Whether the database is a read-only hot standby (`pg_is_in_recovery()`); never for SQLite.
+    pub async fn in_recovery(&self) -> Result<bool, Error> {
+        if self.backend != Backend::Postgres {
+            return Ok(false);
+        }
+        sqlx::query("SELECT pg_is_in_recovery() AS r")
+            .fetch_one(&self.pool)
+            .await
+            .db("asking whether the database is a standby")?
+            .try_get("r")
+            .db("asking whether the database is a standby")
+    }
+
+    /// The newest migration applied to this database (0 if none).
+    pub async fn schema_version(&self) -> Result<i64, Error> {
+        let row = sqlx::query(
+            "SELECT COALESCE(MAX(version), 0) AS v FROM _sqlx_migrations WHERE success = TRUE",
+        )
+        .fetch_one(&self.pool)
+        .await;
+        match row {
+            Ok(r) => r.try_get("v").db("reading the schema version"),
+            // No migrations table yet: an empty database.
+            Err(sqlx::Error::Database(_)) => Ok(0),
+            Err(e) => Err(e).db("reading the schema version"),
+        }
     }
 
     /// The SQLite URL of the default database file in `data_dir`.
@@ -357,6 +427,9 @@ impl Store {
 
     /// Creates a site with no proxies if it does not exist.
     pub async fn ensure_site(&self, name: &str) -> Result<(), Error> {
+        if self.site(name).await?.is_some() {
+            return Ok(());
+        }
         sqlx::query(
             "INSERT INTO sites (name, proxy_urls, created_at) VALUES ($1, '[]', $2) \
              ON CONFLICT (name) DO NOTHING",
@@ -398,7 +471,47 @@ impl Store {
 
     /// Stores a new key, revoking earlier keys of the same (user, device, app); returns those.
     pub async fn insert_key(&self, k: &KeyRow) -> Result<Vec<String>, Error> {
+        let Some(timeout) = self.sync_commit else {
+            return self.insert_key_tx(k, false).await;
+        };
+        // Refuse at once rather than block: with no synchronous standby connected, PostgreSQL
+        // would hold the commit until one comes back.
+        let sync: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .db("looking for a synchronous standby")?
+        .try_get("n")
+        .db("looking for a synchronous standby")?;
+        if sync == 0 {
+            let names: String = sqlx::query("SHOW synchronous_standby_names")
+                .fetch_one(&self.pool)
+                .await
+                .db("reading synchronous_standby_names")?
+                .try_get(0)
+                .db("reading synchronous_standby_names")?;
+            return Err(Error::NoSyncStandby(if names.trim().is_empty() {
+                "the primary has no synchronous_standby_names".into()
+            } else {
+                format!("no standby named by synchronous_standby_names = '{names}' is streaming")
+            }));
+        }
+        tokio::time::timeout(timeout, self.insert_key_tx(k, true))
+            .await
+            .map_err(|_| Error::SyncTimeout(timeout))?
+    }
+
+    async fn insert_key_tx(&self, k: &KeyRow, sync: bool) -> Result<Vec<String>, Error> {
         let mut tx = self.pool.begin().await.db("beginning")?;
+        if sync {
+            // remote_apply: the standby has applied the row when we answer, so a failover
+            // instance reading the standby finds the key at once.
+            sqlx::query("SET LOCAL synchronous_commit = remote_apply")
+                .execute(&mut *tx)
+                .await
+                .db("asking for synchronous commit")?;
+        }
         let old: Vec<String> = sqlx::query(
             "SELECT key_id FROM device_keys WHERE user_name = $1 AND device_id = $2 \
              AND app_id = $3 AND revoked_at IS NULL",
@@ -823,6 +936,12 @@ impl Store {
             .try_get("n")
             .db("counting rows")
     }
+}
+
+/// The newest schema version this build knows (its last migration).
+pub fn latest_schema_version() -> i64 {
+    let v = |m: &sqlx::migrate::Migrator| m.iter().map(|m| m.version).max().unwrap_or(0);
+    v(&SQLITE_MIGRATIONS).max(v(&POSTGRES_MIGRATIONS))
 }
 
 /// Validates a name used as an identifier (user, site, resource, app, platform, device).

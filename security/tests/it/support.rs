@@ -98,7 +98,13 @@ impl Server {
     /// Starts a server on `db` with extra `serve` flags.
     pub async fn start(db: Db, extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
-        let certs = certs(dir.path());
+        certs(dir.path());
+        Self::start_in(dir, db, extra).await
+    }
+
+    /// Starts a server in `dir`, which holds `certs/` and maybe an existing `data/`.
+    pub async fn start_in(dir: tempfile::TempDir, db: Db, extra: &[&str]) -> Server {
+        let certs = dir.path().join("certs");
         let args = serve_args(dir.path(), &certs, &db, extra);
         let running = scm_security::server::start(&args)
             .await

@@ -1,0 +1,718 @@
+//! Backup and restore: a consistent snapshot of the database as one NDJSON file per table plus
+//! the app packages, described by a manifest (time, schema version, row counts, sha256 of every
+//! file); the restore that checks all of it before writing into a fresh instance; and the
+//! scheduler that `serve` runs (interval, retention, metrics, loud failures).
+//!
+//! The snapshot is taken through sqlx inside one read transaction (SQLite: a WAL read
+//! transaction; PostgreSQL: `REPEATABLE READ READ ONLY`), so it is consistent without locking
+//! writers out, works on a hot standby, needs no `pg_dump` of a matching major version, and
+//! restores into either engine. Shared keys stay sealed: the snapshot holds no usable key
+//! without the master key file, which is backed up apart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use futures_util::TryStreamExt as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use sqlx::Row as _;
+use sqlx::any::AnyRow;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{DbContext as _, Error};
+use crate::keys::MasterKey;
+use crate::store::{Backend, Store, latest_schema_version, unix_now};
+
+/// Name of the manifest file inside a snapshot folder.
+pub const MANIFEST: &str = "manifest.json";
+/// `format` field of every manifest.
+pub const FORMAT: &str = "scm-security-backup";
+/// Version of the snapshot layout.
+pub const FORMAT_VERSION: u32 = 1;
+/// Prefix of the snapshot folders the scheduler writes.
+pub const SNAPSHOT_PREFIX: &str = "scm-backup-";
+
+/// Rows per INSERT statement during a restore.
+const BATCH: usize = 500;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Text,
+    OptText,
+    Int,
+    OptInt,
+    Blob,
+}
+
+/// Every table and column, in restore order. Keep in step with `migrations/`.
+const TABLES: &[(&str, &[(&str, Kind)])] = &[
+    (
+        "sites",
+        &[
+            ("name", Kind::Text),
+            ("proxy_urls", Kind::Text),
+            ("created_at", Kind::Int),
+        ],
+    ),
+    (
+        "users",
+        &[
+            ("name", Kind::Text),
+            ("source", Kind::Text),
+            ("password_hash", Kind::OptText),
+            ("ldap_dn", Kind::OptText),
+            ("groups_json", Kind::Text),
+            ("site", Kind::Text),
+            ("created_at", Kind::Int),
+        ],
+    ),
+    (
+        "device_keys",
+        &[
+            ("key_id", Kind::Text),
+            ("user_name", Kind::Text),
+            ("device_id", Kind::Text),
+            ("app_id", Kind::Text),
+            ("sealed_key", Kind::Blob),
+            ("created_at", Kind::Int),
+            ("revoked_at", Kind::OptInt),
+        ],
+    ),
+    (
+        "activation_codes",
+        &[
+            ("code_hash", Kind::Text),
+            ("user_name", Kind::Text),
+            ("expires_at", Kind::Int),
+            ("used_at", Kind::OptInt),
+        ],
+    ),
+    (
+        "app_releases",
+        &[
+            ("app_id", Kind::Text),
+            ("platform", Kind::Text),
+            ("version", Kind::Text),
+            ("sha256", Kind::Text),
+            ("size", Kind::Int),
+            ("published_at", Kind::Int),
+        ],
+    ),
+    (
+        "app_policies",
+        &[
+            ("app_id", Kind::Text),
+            ("min_version", Kind::OptText),
+            ("revoked_versions_json", Kind::Text),
+        ],
+    ),
+    (
+        "resources",
+        &[
+            ("name", Kind::Text),
+            ("address", Kind::Text),
+            ("mode", Kind::Text),
+            ("allowed_groups_json", Kind::Text),
+        ],
+    ),
+    (
+        "audit_log",
+        &[
+            ("id", Kind::Int),
+            ("at", Kind::Int),
+            ("kind", Kind::Text),
+            ("actor", Kind::Text),
+            ("subject", Kind::Text),
+            ("source", Kind::Text),
+            ("detail", Kind::Text),
+        ],
+    ),
+];
+
+/// The manifest of a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Layout version ([`FORMAT_VERSION`]).
+    pub format_version: u32,
+    /// Unix seconds when the snapshot was taken.
+    pub created_at: i64,
+    /// Version of the scm-security that wrote it.
+    pub scm_version: String,
+    /// `sqlite` or `postgres`.
+    pub source_backend: String,
+    /// Newest migration applied to the source database.
+    pub schema_version: i64,
+    /// One entry per table.
+    pub tables: Vec<TableEntry>,
+    /// App package files.
+    pub files: Vec<FileEntry>,
+}
+
+/// A table's file in a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TableEntry {
+    /// Table name.
+    pub table: String,
+    /// File name inside the snapshot (NDJSON, one JSON array per row).
+    pub file: String,
+    /// Rows.
+    pub rows: u64,
+    /// File size.
+    pub bytes: u64,
+    /// Hex SHA-256 of the file.
+    pub sha256: String,
+}
+
+/// Any other file in a snapshot.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// Path inside the snapshot.
+    pub file: String,
+    /// File size.
+    pub bytes: u64,
+    /// Hex SHA-256 of the file.
+    pub sha256: String,
+}
+
+impl Manifest {
+    /// Rows of one table.
+    pub fn rows(&self, table: &str) -> u64 {
+        self.tables
+            .iter()
+            .find(|t| t.table == table)
+            .map_or(0, |t| t.rows)
+    }
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::Backup(msg.into())
+}
+
+fn io(path: &Path, e: std::io::Error) -> Error {
+    Error::io(path, e)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn cell(row: &AnyRow, col: &'static str, kind: Kind) -> Result<serde_json::Value, Error> {
+    use serde_json::Value;
+    Ok(match kind {
+        Kind::Text => Value::String(row.try_get(col).db("reading a row")?),
+        Kind::OptText => row
+            .try_get::<Option<String>, _>(col)
+            .db("reading a row")?
+            .map_or(Value::Null, Value::String),
+        Kind::Int => Value::from(row.try_get::<i64, _>(col).db("reading a row")?),
+        Kind::OptInt => row
+            .try_get::<Option<i64>, _>(col)
+            .db("reading a row")?
+            .map_or(Value::Null, Value::from),
+        Kind::Blob => {
+            Value::String(B64.encode(row.try_get::<Vec<u8>, _>(col).db("reading a row")?))
+        }
+    })
+}
+
+async fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    // std::fs on the blocking pool: every write error (ENOSPC, EROFS) surfaces here, where
+    // tokio's buffered file could report it late.
+    let (path, bytes) = (path.to_owned(), bytes.to_vec());
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| io(&path, e))?;
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| io(&path, e))
+    })
+    .await
+    .map_err(|e| bad(format!("writing a snapshot file: {e}")))?
+}
+
+/// Writes a consistent snapshot of `store` (and the app packages under `data_dir`) into `out`,
+/// which must be missing or empty. The manifest is written last, so a folder without one is an
+/// unfinished snapshot.
+pub async fn snapshot(store: &Store, data_dir: &Path, out: &Path) -> Result<Manifest, Error> {
+    if out.exists() {
+        let mut entries = std::fs::read_dir(out).map_err(|e| io(out, e))?;
+        if entries.next().is_some() {
+            return Err(bad(format!(
+                "{} is not empty: a snapshot goes into a new folder",
+                out.display()
+            )));
+        }
+    }
+    std::fs::create_dir_all(out.join("apps")).map_err(|e| io(out, e))?;
+
+    let mut tx = store.pool().begin().await.db("beginning the snapshot")?;
+    if store.backend() == Backend::Postgres {
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .db("starting a snapshot transaction")?;
+    }
+    let schema_version: i64 = sqlx::query(
+        "SELECT COALESCE(MAX(version), 0) AS v FROM _sqlx_migrations WHERE success = TRUE",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .db("reading the schema version")?
+    .try_get("v")
+    .db("reading the schema version")?;
+
+    let mut tables = Vec::new();
+    let mut packages: Vec<String> = Vec::new();
+    for (table, cols) in TABLES {
+        let names: Vec<&str> = cols.iter().map(|(c, _)| *c).collect();
+        let order = names[0];
+        let sql = format!("SELECT {} FROM {table} ORDER BY {order}", names.join(", "));
+        let mut buf = Vec::new();
+        let mut rows = 0u64;
+        let mut stream = sqlx::query(&sql).fetch(&mut *tx);
+        while let Some(row) = stream.try_next().await.db("reading a table")? {
+            let mut cells = Vec::with_capacity(cols.len());
+            for (c, k) in *cols {
+                cells.push(cell(&row, c, *k)?);
+            }
+            if *table == "app_releases" {
+                packages.push(row.try_get("sha256").db("reading a release")?);
+            }
+            serde_json::to_writer(&mut buf, &cells).map_err(|e| bad(e.to_string()))?;
+            buf.push(b'\n');
+            rows += 1;
+        }
+        drop(stream);
+        let file = format!("{table}.ndjson");
+        write_file(&out.join(&file), &buf).await?;
+        tables.push(TableEntry {
+            table: (*table).to_owned(),
+            file,
+            rows,
+            bytes: buf.len() as u64,
+            sha256: sha256_hex(&buf),
+        });
+    }
+    tx.rollback().await.db("ending the snapshot")?;
+
+    // Packages are content-addressed (named by their sha256), so copying them after the read
+    // transaction still matches the rows.
+    packages.sort();
+    packages.dedup();
+    let mut files = Vec::new();
+    for sha in packages {
+        let src = crate::apps::dir(data_dir).join(&sha);
+        let bytes = tokio::fs::read(&src).await.map_err(|e| io(&src, e))?;
+        let rel = format!("apps/{sha}");
+        write_file(&out.join(&rel), &bytes).await?;
+        files.push(FileEntry {
+            file: rel,
+            bytes: bytes.len() as u64,
+            sha256: sha256_hex(&bytes),
+        });
+    }
+
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        format_version: FORMAT_VERSION,
+        created_at: unix_now(),
+        scm_version: env!("CARGO_PKG_VERSION").into(),
+        source_backend: match store.backend() {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+        .into(),
+        schema_version,
+        tables,
+        files,
+    };
+    let text = serde_json::to_vec_pretty(&manifest).map_err(|e| bad(e.to_string()))?;
+    write_file(&out.join(MANIFEST), &text).await?;
+    sync_dir(out);
+    Ok(manifest)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+/// Reads and checks a snapshot folder: the manifest, the format and schema version, every
+/// file's size and sha256. Returns the manifest and the files' contents by name.
+pub fn verify(dir: &Path) -> Result<(Manifest, Files), Error> {
+    let mpath = dir.join(MANIFEST);
+    let text = std::fs::read(&mpath).map_err(|e| {
+        bad(format!(
+            "{}: {e}: not a finished snapshot (the manifest is written last)",
+            mpath.display()
+        ))
+    })?;
+    let m: Manifest = serde_json::from_slice(&text)
+        .map_err(|e| bad(format!("{}: corrupt manifest: {e}", mpath.display())))?;
+    if m.format != FORMAT || m.format_version != FORMAT_VERSION {
+        return Err(bad(format!(
+            "{}: format {:?} version {} is not {FORMAT} version {FORMAT_VERSION}",
+            mpath.display(),
+            m.format,
+            m.format_version
+        )));
+    }
+    let ours = latest_schema_version();
+    if m.schema_version > ours {
+        return Err(bad(format!(
+            "the snapshot has schema version {}, newer than this scm-security's {ours} (it was \
+             written by scm-security {}): restore it with that version or a newer one",
+            m.schema_version, m.scm_version
+        )));
+    }
+    if m.schema_version < ours {
+        return Err(bad(format!(
+            "the snapshot has schema version {}, older than this scm-security's {ours}: restore \
+             it with scm-security {} and upgrade afterwards",
+            m.schema_version, m.scm_version
+        )));
+    }
+    for (table, _) in TABLES {
+        if !m.tables.iter().any(|t| t.table == *table) {
+            return Err(bad(format!("the manifest lists no file for table {table}")));
+        }
+    }
+    let mut contents = Vec::new();
+    let entries = m
+        .tables
+        .iter()
+        .map(|t| (&t.file, t.bytes, &t.sha256))
+        .chain(m.files.iter().map(|f| (&f.file, f.bytes, &f.sha256)));
+    for (file, bytes, sha) in entries {
+        if file.contains("..") || file.starts_with('/') {
+            return Err(bad(format!(
+                "the manifest names a file outside the snapshot: {file}"
+            )));
+        }
+        let path = dir.join(file);
+        let data = std::fs::read(&path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        if data.len() as u64 != bytes {
+            return Err(bad(format!(
+                "{}: {} bytes where the manifest says {bytes}: the snapshot is truncated or corrupt",
+                path.display(),
+                data.len()
+            )));
+        }
+        if sha256_hex(&data) != *sha {
+            return Err(bad(format!(
+                "{}: sha256 does not match the manifest: the snapshot is corrupt or was tampered with",
+                path.display()
+            )));
+        }
+        contents.push((file.clone(), data));
+    }
+    Ok((m, contents))
+}
+
+type Cell = serde_json::Value;
+
+/// A snapshot's files (name inside the snapshot, contents), as checked by [`verify`].
+pub type Files = Vec<(String, Vec<u8>)>;
+
+fn parse_rows(table: &str, cols: &[(&str, Kind)], data: &[u8]) -> Result<Vec<Vec<Cell>>, Error> {
+    let mut rows = Vec::new();
+    for (i, line) in data.split(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let cells: Vec<Cell> = serde_json::from_slice(line)
+            .map_err(|e| bad(format!("{table}.ndjson line {}: {e}", i + 1)))?;
+        let ok = cells.len() == cols.len()
+            && cells.iter().zip(cols).all(|(c, (_, k))| match k {
+                Kind::Text | Kind::Blob => c.is_string(),
+                Kind::OptText => c.is_string() || c.is_null(),
+                Kind::Int => c.is_i64(),
+                Kind::OptInt => c.is_i64() || c.is_null(),
+            });
+        if !ok {
+            return Err(bad(format!(
+                "{table}.ndjson line {}: the row does not fit the table's columns",
+                i + 1
+            )));
+        }
+        rows.push(cells);
+    }
+    Ok(rows)
+}
+
+/// Restores the snapshot in `from` into `store` (which must be empty) and the app packages into
+/// `data_dir`, after checking the snapshot and that `master` opens every sealed key in it.
+pub async fn restore(
+    store: &Store,
+    master: &MasterKey,
+    data_dir: &Path,
+    from: &Path,
+) -> Result<Manifest, Error> {
+    let (m, contents) = verify(from)?;
+    let file = |name: &str| {
+        contents
+            .iter()
+            .find(|(f, _)| f == name)
+            .map(|(_, d)| d.as_slice())
+            .ok_or_else(|| bad(format!("{name} missing")))
+    };
+    let mut parsed = Vec::new();
+    for (table, cols) in TABLES {
+        let entry = m
+            .tables
+            .iter()
+            .find(|t| t.table == *table)
+            .ok_or_else(|| bad(format!("no entry for {table}")))?;
+        let rows = parse_rows(table, cols, file(&entry.file)?)?;
+        if rows.len() as u64 != entry.rows {
+            return Err(bad(format!(
+                "{}: {} rows where the manifest says {}",
+                entry.file,
+                rows.len(),
+                entry.rows
+            )));
+        }
+        parsed.push((*table, *cols, rows));
+    }
+    // Every sealed key must open under this master key, or the restored devices could not log in.
+    for (table, _, rows) in &parsed {
+        if *table != "device_keys" {
+            continue;
+        }
+        for r in rows {
+            let key_id = r[0].as_str().unwrap_or_default();
+            let sealed = B64
+                .decode(r[4].as_str().unwrap_or_default())
+                .map_err(|e| bad(format!("device_keys: key {key_id}: {e}")))?;
+            master.open(key_id, &sealed).map_err(|_| {
+                bad(format!(
+                    "the master key does not open the snapshot's key {key_id}: restore needs \
+                     the master key file of the instance that was backed up"
+                ))
+            })?;
+        }
+    }
+    let mut not_empty = Vec::new();
+    for (table, _) in TABLES {
+        let n = store.count(table).await?;
+        if n > 0 {
+            not_empty.push(format!("{table}: {n} rows"));
+        }
+    }
+    if !not_empty.is_empty() {
+        return Err(bad(format!(
+            "the target database is not empty ({}): restore only into a fresh instance",
+            not_empty.join(", ")
+        )));
+    }
+
+    let mut tx = store.pool().begin().await.db("beginning the restore")?;
+    for (table, cols, rows) in &parsed {
+        let names: Vec<&str> = cols.iter().map(|(c, _)| *c).collect();
+        for chunk in rows.chunks(BATCH) {
+            let mut sql = format!("INSERT INTO {table} ({}) VALUES ", names.join(", "));
+            let mut n = 0;
+            for (i, _) in chunk.iter().enumerate() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push('(');
+                for j in 0..cols.len() {
+                    n += 1;
+                    if j > 0 {
+                        sql.push(',');
+                    }
+                    sql.push_str(&format!("${n}"));
+                }
+                sql.push(')');
+            }
+            let mut q = sqlx::query(&sql);
+            for r in chunk {
+                for (c, (_, k)) in r.iter().zip(cols.iter()) {
+                    q = match k {
+                        Kind::Text => q.bind(c.as_str().unwrap_or_default().to_owned()),
+                        Kind::OptText => q.bind(c.as_str().map(str::to_owned)),
+                        Kind::Int => q.bind(c.as_i64().unwrap_or_default()),
+                        Kind::OptInt => q.bind(c.as_i64()),
+                        Kind::Blob => q.bind(
+                            B64.decode(c.as_str().unwrap_or_default())
+                                .map_err(|e| bad(format!("{table}: bad base64: {e}")))?,
+                        ),
+                    };
+                }
+            }
+            q.execute(&mut *tx).await.db("restoring rows")?;
+        }
+    }
+    if store.backend() == Backend::Postgres {
+        // Explicit ids do not advance the audit log's sequence.
+        sqlx::query(
+            "SELECT setval(pg_get_serial_sequence('audit_log', 'id'), \
+             COALESCE((SELECT MAX(id) FROM audit_log), 0) + 1, false) AS v",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .db("advancing the audit log sequence")?;
+    }
+    tx.commit().await.db("committing the restore")?;
+
+    let apps = crate::apps::dir(data_dir);
+    std::fs::create_dir_all(&apps).map_err(|e| io(&apps, e))?;
+    for f in &m.files {
+        let name = f.file.trim_start_matches("apps/");
+        let dst = apps.join(name);
+        std::fs::write(&dst, file(&f.file)?).map_err(|e| io(&dst, e))?;
+    }
+    Ok(m)
+}
+
+/// What the scheduler reports, exported as metrics.
+#[derive(Debug, Default)]
+pub struct BackupStats {
+    /// Unix seconds of the last successful run (0: none yet).
+    pub last_success: AtomicI64,
+    /// Duration of the last run, in milliseconds.
+    pub last_duration_ms: AtomicU64,
+    /// Runs that succeeded.
+    pub successes: AtomicU64,
+    /// Runs that failed.
+    pub failures: AtomicU64,
+    /// Unix seconds of the last failed run (0: none).
+    pub last_failure: AtomicI64,
+}
+
+/// Settings of the backup scheduler.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// Folder holding the snapshots.
+    pub dir: PathBuf,
+    /// Time between runs.
+    pub interval: Duration,
+    /// Snapshots kept (older ones are deleted after a successful run).
+    pub keep: usize,
+}
+
+/// One scheduled run: a snapshot into a hidden folder, renamed into place when complete, then
+/// pruning. Returns the snapshot folder.
+pub async fn run_once(
+    store: &Store,
+    data_dir: &Path,
+    sched: &Schedule,
+    stats: &BackupStats,
+) -> Result<PathBuf, Error> {
+    let started = Instant::now();
+    let result = async {
+        std::fs::create_dir_all(&sched.dir).map_err(|e| io(&sched.dir, e))?;
+        let stamp = format!(
+            "{}{}-{:03}",
+            SNAPSHOT_PREFIX,
+            unix_now(),
+            u16::from_le_bytes(scm_proto::crypto::random_bytes::<2>()) % 1000
+        );
+        let tmp = sched.dir.join(format!(".partial-{stamp}"));
+        let done = sched.dir.join(&stamp);
+        if let Err(e) = snapshot(store, data_dir, &tmp).await {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, &done).map_err(|e| io(&done, e))?;
+        sync_dir(&sched.dir);
+        prune(&sched.dir, sched.keep)?;
+        Ok(done)
+    }
+    .await;
+    stats
+        .last_duration_ms
+        .store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    match &result {
+        Ok(_) => {
+            stats.successes.fetch_add(1, Ordering::Relaxed);
+            stats.last_success.store(unix_now(), Ordering::Relaxed);
+        }
+        Err(_) => {
+            stats.failures.fetch_add(1, Ordering::Relaxed);
+            stats.last_failure.store(unix_now(), Ordering::Relaxed);
+        }
+    }
+    result
+}
+
+/// Deletes all but the newest `keep` snapshots (and leftovers of interrupted runs).
+fn prune(dir: &Path, keep: usize) -> Result<(), Error> {
+    let mut snaps = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let e = e.map_err(|e| io(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(SNAPSHOT_PREFIX) {
+            snaps.push(name);
+        } else if name.starts_with(".partial-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    // Names sort by time: the prefix, then Unix seconds of the same width for centuries.
+    snaps.sort();
+    let excess = snaps.len().saturating_sub(keep.max(1));
+    for name in &snaps[..excess] {
+        let p = dir.join(name);
+        std::fs::remove_dir_all(&p).map_err(|e| io(&p, e))?;
+    }
+    Ok(())
+}
+
+/// The snapshots in a backup folder, oldest first.
+pub fn list(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| io(dir, e))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(SNAPSHOT_PREFIX))
+        .map(|e| e.path())
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// Runs [`run_once`] every `interval` until `stop`; every run is logged, a failure as an error.
+pub async fn scheduler(
+    store: Store,
+    data_dir: PathBuf,
+    sched: Schedule,
+    stats: Arc<BackupStats>,
+    stop: CancellationToken,
+) {
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + sched.interval, sched.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match run_once(&store, &data_dir, &sched, &stats).await {
+            Ok(p) => tracing::info!(
+                snapshot = %p.display(),
+                ms = stats.last_duration_ms.load(Ordering::Relaxed),
+                "backup done"
+            ),
+            Err(e) => tracing::error!(
+                error = %e,
+                dir = %sched.dir.display(),
+                failures = stats.failures.load(Ordering::Relaxed),
+                "BACKUP FAILED: no new snapshot was written"
+            ),
+        }
+    }
+}
