@@ -55,7 +55,7 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, ()> {
         );
     }
     // Malformed frames pass: the kernel stack drops them itself, and counting them is the job.
-    Ok(steer::verdict(&parsed))
+    Ok(steer::verdict(ctx, &parsed))
 }
 
 #[inline(always)]

@@ -8,12 +8,14 @@
 //! the kernel's established-socket table keeps the flow on its worker.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{sk_action, xdp_action},
     helpers::bpf_ktime_get_ns,
     macros::{map, sk_lookup},
     maps::{Array, LruHashMap, PerCpuArray, SockMap},
-    programs::SkLookupContext,
+    programs::{SkLookupContext, XdpContext},
 };
+use aya_log_ebpf::debug;
 use proxy_common::{
     L3, L4, Malformed, Packet,
     parse::{IPPROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN},
@@ -122,7 +124,7 @@ fn record_new_flow(key: &FlowKey, w: u32) {
 /// The XDP verdict on a parsed frame. Only TCP to the configured service port is looked at;
 /// everything else passes as before.
 #[inline(always)]
-pub fn verdict(parsed: &Result<Packet, Malformed>) -> u32 {
+pub fn verdict(ctx: &XdpContext, parsed: &Result<Packet, Malformed>) -> u32 {
     let Ok(packet) = parsed else {
         return xdp_action::XDP_PASS;
     };
@@ -151,16 +153,30 @@ pub fn verdict(parsed: &Result<Packet, Malformed>) -> u32 {
         family,
     };
     stat(SteerStat::Inspected);
-    tcp_verdict(&cfg, &key, flags)
+    tcp_verdict(ctx, &cfg, &key, flags)
+}
+
+/// A decision, to the aya-log ring at debug level (compiled out at load time otherwise).
+#[inline(always)]
+fn note<C: EbpfContext>(ctx: &C, s: SteerStat, key: &FlowKey, worker: u32) {
+    stat(s);
+    debug!(
+        ctx,
+        "scm steer: {} (stat {}) source port {} worker {}",
+        s.name(),
+        s.index(),
+        key.src_port,
+        worker
+    );
 }
 
 #[inline(always)]
-fn tcp_verdict(cfg: &SteerConfig, key: &FlowKey, flags: u8) -> u32 {
+fn tcp_verdict(ctx: &XdpContext, cfg: &SteerConfig, key: &FlowKey, flags: u8) -> u32 {
     let now = now();
     let source = key.source();
     if let Some(expiry) = lru_get(&SCM_BLOCK, &source) {
         if expiry > now {
-            stat(SteerStat::DropBlocklist);
+            note(ctx, SteerStat::DropBlocklist, key, NO_WORKER);
             return xdp_action::XDP_DROP;
         }
         let _ = SCM_BLOCK.remove(source);
@@ -183,7 +199,7 @@ fn tcp_verdict(cfg: &SteerConfig, key: &FlowKey, flags: u8) -> u32 {
         let verified = lru_get(&SCM_VERIFIED, &source)
             .is_some_and(|seen| now.saturating_sub(seen) <= cfg.verified_ttl_ns);
         if !verified {
-            stat(SteerStat::DropSynFlood);
+            note(ctx, SteerStat::DropSynFlood, key, NO_WORKER);
             return xdp_action::XDP_DROP;
         }
         stat(SteerStat::SynFloodAdmitted);
@@ -195,7 +211,7 @@ fn tcp_verdict(cfg: &SteerConfig, key: &FlowKey, flags: u8) -> u32 {
                 let _ = SCM_RATE.insert(source, tat, 0);
             }
             None => {
-                stat(SteerStat::DropRateLimit);
+                note(ctx, SteerStat::DropRateLimit, key, NO_WORKER);
                 return xdp_action::XDP_DROP;
             }
         }
@@ -203,7 +219,7 @@ fn tcp_verdict(cfg: &SteerConfig, key: &FlowKey, flags: u8) -> u32 {
     match maglev_choice(key.maglev_slot()) {
         Some(w) => {
             record_new_flow(key, w);
-            stat(SteerStat::NewFlow);
+            note(ctx, SteerStat::NewFlow, key, w);
         }
         None => stat(SteerStat::NoWorker),
     }
@@ -355,10 +371,10 @@ fn lookup(ctx: &SkLookupContext) {
                 0,
             );
             bump(&SCM_WORKER_FLOWS, w);
-            stat(SteerStat::LookupFallback);
+            note(ctx, SteerStat::LookupFallback, &key, w);
             return;
         }
         i += 1;
     }
-    stat(SteerStat::LookupNoSocket);
+    note(ctx, SteerStat::LookupNoSocket, &key, NO_WORKER);
 }

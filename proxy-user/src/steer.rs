@@ -194,6 +194,11 @@ impl Steering {
         Ok(())
     }
 
+    /// Forwards the programs' aya-log records (see [`XdpIngress::forward_kernel_logs`]).
+    pub fn forward_kernel_logs(&mut self) -> Result<(), XdpError> {
+        self.ingress.forward_kernel_logs()
+    }
+
     /// The ingress program (counters, test runs).
     pub fn ingress(&self) -> &XdpIngress {
         &self.ingress

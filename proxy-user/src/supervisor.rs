@@ -736,10 +736,15 @@ pub async fn run(
     workers: u32,
 ) -> Result<(), SupervisorError> {
     let adopting = Steering::is_pinned(&args.pin_dir);
+    let kernel_log = tracing::enabled!(tracing::Level::DEBUG);
     let mut steering = Steering::load(&SteerOptions {
         pin_dir: Some(args.pin_dir.clone()),
+        kernel_log_level: kernel_log.then_some(aya_log::Level::Debug),
         ..SteerOptions::default()
     })?;
+    if kernel_log {
+        steering.forward_kernel_logs()?;
+    }
     if let Some(iface) = &args.steer_iface {
         match steering.attach_xdp(iface, args.xdp_mode)? {
             Some(mode) => info!(iface, %mode, "XDP attached and pinned"),

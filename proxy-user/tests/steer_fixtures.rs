@@ -497,3 +497,22 @@ fn lru_tables_filled_twice_over_keep_working() {
         );
     }
 }
+
+#[test]
+fn loads_and_steers_with_the_kernel_log_on() {
+    if !support::require_root("steer_fixtures::loads_and_steers_with_the_kernel_log_on") {
+        return;
+    }
+    // The debug records add branches the verifier must accept too.
+    let st = loaded(&SteerOptions {
+        kernel_log_level: Some(aya_log::Level::Debug),
+        ..SteerOptions::default()
+    });
+    step(
+        &st,
+        "new flow, log on",
+        &syn(src(1), 1234),
+        XDP_PASS,
+        &[(SteerStat::Inspected, 1), (SteerStat::NewFlow, 1)],
+    );
+}
