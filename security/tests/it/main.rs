@@ -9,6 +9,7 @@ mod flows;
 mod ldap;
 mod ldap_tests;
 mod pg;
+mod replication;
 mod support;
 
 /// Runs an `async fn(Db)` case once on SQLite and once on PostgreSQL.
