@@ -35,6 +35,148 @@ use scm_proxy::{
 };
 use support::{B_V4, NetnsPair, in_netns};
 
+/// TLS handshakes per second through real `scm-proxy serve` processes.
+mod proxy_rate {
+    use std::{
+        net::{SocketAddr, TcpStream},
+        path::{Path, PathBuf},
+        process::{Child, Command, Stdio},
+        sync::{
+            Arc,
+            atomic::{AtomicBool, AtomicU64, Ordering},
+        },
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use rustls::{ClientConfig, ClientConnection, RootCertStore};
+
+    use super::{B_V4, CLIENT_THREADS, NetnsPair, RUN, SERVICE, in_netns};
+
+    pub struct Certs {
+        pub dir: PathBuf,
+        pub client: Arc<ClientConfig>,
+    }
+
+    pub fn certs() -> Certs {
+        let dir = std::env::temp_dir().join(format!("scm-steer-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec![B_V4.to_owned()]).unwrap();
+        std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(ck.cert.der().clone()).unwrap();
+        let client = Arc::new(
+            ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        );
+        Certs { dir, client }
+    }
+
+    /// `scm-proxy serve` in namespace `b` with `extra` flags.
+    pub fn start(pair: &NetnsPair, certs: &Certs, extra: &[&str]) -> Child {
+        let p = |n: &str| certs.dir.join(n).to_str().unwrap().to_owned();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_scm-proxy"));
+        cmd.args(["serve", "--listen", &format!("{B_V4}:{SERVICE}")])
+            .args(["--tls-cert", &p("cert.pem"), "--tls-key", &p("key.pem")])
+            .args([
+                "--security-url",
+                "https://127.0.0.1:1",
+                "--security-ca",
+                &p("cert.pem"),
+            ])
+            .args([
+                "--client-cert",
+                &p("cert.pem"),
+                "--client-key",
+                &p("key.pem"),
+            ])
+            .args(extra)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        in_netns(&pair.b, || cmd.spawn()).expect("starting scm-proxy")
+    }
+
+    fn handshake(ns: &str, config: &Arc<ClientConfig>) -> bool {
+        let to = SocketAddr::new(B_V4.parse().unwrap(), SERVICE);
+        let Ok(mut tcp) = in_netns(ns, || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(2))
+        }) else {
+            return false;
+        };
+        let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+        let Ok(mut conn) = ClientConnection::new(config.clone(), B_V4.try_into().unwrap()) else {
+            return false;
+        };
+        while conn.is_handshaking() {
+            if conn.complete_io(&mut tcp).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Waits until a handshake succeeds several times in a row (all workers up).
+    pub fn wait_ready(ns: &str, config: &Arc<ClientConfig>) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut ok = 0;
+        while ok < 50 {
+            if handshake(ns, config) {
+                ok += 1;
+            } else {
+                ok = 0;
+                thread::sleep(Duration::from_millis(100));
+            }
+            assert!(Instant::now() < deadline, "scm-proxy did not come up");
+        }
+        // Let late workers register.
+        thread::sleep(Duration::from_secs(2));
+    }
+
+    /// TLS handshakes per second, `CLIENT_THREADS` clients, and the failures.
+    pub fn rate(ns: &str, config: &Arc<ClientConfig>) -> (f64, u64) {
+        let stop = AtomicBool::new(false);
+        let (done, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+        let started = Instant::now();
+        thread::scope(|s| {
+            for _ in 0..CLIENT_THREADS {
+                s.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        if handshake(ns, config) {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+            thread::sleep(RUN);
+            stop.store(true, Ordering::Relaxed);
+        });
+        (
+            done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64(),
+            failed.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn stop(mut child: Child, pin_dir: Option<&Path>) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = child.wait();
+        if let Some(dir) = pin_dir {
+            let _ = scm_proxy::steer::Steering::unpin(dir);
+        }
+    }
+}
+
 const SERVICE: u16 = 443;
 const WORKERS: usize = 4;
 const CLIENT_THREADS: usize = 4;
@@ -389,6 +531,49 @@ fn main() {
     println!(
         "  scm_lookup, connection run (alone) {lookup_only_ns:>8.1} ns  ({lookup_only_runs} runs)"
     );
+
+    // Through the real proxy: TLS handshakes per second (the proxy's work, not the steering's,
+    // dominates; this shows the steered workers carry it).
+    let certs = proxy_rate::certs();
+    let one = {
+        let pair = NetnsPair::create();
+        let child = proxy_rate::start(&pair, &certs, &[]);
+        proxy_rate::wait_ready(&pair.a, &certs.client);
+        let r = proxy_rate::rate(&pair.a, &certs.client);
+        proxy_rate::stop(child, None);
+        r
+    };
+    let steered = {
+        let pair = NetnsPair::create();
+        let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/scm-bench-{}", std::process::id()));
+        let pin_arg = pin.to_str().unwrap().to_owned();
+        let child = proxy_rate::start(
+            &pair,
+            &certs,
+            &[
+                "--workers",
+                "4",
+                "--steer-iface",
+                "vb",
+                "--xdp-mode",
+                "native",
+                "--pin-dir",
+                &pin_arg,
+            ],
+        );
+        proxy_rate::wait_ready(&pair.a, &certs.client);
+        let r = proxy_rate::rate(&pair.a, &certs.client);
+        proxy_rate::stop(child, Some(&pin));
+        r
+    };
+    let _ = std::fs::remove_dir_all(&certs.dir);
+    println!();
+    println!(
+        "{:<32} {:>26} {:>26}",
+        "through scm-proxy (TLS 1.3)", "one process, no BPF", "4 workers, XDP + sk_lookup"
+    );
+    println!("{:<32} {:>26.0} {:>26.0}", "handshakes/s", one.0, steered.0);
+    println!("{:<32} {:>26} {:>26}", "failed", one.1, steered.1);
 
     // Katran style: the XDP paths alone, BPF_PROG_TEST_RUN with repeat.
     let repeat = 1_000_000;
