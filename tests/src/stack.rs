@@ -261,7 +261,12 @@ pub struct Stack {
     opts: StackOptions,
     security: Option<Proc>,
     proxy: Option<Proc>,
+    _slot: tokio::sync::SemaphorePermit<'static>,
 }
+
+/// At most this many stacks run at once in one process, so a test binary's parallel tests do not
+/// starve each other's timing checks on a small machine.
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(3);
 
 impl Stack {
     /// Starts Security server, back ends and proxy, and fills the catalog: users `alice` (group
@@ -270,6 +275,7 @@ impl Stack {
     /// android; site `main` with this proxy.
     pub async fn start(opts: StackOptions) -> Result<Self> {
         let bins = tokio::task::spawn_blocking(binaries).await?;
+        let slot = SLOTS.acquire().await?;
         let dir = tempfile::Builder::new().prefix("scm-e2e-").tempdir()?;
         let certs = dir.path().join("certs");
         run(Command::new(&bins.security)
@@ -295,6 +301,7 @@ impl Stack {
             opts,
             security: None,
             proxy: None,
+            _slot: slot,
             dir,
         };
         stack.start_security().await?;
