@@ -269,13 +269,21 @@ fn over_syn_threshold(cfg: &SteerConfig, now: u64) -> bool {
 /// Delivers a connection to the service port to a worker's listening socket.
 #[sk_lookup]
 pub fn scm_lookup(ctx: SkLookupContext) -> u32 {
-    lookup(&ctx);
-    // Always let the lookup go on: when no socket was assigned the kernel's own lookup runs.
-    sk_action::SK_PASS
+    match lookup(&ctx) {
+        Lookup::Blocked => sk_action::SK_DROP,
+        // Let the lookup go on: when no socket was assigned the kernel's own lookup runs.
+        Lookup::Pass => sk_action::SK_PASS,
+    }
+}
+
+enum Lookup {
+    Pass,
+    /// The source is on the blocklist: where no XDP runs, sk_lookup enforces it.
+    Blocked,
 }
 
 #[inline(always)]
-fn lookup(ctx: &SkLookupContext) {
+fn lookup(ctx: &SkLookupContext) -> Lookup {
     let l = ctx.lookup;
     // SAFETY: `l` is the context pointer the kernel passed; each field is read with a load of
     // its own size at its own offset, the only context accesses the verifier allows.
@@ -290,7 +298,7 @@ fn lookup(ctx: &SkLookupContext) {
     let cfg = config();
     if protocol != u32::from(IPPROTO_TCP) || cfg.service_port == 0 || local_port != cfg.service_port
     {
-        return;
+        return Lookup::Pass;
     }
     let mut key = FlowKey {
         src_port: u16::from_be(remote_port),
@@ -329,9 +337,16 @@ fn lookup(ctx: &SkLookupContext) {
         }
         key.family = FAMILY_V6;
     } else {
-        return;
+        return Lookup::Pass;
     }
 
+    let source = key.source();
+    if let Some(expiry) = lru_get(&SCM_BLOCK, &source)
+        && expiry > now()
+    {
+        note(ctx, SteerStat::DropBlocklist, &key, NO_WORKER);
+        return Lookup::Blocked;
+    }
     let slot = key.maglev_slot();
     // sk_lookup sees only connections being set up, so a recorded worker that is no longer
     // healthy (a port reused after that worker began draining) is not used.
@@ -352,7 +367,7 @@ fn lookup(ctx: &SkLookupContext) {
         } else {
             SteerStat::LookupComputed
         });
-        return;
+        return Lookup::Pass;
     }
     // The chosen worker's socket is gone (the kernel removes a closed socket from the sockmap
     // at once): take the next healthy worker along the Maglev table that has one.
@@ -372,9 +387,10 @@ fn lookup(ctx: &SkLookupContext) {
             );
             bump(&SCM_WORKER_FLOWS, w);
             note(ctx, SteerStat::LookupFallback, &key, w);
-            return;
+            return Lookup::Pass;
         }
         i += 1;
     }
     note(ctx, SteerStat::LookupNoSocket, &key, NO_WORKER);
+    Lookup::Pass
 }

@@ -203,6 +203,20 @@ fn loopback_without_xdp_is_steered_by_sk_lookup() {
     assert_eq!(moved.get(SteerStat::NewFlow), 0, "no XDP on lo: {moved}");
     let v6 = spread(&s.pair.b, "[::1]:443".parse().unwrap(), 200);
     assert!(v6.iter().all(|c| *c > 0), "{v6:?}");
+
+    // Without XDP the blocklist is enforced by sk_lookup.
+    let mut s = s;
+    let lo = SocketAddr::from(([127, 0, 0, 1], SERVICE));
+    s.steering.block(lo.ip(), Duration::from_secs(60)).unwrap();
+    let before = s.steering.counters().unwrap();
+    let blocked = in_netns(&s.pair.b, || {
+        TcpStream::connect_timeout(&lo, Duration::from_secs(1))
+    });
+    assert!(blocked.is_err(), "a blocked source connected");
+    let moved = s.steering.counters().unwrap().since(&before);
+    assert!(moved.get(SteerStat::DropBlocklist) >= 1, "{moved}");
+    s.steering.unblock(lo.ip()).unwrap();
+    connect(&s.pair.b, lo).expect("unblocked");
 }
 
 #[test]
