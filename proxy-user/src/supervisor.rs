@@ -788,8 +788,17 @@ pub async fn run(
     };
     let adopted = sup.adopt_workers()?;
     for index in 0..workers {
-        if !adopted.contains(&index) {
-            sup.restart(index).await;
+        if adopted.contains(&index) {
+            continue;
+        }
+        // A worker that cannot start at all (a bad certificate, a port in use) is a
+        // configuration error: say so and stop, instead of restarting it forever.
+        if let Err(e) = sup.start_worker(index).await {
+            sup.stop_all().await;
+            if !adopting {
+                let _ = Steering::unpin(&sup.args.pin_dir);
+            }
+            return Err(e);
         }
     }
     info!(

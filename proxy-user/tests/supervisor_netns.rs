@@ -644,3 +644,47 @@ fn repeated_authentication_failures_put_the_source_on_the_blocklist() {
         h.supervisor_log()
     );
 }
+
+#[test]
+fn a_worker_that_cannot_start_stops_the_supervisor_with_the_reason() {
+    if !require_root(
+        "supervisor_netns::a_worker_that_cannot_start_stops_the_supervisor_with_the_reason",
+    ) {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let pair = NetnsPair::create();
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/scm-sup-bad-{}", std::process::id()));
+    let _ = Steering::unpin(&pin_dir);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_scm-proxy"));
+    cmd.args(["serve", "--listen", &format!("{B_V4}:{SERVICE}")])
+        .args([
+            "--tls-cert",
+            "/nonexistent/cert.pem",
+            "--tls-key",
+            "/nonexistent/key.pem",
+        ])
+        .args([
+            "--security-url",
+            "https://127.0.0.1:1",
+            "--security-ca",
+            "/nonexistent/ca.pem",
+        ])
+        .args([
+            "--client-cert",
+            "/nonexistent/c.pem",
+            "--client-key",
+            "/nonexistent/k.pem",
+        ])
+        .args(["--workers", "2"])
+        .arg("--pin-dir")
+        .arg(&pin_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = in_netns(&pair.b, || cmd.spawn()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("exited before listening"), "{stderr}");
+    assert!(!Steering::is_pinned(&pin_dir), "pins left behind");
+}
