@@ -24,7 +24,7 @@ pub enum TlsPath {
 /// HTTP/1.1 reverse proxy with identity headers (http mode).
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Example:\n  scm-proxy serve --listen 127.0.0.1:9443 \\\n    --tls-cert proxy.pem --tls-key proxy-key.pem \\\n    --security-url https://127.0.0.1:8444 --security-ca ca.pem \\\n    --client-cert proxy-client.pem --client-key proxy-client-key.pem \\\n    --metrics-listen 127.0.0.1:9100"
+    after_help = "Example:\n  scm-proxy serve --listen 127.0.0.1:9443 \\\n    --tls-cert certs/proxy.pem --tls-key certs/proxy.key \\\n    --security-url https://127.0.0.1:8444 --security-ca certs/ca.pem \\\n    --client-cert certs/proxy-client.pem --client-key certs/proxy-client.key \\\n    --metrics-listen 127.0.0.1:9100"
 )]
 pub struct ServeArgs {
     /// Address devices connect to (TLS 1.3).
