@@ -198,11 +198,17 @@ impl Bench {
             },
         );
         let data = self.work().join("perf.data");
+        // nginx's work is in its worker, a child of the pid we started.
+        let pids: Vec<String> = std::iter::once(t.pid)
+            .chain(procfs::children(t.pid))
+            .map(|p| p.to_string())
+            .collect();
+        let pids = pids.join(",");
         let perf = match &self.perf_out {
             Some(_) => Some(Proc::spawn(
                 "perf record",
                 Command::new("perf")
-                    .args(["record", "-F", "1999", "-p", &t.pid.to_string(), "-o"])
+                    .args(["record", "-F", "1999", "-p", &pids, "-o"])
                     .arg(&data),
                 self.work().join("perf.log"),
             )?),
