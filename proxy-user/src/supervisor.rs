@@ -357,7 +357,6 @@ struct Worker {
     pid: u32,
     /// Our own children, to reap; adopted workers (from a previous supervisor) have none.
     child: Option<Child>,
-    state: WorkerState,
     started: Instant,
     /// Bumped on every start, so a stale exit event is recognised.
     generation: u64,
@@ -443,7 +442,6 @@ impl Supervisor {
         self.workers[index as usize] = Some(Worker {
             pid,
             child: Some(child),
-            state: WorkerState::Healthy,
             started: Instant::now(),
             generation: self.generation,
         });
@@ -483,7 +481,6 @@ impl Supervisor {
                     self.workers[index as usize] = Some(Worker {
                         pid: slot.pid,
                         child: None,
-                        state: WorkerState::Healthy,
                         started: Instant::now(),
                         generation: self.generation,
                     });
@@ -564,7 +561,6 @@ impl Supervisor {
             let Some(mut w) = self.workers[index as usize].take() else {
                 continue;
             };
-            w.state = WorkerState::Draining;
             lock(&self.steering).set_worker(index, WorkerState::Draining, w.pid)?;
             info!(worker = index, pid = w.pid, "draining");
             let deadline = Instant::now() + self.args.drain_timeout;
