@@ -300,7 +300,7 @@ fn make_pair() -> Result<Pair, String> {
         &pdata,
         pport,
         "-c wal_level=replica -c max_wal_senders=5 -c max_replication_slots=5 \
-         -c fsync=off -c max_connections=100",
+         -c fsync=off -c max_connections=100 -c wal_sender_timeout=6s",
     )?;
     let sql = |q: &str| {
         let out = Command::new(bin.join("psql"))

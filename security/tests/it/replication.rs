@@ -2,7 +2,8 @@
 //! on the primary cluster (enrolment waits for synchronous commit) and a failover `scm-security`
 //! on the hot standby. The standby instance serves logins and validations and refuses writes
 //! with 503 `read_only_standby`; a stalled standby turns enrolment into 503
-//! `sync_commit_timeout`; after SIGKILL of the primary PostgreSQL and the primary `scm-security`
+//! `sync_commit_timeout` and shows as lag, a gone one as no standby and 503 `no_sync_standby`;
+//! after SIGKILL of the primary PostgreSQL and the primary `scm-security`
 //! and the standby's promotion, every device enrolled before the kill logs in at the failover
 //! instance, which takes writes again without a restart.
 
@@ -128,7 +129,7 @@ async fn failover_to_promoted_standby_loses_no_enrolment() {
         &certs,
         "primary",
         &pair.primary.url("scm"),
-        &["--require-sync-commit", "--sync-commit-timeout", "3s"],
+        &["--require-sync-commit", "--sync-commit-timeout", "2s"],
     );
     // The failover instance needs the same master key; its schema comes by replication.
     std::fs::create_dir_all(tmp.path().join("failover")).unwrap();
@@ -207,8 +208,40 @@ async fn failover_to_promoted_standby_loses_no_enrolment() {
         .await
         .err()
         .expect("no confirmation from a stopped standby");
-    signal("-CONT");
     assert_error(&e, 503, "sync_commit_timeout");
+    // The stalled standby lags, and the primary's metrics say so.
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            primary.metric("scm_replication_max_lag_bytes").await > 0.0
+        })
+        .await,
+        "lag of a stalled standby"
+    );
+    step("stalled standby: sync_commit_timeout and lag");
+
+    // Still stopped, the standby is gone for the primary once wal_sender_timeout (6 s) passes:
+    // no standby in the metrics, enrolment refused rather than blocked.
+    assert!(
+        eventually(Duration::from_secs(20), async || {
+            primary.metric("scm_replication_standbys").await == 0.0
+        })
+        .await,
+        "a gone standby shows in the metrics"
+    );
+    let e = Device::try_enroll(&primary.device, "alice", "pw-alice", "dev-gone", None)
+        .await
+        .err()
+        .expect("no synchronous standby streaming");
+    assert_error(&e, 503, "no_sync_standby");
+    signal("-CONT");
+    assert!(
+        eventually(Duration::from_secs(40), async || {
+            primary.metric("scm_replication_sync_standbys").await == 1.0
+        })
+        .await,
+        "the standby streams again"
+    );
+    step("gone standby: no_sync_standby, then back");
 
     // Enrol, then kill the primary database and server at once.
     let mut devices = vec![first];
