@@ -327,13 +327,11 @@ fn workflow(bin: &Path, dir: &Path) -> Result<()> {
     )?;
 
     header(
-        "step 1-2: TLS to the Security server, login with password + MAC over a fresh challenge",
+        "steps 1-2: device -> Security server over TLS; login = password + MAC over a challenge",
     );
     step(&mut device(&["login"]), None)?;
 
-    header(
-        "step 3-6: tunnel to resource 'echo': preamble to the proxy, which validates and relays",
-    );
+    header("steps 3-6: a tunnel to resource 'echo' through the proxy");
     let mut tunnel = Service::start(
         "scm-device-tunnel",
         dir,
@@ -351,17 +349,23 @@ fn workflow(bin: &Path, dir: &Path) -> Result<()> {
         "the echo back end returned {:?}",
         String::from_utf8_lossy(&echoed)
     );
+    let validations = metric_lines("scm_proxy_validations_total")?;
     println!(
-        "    sent and got back through the tunnel: {}",
+        "    step 3: device -> proxy: TLS 1.3, preamble (session id, app context, resource, MAC over the TLS exporter)"
+    );
+    println!(
+        "    step 4: proxy -> Security server over mutual TLS: validate the session ({})",
+        validations.join(", ")
+    );
+    println!(
+        "    step 5: Security server -> proxy: valid, user alice, groups, session key; binding, app and group checks pass"
+    );
+    println!(
+        "    step 6: proxy <-> back end: sent and got back {:?}",
         String::from_utf8_lossy(&echoed).trim()
     );
     drop(conn);
     drop(tunnel);
-    let validations = metric_lines("scm_proxy_validations_total")?;
-    println!(
-        "    proxy asked the Security server (steps 4-5): {}",
-        validations.join(", ")
-    );
 
     header("http resource 'web': identity headers added by the proxy, session material stripped");
     step(&mut device(&["get", "http://web/hello"]), None)?;
