@@ -31,6 +31,11 @@ enum Cmd {
         #[arg(long)]
         spec: String,
     },
+    /// Render the markdown table and the plot again from a results JSON (next to it).
+    Render {
+        /// A `quick.json` or `full.json` written by `run`.
+        json: std::path::PathBuf,
+    },
     /// Serve the bulk protocol (D n / U n) on an address.
     Backend {
         /// Address to listen on.
@@ -53,6 +58,24 @@ fn main() -> Result<()> {
                 .build()?;
             let result = rt.block_on(scm_bench::load::run(spec))?;
             println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Cmd::Render { json } => {
+            let text = std::fs::read_to_string(&json)
+                .with_context(|| format!("reading {}", json.display()))?;
+            let report: scm_bench::report::Report = serde_json::from_str(&text)?;
+            std::fs::write(
+                json.with_extension("md"),
+                scm_bench::report::markdown(&report),
+            )?;
+            let stem = json.file_stem().and_then(|s| s.to_str()).unwrap_or("run");
+            let svg = json.with_file_name(format!("{stem}-latency.svg"));
+            scm_bench::plot::latency_vs_rate(&report.curves, &svg)?;
+            println!(
+                "written {} and {}",
+                json.with_extension("md").display(),
+                svg.display()
+            );
             Ok(())
         }
         Cmd::Backend { listen } => {

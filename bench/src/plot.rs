@@ -1,4 +1,4 @@
-//! The latency-versus-offered-rate plot (SVG: plotters' SVG backend writes text as SVG text, so no
+//! The latency-versus-offered-rate plot, latency on a log scale (SVG: plotters' SVG backend writes text as SVG text, so no
 //! system fonts are needed).
 
 use std::path::Path;
@@ -34,10 +34,16 @@ pub fn latency_vs_rate(curves: &[Curve], path: &Path) -> Result<(), PlotError> {
         .iter()
         .flat_map(|c| c.points.iter().map(|p| p.offered))
         .fold(1.0f64, f64::max);
-    let max_y = curves
-        .iter()
-        .flat_map(|c| c.points.iter().map(|p| p.p99_us as f64 / 1000.0))
-        .fold(0.1f64, f64::max);
+    let ys = || {
+        curves
+            .iter()
+            .flat_map(|c| c.points.iter())
+            .flat_map(|p| [p.p50_us, p.p99_us])
+            .map(|us| us.max(1) as f64 / 1000.0)
+    };
+    // Log scale: on a shared machine a few overloaded points are seconds, the rest sub-millisecond.
+    let max_y = ys().fold(0.1f64, f64::max);
+    let min_y = ys().fold(max_y, f64::min).min(0.1);
     let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let mut chart = ChartBuilder::on(&root)
@@ -48,12 +54,12 @@ pub fn latency_vs_rate(curves: &[Curve], path: &Path) -> Result<(), PlotError> {
         .margin(16)
         .x_label_area_size(44)
         .y_label_area_size(60)
-        .build_cartesian_2d(0.0..max_x * 1.05, 0.0..max_y * 1.1)
+        .build_cartesian_2d(0.0..max_x * 1.05, (min_y / 1.5..max_y * 1.5).log_scale())
         .map_err(|e| err(e.to_string()))?;
     chart
         .configure_mesh()
         .x_desc("offered requests/s")
-        .y_desc("latency, ms")
+        .y_desc("latency, ms (log scale)")
         .draw()
         .map_err(|e| err(e.to_string()))?;
     for (i, c) in curves.iter().enumerate() {
@@ -61,12 +67,12 @@ pub fn latency_vs_rate(curves: &[Curve], path: &Path) -> Result<(), PlotError> {
         let p50: Vec<(f64, f64)> = c
             .points
             .iter()
-            .map(|p| (p.offered, p.p50_us as f64 / 1000.0))
+            .map(|p| (p.offered, p.p50_us.max(1) as f64 / 1000.0))
             .collect();
         let p99: Vec<(f64, f64)> = c
             .points
             .iter()
-            .map(|p| (p.offered, p.p99_us as f64 / 1000.0))
+            .map(|p| (p.offered, p.p99_us.max(1) as f64 / 1000.0))
             .collect();
         chart
             .draw_series(LineSeries::new(p50.clone(), color.stroke_width(2)))
