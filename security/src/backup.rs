@@ -716,3 +716,52 @@ pub async fn scheduler(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_must_fit_their_table() {
+        let cols = TABLES.iter().find(|(t, _)| *t == "device_keys").unwrap().1;
+        let good = br#"["k1","alice","d","mail","AAAA",1,null]"#;
+        assert_eq!(parse_rows("device_keys", cols, good).unwrap().len(), 1);
+        for bad in [
+            &br#"["k1","alice","d","mail","AAAA",1]"#[..],
+            br#"["k1","alice","d","mail","AAAA","1",null]"#,
+            br#"["k1",null,"d","mail","AAAA",1,null]"#,
+            br#"{"key_id":"k1"}"#,
+            br#"["k1","alice""#,
+        ] {
+            assert!(parse_rows("device_keys", cols, bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn prune_keeps_the_newest_and_clears_partials() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "scm-backup-1764000000-001",
+            "scm-backup-1764000300-002",
+            "scm-backup-1764000600-003",
+            ".partial-scm-backup-1764000900-004",
+        ] {
+            std::fs::create_dir_all(dir.path().join(name)).unwrap();
+        }
+        prune(dir.path(), 2).unwrap();
+        let left: Vec<String> = list(dir.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            left,
+            ["scm-backup-1764000300-002", "scm-backup-1764000600-003"]
+        );
+        assert!(
+            !dir.path()
+                .join(".partial-scm-backup-1764000900-004")
+                .exists()
+        );
+    }
+}

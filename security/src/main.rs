@@ -66,6 +66,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Backup(args) => {
             init_logs(false);
+            let db_file = args.data_dir.join("scm.db");
+            if args.database_url.is_none() && !db_file.exists() {
+                anyhow::bail!(
+                    "no database at {}: name the instance's --data-dir or --database-url",
+                    db_file.display()
+                );
+            }
             let url = args
                 .database_url
                 .clone()

@@ -214,6 +214,18 @@ async fn bad_snapshots_are_refused() {
     backup::snapshot(&srv.state().store, &data, &good)
         .await
         .unwrap();
+    // The CLI does not back up a database that is not there (it would create an empty one).
+    let none = tmp.path().join("no-such-data");
+    let o = scm(&[
+        "backup",
+        "--data-dir",
+        &none.display().to_string(),
+        "--out",
+        &tmp.path().join("x").display().to_string(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no database at"), "{}", stderr(&o));
+    assert!(!none.exists());
     // A snapshot never goes into a non-empty folder.
     let err = backup::snapshot(&srv.state().store, &data, &good)
         .await
