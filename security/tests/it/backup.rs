@@ -457,3 +457,40 @@ async fn unwritable_backup_folders_fail_loudly() {
     // The server still works.
     devs[0].login(&srv).await;
 }
+
+/// A SQLite instance's snapshot restores into PostgreSQL (the way to move engines).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_snapshot_restores_into_postgres() {
+    let Some(Db::Postgres(url)) = crate::pg::fresh_db().await else {
+        return;
+    };
+    let (mut srv, devs, _) = populated(Db::Sqlite).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = tmp.path().join("snap");
+    let data = srv.dir.path().join("data");
+    backup::snapshot(&srv.state().store, &data, &snap)
+        .await
+        .unwrap();
+    let master = std::fs::read(data.join("master.key")).unwrap();
+    srv.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path());
+    let new_data = dir.path().join("data");
+    std::fs::create_dir_all(&new_data).unwrap();
+    std::fs::write(new_data.join("master.key"), &master).unwrap();
+    let o = scm(&[
+        "restore",
+        "--from",
+        &snap.display().to_string(),
+        "--data-dir",
+        &new_data.display().to_string(),
+        "--database-url",
+        &url,
+    ]);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let srv = Server::start_in(dir, Db::Postgres(url), &["--backup-interval", "0"]).await;
+    for d in &devs {
+        d.login(&srv).await;
+    }
+}
