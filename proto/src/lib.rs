@@ -5,11 +5,13 @@
 //! - [`preamble`]: the binary frame a device sends a proxy after the TLS handshake, and the reply.
 //! - [`api`]: the JSON messages of the device API and the proxies' API on the Security server.
 //! - [`version`]: app version ordering used by the update and minimum-version policy.
+//! - [`failover`]: preferred order with failback over a list of Security servers.
 //!
 //! `docs/protocol.md` describes the same contract in prose.
 
 pub mod api;
 pub mod crypto;
+pub mod failover;
 pub mod preamble;
 pub mod version;
 
