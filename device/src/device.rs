@@ -118,6 +118,14 @@ impl Device {
         d
     }
 
+    /// The same device trying its first Security URL again every `failback` while away from it
+    /// (default [`scm_proto::failover::DEFAULT_FAILBACK`]); a long-lived app keeps one [`Device`]
+    /// and so comes back to its preferred Security server once that server answers again.
+    pub fn with_security_failback(mut self, failback: std::time::Duration) -> Self {
+        self.api = self.api.with_failback(failback);
+        self
+    }
+
     /// The Security API client.
     pub fn api(&self) -> &SecurityApi {
         &self.api
