@@ -149,7 +149,7 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
 
     /// Address of the proxies' API (mutual TLS).
-    #[arg(long, env = "SCM_PROXY_LISTEN", default_value = "127.0.0.1:8444")]
+    #[arg(long, env = "SCM_PROXY_API_LISTEN", default_value = "127.0.0.1:8444")]
     pub proxy_listen: SocketAddr,
 
     /// Address of the admin API.

@@ -188,7 +188,7 @@ fn workflow(bin: &Path, dir: &Path) -> Result<()> {
     let mut sec = Service::start(
         "scm-security",
         dir,
-        security(&[
+        &mut security(&[
             "serve",
             "--data-dir",
             "data",
@@ -204,8 +204,7 @@ fn workflow(bin: &Path, dir: &Path) -> Result<()> {
             PROXY_API,
             "--admin-listen",
             ADMIN_API,
-        ])
-        .env_remove("SCM_PROXY_LISTEN"),
+        ]),
     )?;
     for addr in [DEVICE_API, PROXY_API, ADMIN_API] {
         sec.wait_listening(addr)?;
