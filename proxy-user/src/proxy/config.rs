@@ -86,6 +86,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_PROXY_SECURITY_TIMEOUT", value_parser = parse_duration, default_value = "3s")]
     pub security_timeout: Duration,
 
+    /// While calls go to a fail-over Security server, how often the first --security-url is tried
+    /// again; when it answers, calls and the revocation stream go back to it.
+    #[arg(long, env = "SCM_PROXY_SECURITY_FAILBACK", value_parser = parse_duration, default_value = "10s")]
+    pub security_failback: Duration,
+
     /// A revocation stream silent for this long is considered dead and reopened.
     #[arg(long, env = "SCM_PROXY_REVOCATION_STALL", value_parser = parse_duration, default_value = "15s")]
     pub revocation_stall: Duration,

@@ -40,8 +40,12 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// 1 for the record-encryption path in use (`ktls` or `userspace`).
     pub tls_path: IntGaugeVec,
-    /// Security server fail-overs.
+    /// Switches to another Security server after a failure.
     pub security_failovers: IntCounter,
+    /// Switches back to the first (preferred) Security server.
+    pub security_failbacks: IntCounter,
+    /// Index (from 0, in `--security-url` order) of the Security server calls go to first.
+    pub security_current: IntGauge,
     /// Whether the revocation stream is connected (1) or not (0).
     pub revocation_stream_up: IntGauge,
 }
@@ -85,6 +89,13 @@ impl Metrics {
         .expect("valid metric name");
         r.register(Box::new(revocation_stream_up.clone()))
             .expect("unique metric");
+        let security_current = IntGauge::new(
+            "scm_proxy_security_current_index",
+            "Index (from 0, in --security-url order) of the Security server calls go to first.",
+        )
+        .expect("valid metric name");
+        r.register(Box::new(security_current.clone()))
+            .expect("unique metric");
         Self {
             connections: counter(&r, "connections_total", "Device connections accepted."),
             connections_open,
@@ -126,8 +137,14 @@ impl Metrics {
             security_failovers: counter(
                 &r,
                 "security_failovers_total",
-                "Moves to the next Security server after a failure.",
+                "Switches to another Security server after a failure.",
             ),
+            security_failbacks: counter(
+                &r,
+                "security_failbacks_total",
+                "Switches back to the first Security server once it answers again.",
+            ),
+            security_current,
             revocation_stream_up,
             registry: r,
         }

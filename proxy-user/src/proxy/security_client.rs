@@ -1,17 +1,19 @@
 //! The proxy's client of the Security server's proxies' API, over mutual TLS: session validation,
 //! the resource catalog, the app policy and the revocation stream. Several Security URLs can be
-//! given; a call that fails at the transport or gets a 5xx moves on to the next one and stays
-//! there while it answers.
+//! given, in order of preference; a call that fails at the transport, times out or gets a 5xx
+//! moves on to the next one and stays there while it answers, and the first URL is tried again
+//! every `--security-failback` until it answers ([`scm_proto::failover`], the same policy as the
+//! device's).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use scm_proto::api::{
     AppPolicy, ErrorBody, PATH_PROXY_APPS, PATH_PROXY_RESOURCES, PATH_PROXY_REVOCATIONS,
     PATH_PROXY_VALIDATE, Resource, ValidateRequest, ValidateResponse,
 };
 use scm_proto::crypto::SessionId;
+use scm_proto::failover::{Failover, Switch, SwitchKind};
 use serde::Deserialize;
 
 use super::cache::SessionInfo;
@@ -70,21 +72,34 @@ impl<T> ListOf<T> {
     }
 }
 
-/// Client of one or more Security servers, preferring the one that last answered.
+/// An open revocation stream and the server it comes from.
+pub struct RevocationStream {
+    /// Index of the server in the configured list.
+    pub idx: usize,
+    /// Its base URL.
+    pub url: String,
+    /// The streaming answer (newline-delimited JSON `ProxyEvent`s).
+    pub resp: reqwest::Response,
+}
+
+/// Client of one or more Security servers, preferring the one that last answered and coming back
+/// to the first when it answers again.
 pub struct SecurityClient {
     urls: Vec<String>,
-    current: AtomicUsize,
+    failover: Failover,
     http: reqwest::Client,
     timeout: Duration,
     metrics: Arc<Metrics>,
 }
 
 impl SecurityClient {
-    /// A client for `urls` (base URLs such as `https://127.0.0.1:8444`), in order of preference.
+    /// A client for `urls` (base URLs such as `https://127.0.0.1:8444`), in order of preference,
+    /// trying the first again every `failback` while away from it.
     pub fn new(
         urls: Vec<String>,
         tls: rustls::ClientConfig,
         timeout: Duration,
+        failback: Duration,
         metrics: Arc<Metrics>,
     ) -> Result<Self, SecurityError> {
         let http = reqwest::Client::builder()
@@ -93,12 +108,13 @@ impl SecurityClient {
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .map_err(SecurityError::Client)?;
+        metrics.security_current.set(0);
         Ok(Self {
+            failover: Failover::new(urls.len(), failback),
             urls: urls
                 .into_iter()
                 .map(|u| u.trim_end_matches('/').to_owned())
                 .collect(),
-            current: AtomicUsize::new(0),
             http,
             timeout,
             metrics,
@@ -107,44 +123,85 @@ impl SecurityClient {
 
     /// The URL calls go to first.
     pub fn current_url(&self) -> &str {
-        &self.urls[self.current.load(Ordering::Relaxed) % self.urls.len()]
+        &self.urls[self.failover.current()]
     }
 
-    /// Sends a request to each server in turn, starting with the current one, until one answers
-    /// with something other than a 5xx.
+    /// Index of the server calls go to first.
+    pub fn current(&self) -> usize {
+        self.failover.current()
+    }
+
+    /// Whether the revocation stream, on server `stream_idx`, should try the first server now:
+    /// the request path is back on it already, or the first server's retry is due.
+    pub fn stream_should_fail_back(&self, stream_idx: usize) -> bool {
+        stream_idx != 0
+            && (self.failover.current() == 0 || self.failover.failback_due_at(Instant::now()))
+    }
+
+    /// Logs and counts a change of server.
+    fn note(&self, switch: Option<Switch>) {
+        let Some(sw) = switch else { return };
+        let (from, to) = (&self.urls[sw.from], &self.urls[sw.to]);
+        self.metrics.security_current.set(sw.to as i64);
+        match sw.kind {
+            SwitchKind::Failover => {
+                self.metrics.security_failovers.inc();
+                tracing::info!(%from, %to, "failed over to another Security server");
+            }
+            SwitchKind::Failback => {
+                self.metrics.security_failbacks.inc();
+                tracing::info!(%from, %to, "failed back to the first Security server");
+            }
+        }
+    }
+
+    /// Sends one request to server `idx`; `Ok` unless the transport failed, the answer's headers
+    /// took longer than the timeout, or the answer is a 5xx.
+    async fn send_to(
+        &self,
+        idx: usize,
+        path: &'static str,
+        build: &impl Fn(&reqwest::Client, String) -> reqwest::RequestBuilder,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, String> {
+        let url = &self.urls[idx];
+        let mut req = build(&self.http, format!("{url}{path}"));
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
+        // The whole-request timeout cannot apply to a stream; its headers must come in time.
+        match tokio::time::timeout(self.timeout, req.send()).await {
+            Ok(Ok(resp)) if !resp.status().is_server_error() => Ok(resp),
+            Ok(Ok(resp)) => Err(format!("{url}: HTTP {}", resp.status())),
+            Ok(Err(e)) => Err(format!("{url}: {e}")),
+            Err(_) => Err(format!("{url}: no answer within {:?}", self.timeout)),
+        }
+    }
+
+    /// Sends a request to each server in the failover plan's order (the current one first, or
+    /// the first one when its retry is due) until one answers with something other than a 5xx.
     async fn call(
         &self,
         path: &'static str,
         build: impl Fn(&reqwest::Client, String) -> reqwest::RequestBuilder,
         timeout: Option<Duration>,
-    ) -> Result<(String, reqwest::Response), SecurityError> {
-        let n = self.urls.len();
-        let start = self.current.load(Ordering::Relaxed);
+    ) -> Result<(usize, String, reqwest::Response), SecurityError> {
+        let plan = self.failover.plan();
         let mut last = String::new();
-        for i in 0..n {
-            let idx = (start + i) % n;
-            let url = &self.urls[idx];
-            let mut req = build(&self.http, format!("{url}{path}"));
-            if let Some(t) = timeout {
-                req = req.timeout(t);
-            }
-            match req.send().await {
-                Ok(resp) if !resp.status().is_server_error() => {
-                    if idx != start % n {
-                        self.current.store(idx, Ordering::Relaxed);
-                        tracing::warn!(security = %url, "failed over to this Security server");
-                    }
-                    return Ok((url.clone(), resp));
+        for &idx in &plan.order {
+            match self.send_to(idx, path, &build, timeout).await {
+                Ok(resp) => {
+                    self.note(self.failover.succeeded(plan.from, idx));
+                    return Ok((idx, self.urls[idx].clone(), resp));
                 }
-                Ok(resp) => last = format!("{url}: HTTP {}", resp.status()),
-                Err(e) => last = format!("{url}: {e}"),
-            }
-            if n > 1 {
-                self.metrics.security_failovers.inc();
+                Err(e) => last = e,
             }
             tracing::debug!(%last, "Security server call failed");
         }
-        Err(SecurityError::AllFailed { tried: n, last })
+        Err(SecurityError::AllFailed {
+            tried: plan.order.len(),
+            last,
+        })
     }
 
     /// Asks whether a session is live.
@@ -152,7 +209,7 @@ impl SecurityClient {
         let body = ValidateRequest {
             session_id: id.expose().to_owned(),
         };
-        let (url, resp) = self
+        let (_, url, resp) = self
             .call(
                 PATH_PROXY_VALIDATE,
                 |c, u| c.post(u).json(&body),
@@ -186,7 +243,7 @@ impl SecurityClient {
         &self,
         path: &'static str,
     ) -> Result<Vec<T>, SecurityError> {
-        let (url, resp) = self.call(path, |c, u| c.get(u), Some(self.timeout)).await?;
+        let (_, url, resp) = self.call(path, |c, u| c.get(u), Some(self.timeout)).await?;
         let bad = |why: String| SecurityError::BadAnswer {
             url: url.clone(),
             path,
@@ -209,20 +266,43 @@ impl SecurityClient {
         self.list(PATH_PROXY_APPS).await
     }
 
-    /// Opens the revocation stream (newline-delimited JSON `ProxyEvent`s); the caller reads it.
-    pub async fn revocations(&self) -> Result<(String, reqwest::Response), SecurityError> {
-        let (url, resp) = self
+    /// Opens the revocation stream (newline-delimited JSON `ProxyEvent`s) wherever the failover
+    /// plan finds a server; the caller reads it.
+    pub async fn revocations(&self) -> Result<RevocationStream, SecurityError> {
+        let (idx, url, resp) = self
             .call(PATH_PROXY_REVOCATIONS, |c, u| c.get(u), None)
             .await?;
-        if !resp.status().is_success() {
-            return Err(SecurityError::BadAnswer {
-                url,
-                path: PATH_PROXY_REVOCATIONS,
-                why: format!("HTTP {}", resp.status()),
-            });
-        }
-        Ok((url, resp))
+        stream_answer(idx, url, resp)
     }
+
+    /// Opens the revocation stream at the first (preferred) server only; when it answers, the
+    /// request path moves back there too (a failback, logged and counted once).
+    pub async fn revocations_at_first(&self) -> Result<RevocationStream, SecurityError> {
+        let from = self.failover.current();
+        let build = |c: &reqwest::Client, u: String| c.get(u);
+        let resp = self
+            .send_to(0, PATH_PROXY_REVOCATIONS, &build, None)
+            .await
+            .map_err(|last| SecurityError::AllFailed { tried: 1, last })?;
+        let stream = stream_answer(0, self.urls[0].clone(), resp)?;
+        self.note(self.failover.succeeded(from, 0));
+        Ok(stream)
+    }
+}
+
+fn stream_answer(
+    idx: usize,
+    url: String,
+    resp: reqwest::Response,
+) -> Result<RevocationStream, SecurityError> {
+    if !resp.status().is_success() {
+        return Err(SecurityError::BadAnswer {
+            url,
+            path: PATH_PROXY_REVOCATIONS,
+            why: format!("HTTP {}", resp.status()),
+        });
+    }
+    Ok(RevocationStream { idx, url, resp })
 }
 
 /// Splits a byte stream into lines without letting one line grow past `max` bytes.

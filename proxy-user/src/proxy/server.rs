@@ -21,7 +21,9 @@ use super::metrics::{Metrics, serve_metrics};
 use super::policy::{Catalog, Refusal, check_app, check_binding, check_resource};
 use super::preamble::{read_preamble, write_reply};
 use super::relay::{RelayEnd, RelayOptions, relay};
-use super::security_client::{LineBuffer, SecurityClient, SecurityError, Validation};
+use super::security_client::{
+    LineBuffer, RevocationStream, SecurityClient, SecurityError, Validation,
+};
 use super::tls::{TlsError, kernel_supports_ktls, security_client_config, server_config};
 
 /// Why the proxy could not start or stopped.
@@ -112,6 +114,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         args.security_urls.clone(),
         client_tls,
         args.security_timeout,
+        args.security_failback,
         metrics.clone(),
     )?;
     let listener = TcpListener::bind(args.listen)
@@ -305,34 +308,9 @@ impl Proxy {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.security.revocations().await {
-                Ok((url, mut resp)) => {
-                    self.metrics.revocation_stream_up.set(1);
-                    tracing::info!(security = %url, "revocation stream open");
+                Ok(stream) => {
                     backoff = Duration::from_millis(100);
-                    // Events may have been missed while the stream was down.
-                    self.refresh_catalog().await;
-                    let mut lines = LineBuffer::default();
-                    loop {
-                        match tokio::time::timeout(self.args.revocation_stall, resp.chunk()).await {
-                            Ok(Ok(Some(chunk))) => {
-                                for line in lines.push(&chunk) {
-                                    self.apply_event(&line).await;
-                                }
-                            }
-                            Ok(Ok(None)) => {
-                                tracing::warn!(security = %url, "revocation stream ended");
-                                break;
-                            }
-                            Ok(Err(e)) => {
-                                tracing::warn!(security = %url, error = %e, "revocation stream failed");
-                                break;
-                            }
-                            Err(_) => {
-                                tracing::warn!(security = %url, "revocation stream silent; reopening");
-                                break;
-                            }
-                        }
-                    }
+                    self.follow_revocations(stream).await;
                     self.metrics.revocation_stream_up.set(0);
                     self.metrics.error("revocation_stream");
                 }
@@ -343,6 +321,86 @@ impl Proxy {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
+    }
+
+    /// Reads one revocation stream until it ends, fails or goes silent. While it comes from a
+    /// fail-over server, tries to open one at the first server (when the request path is back
+    /// there, or every `--security-failback`) and moves over when that works.
+    async fn follow_revocations(self: &Arc<Self>, mut stream: RevocationStream) {
+        self.metrics.revocation_stream_up.set(1);
+        tracing::info!(security = %stream.url, "revocation stream open");
+        // Events may have been missed while the stream was down.
+        self.refresh_catalog().await;
+        let mut lines = LineBuffer::default();
+        let mut last_data = tokio::time::Instant::now();
+        let check = self
+            .args
+            .security_failback
+            .clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(check);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let stall_at = last_data + self.args.revocation_stall;
+            tokio::select! {
+                chunk = tokio::time::timeout_at(stall_at, stream.resp.chunk()) => match chunk {
+                    Ok(Ok(Some(chunk))) => {
+                        last_data = tokio::time::Instant::now();
+                        for line in lines.push(&chunk) {
+                            self.apply_event(&line).await;
+                        }
+                    }
+                    Ok(Ok(None)) => {
+                        tracing::warn!(security = %stream.url, "revocation stream ended");
+                        return;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(security = %stream.url, error = %e, "revocation stream failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(security = %stream.url, "revocation stream silent; reopening");
+                        return;
+                    }
+                },
+                _ = tick.tick(), if stream.idx != 0 => {
+                    if !self.security.stream_should_fail_back(stream.idx) {
+                        continue;
+                    }
+                    match self.security.revocations_at_first().await {
+                        Ok(first) => {
+                            tracing::info!(from = %stream.url, to = %first.url, "revocation stream moved back to the first Security server");
+                            // No revocation is lost across the switch: the new stream is open
+                            // before the old one is let go, so whatever the first server publishes
+                            // from now on arrives on it; and the old stream is still read for a
+                            // short overlap, so whatever its server published just before the
+                            // switch is applied too. An event seen on both is harmless (revoking
+                            // twice is a no-op). Then the catalog is fetched again, as on every
+                            // (re)open, for changes made while the stream was elsewhere.
+                            let old = std::mem::replace(&mut stream, first);
+                            let old_lines = std::mem::take(&mut lines);
+                            last_data = tokio::time::Instant::now();
+                            tokio::spawn(self.clone().drain_revocations(old, old_lines));
+                            self.refresh_catalog().await;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "first Security server still not answering");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies what a replaced revocation stream still delivers during the overlap, then closes it.
+    async fn drain_revocations(self: Arc<Self>, mut old: RevocationStream, mut lines: LineBuffer) {
+        const OVERLAP: Duration = Duration::from_secs(2);
+        let until = tokio::time::Instant::now() + OVERLAP;
+        while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(until, old.resp.chunk()).await {
+            for line in lines.push(&chunk) {
+                self.apply_event(&line).await;
+            }
+        }
+        tracing::debug!(security = %old.url, "old revocation stream closed after the overlap");
     }
 
     async fn apply_event(&self, line: &[u8]) {
