@@ -344,6 +344,142 @@ mod tests {
     use super::*;
     use scm_proto::api::ProxyEvent;
 
+    /// A plain-HTTP server answering every request with `status` and `body`.
+    async fn serve_on(listener: tokio::net::TcpListener, status: u16, body: &'static str) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+    }
+
+    async fn bind() -> (tokio::net::TcpListener, String) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        (l, url)
+    }
+
+    fn client(urls: Vec<String>, failback: Duration, metrics: Arc<Metrics>) -> SecurityClient {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        SecurityClient::new(urls, tls, Duration::from_secs(2), failback, metrics).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_5xx_fails_over_and_a_failed_retry_stays() {
+        let metrics = Arc::new(Metrics::new());
+        let (first, first_url) = bind().await;
+        serve_on(first, 503, "down for maintenance").await;
+        let (second, second_url) = bind().await;
+        serve_on(second, 200, "[]").await;
+        let c = client(
+            vec![first_url.clone(), second_url.clone()],
+            Duration::from_millis(300),
+            metrics.clone(),
+        );
+        // A 5xx moves on; the second answers and becomes current.
+        assert!(c.resources().await.unwrap().is_empty());
+        assert_eq!(c.current_url(), second_url);
+        assert_eq!(metrics.security_failovers.get(), 1);
+        assert_eq!(metrics.security_current.get(), 1);
+        assert!(!c.stream_should_fail_back(0));
+        // The stream on the second server may not retry the first before the interval.
+        assert!(!c.stream_should_fail_back(1));
+        // Still a 5xx at the first: the retry after the interval fails and nothing moves.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(c.resources().await.unwrap().is_empty());
+        assert_eq!(c.current_url(), second_url);
+        assert_eq!(metrics.security_failbacks.get(), 0);
+        assert_eq!(metrics.security_current.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn refused_then_back_after_the_interval() {
+        let metrics = Arc::new(Metrics::new());
+        let (dead, dead_url) = bind().await;
+        let dead_addr = dead.local_addr().unwrap();
+        drop(dead);
+        let (second, second_url) = bind().await;
+        serve_on(second, 200, "[]").await;
+        let c = client(
+            vec![dead_url.clone(), second_url],
+            Duration::from_millis(300),
+            metrics.clone(),
+        );
+        assert!(c.apps().await.unwrap().is_empty());
+        assert_eq!(c.current(), 1);
+        let back = tokio::net::TcpListener::bind(dead_addr).await.unwrap();
+        serve_on(back, 200, "[]").await;
+        assert!(c.apps().await.unwrap().is_empty());
+        assert_eq!(c.current(), 1, "not before the interval");
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(c.apps().await.unwrap().is_empty());
+        assert_eq!(c.current_url(), dead_url);
+        assert_eq!(metrics.security_failovers.get(), 1);
+        assert_eq!(metrics.security_failbacks.get(), 1);
+        assert_eq!(metrics.security_current.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_stream_retries_the_first_and_brings_the_calls_back() {
+        let metrics = Arc::new(Metrics::new());
+        let (dead, dead_url) = bind().await;
+        let dead_addr = dead.local_addr().unwrap();
+        drop(dead);
+        let (second, second_url) = bind().await;
+        serve_on(second, 200, "[]").await;
+        let c = client(
+            vec![dead_url.clone(), second_url],
+            Duration::from_millis(200),
+            metrics.clone(),
+        );
+        let stream = c.revocations().await.unwrap();
+        assert_eq!(stream.idx, 1);
+        // The first is still down: the stream's retry fails and nothing moves.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(c.stream_should_fail_back(stream.idx));
+        assert!(c.revocations_at_first().await.is_err());
+        assert_eq!(c.current(), 1);
+        // It comes back: the stream's next retry opens there and the calls follow.
+        let back = tokio::net::TcpListener::bind(dead_addr).await.unwrap();
+        serve_on(back, 200, "").await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(c.stream_should_fail_back(stream.idx));
+        let first = c.revocations_at_first().await.unwrap();
+        assert_eq!((first.idx, first.url.as_str()), (0, dead_url.as_str()));
+        assert_eq!(c.current(), 0);
+        assert_eq!(metrics.security_failbacks.get(), 1);
+        assert_eq!(metrics.security_current.get(), 0);
+        // Everything down: an error naming the last failure, and the client stays where it was.
+        let (a, a_url) = bind().await;
+        drop(a);
+        let (b, b_url) = bind().await;
+        serve_on(b, 502, "bad gateway").await;
+        let c = client(vec![a_url, b_url], Duration::ZERO, metrics);
+        match c.resources().await {
+            Err(SecurityError::AllFailed { tried: 2, last }) => {
+                assert!(last.contains("HTTP 502"), "{last}")
+            }
+            Err(e) => panic!("expected AllFailed, got {e}"),
+            Ok(_) => panic!("expected AllFailed"),
+        }
+        assert_eq!(c.current(), 0);
+    }
+
     #[test]
     fn lines_across_chunks_and_overflow() {
         let mut lb = LineBuffer::default();
