@@ -13,11 +13,17 @@ use serde::de::DeserializeOwned;
 
 use crate::error::DeviceError;
 
+/// How long a Security server may take to begin its answer (status and headers; a login runs
+/// argon2id there) before the call moves on to the next server. Bodies (a package download) may
+/// take longer, up to the client's overall 120 s.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A client of the device API of one or more Security servers.
 #[derive(Clone)]
 pub struct SecurityApi {
     urls: Arc<Vec<String>>,
     failover: Arc<Failover>,
+    answer_timeout: Duration,
     http: reqwest::Client,
 }
 
@@ -44,6 +50,7 @@ impl SecurityApi {
             .map_err(DeviceError::Client)?;
         Ok(Self {
             failover: Arc::new(Failover::new(urls.len(), DEFAULT_FAILBACK)),
+            answer_timeout: ANSWER_TIMEOUT,
             urls: Arc::new(
                 urls.into_iter()
                     .map(|u| u.trim_end_matches('/').to_owned())
@@ -57,6 +64,13 @@ impl SecurityApi {
     /// [`DEFAULT_FAILBACK`]) while away from it; starts on the first URL.
     pub fn with_failback(mut self, failback: Duration) -> Self {
         self.failover = Arc::new(Failover::new(self.urls.len(), failback));
+        self
+    }
+
+    /// The same client waiting at most `timeout` (instead of [`ANSWER_TIMEOUT`]) for a server's
+    /// answer to begin before moving on to the next server.
+    pub fn with_answer_timeout(mut self, timeout: Duration) -> Self {
+        self.answer_timeout = timeout;
         self
     }
 
@@ -80,8 +94,10 @@ impl SecurityApi {
         let mut last = String::new();
         for &idx in &plan.order {
             let url = &self.urls[idx];
-            match build(&self.http, url).send().await {
-                Ok(r) if !r.status().is_server_error() => {
+            let answer = tokio::time::timeout(self.answer_timeout, build(&self.http, url).send());
+            match answer.await {
+                Err(_) => last = format!("{url}: no answer within {:?}", self.answer_timeout),
+                Ok(Ok(r)) if !r.status().is_server_error() => {
                     if let Some(sw) = self.failover.succeeded(plan.from, idx) {
                         let (from, to) = (&self.urls[sw.from], &self.urls[sw.to]);
                         match sw.kind {
@@ -95,8 +111,8 @@ impl SecurityApi {
                     }
                     return Ok(r);
                 }
-                Ok(r) => last = format!("{url}: HTTP {}", r.status()),
-                Err(e) => last = format!("{url}: {}", chain(&e)),
+                Ok(Ok(r)) => last = format!("{url}: HTTP {}", r.status()),
+                Ok(Err(e)) => last = format!("{url}: {}", chain(&e)),
             }
         }
         Err(DeviceError::SecurityUnavailable {
@@ -216,6 +232,30 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", l.local_addr().unwrap());
         (l, url)
+    }
+
+    #[tokio::test]
+    async fn a_server_that_does_not_answer_is_left_after_the_answer_timeout() {
+        let tls = crate::tls::client_config(&[]).unwrap();
+        // Accepts connections and never answers.
+        let (silent, silent_url) = bind().await;
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        let (good, good_url) = bind().await;
+        let _ = serve(good, 200);
+        let api = SecurityApi::new(vec![silent_url, good_url.clone()], &tls)
+            .unwrap()
+            .with_answer_timeout(Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        api.get::<serde_json::Value>("test", "/x", None)
+            .await
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(api.current_url(), good_url);
     }
 
     #[tokio::test]

@@ -408,6 +408,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_server_that_does_not_answer_is_left_after_the_timeout() {
+        let metrics = Arc::new(Metrics::new());
+        // Accepts connections and never answers.
+        let (silent, silent_url) = bind().await;
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                held.push(s);
+            }
+        });
+        let (good, good_url) = bind().await;
+        serve_on(good, 200, "[]").await;
+        let mut c = client(
+            vec![silent_url, good_url.clone()],
+            Duration::from_secs(10),
+            metrics.clone(),
+        );
+        c.timeout = Duration::from_millis(300);
+        let started = Instant::now();
+        assert!(c.resources().await.unwrap().is_empty());
+        // The stream's headers are bounded by the same timeout.
+        c.failover = Failover::new(2, Duration::from_secs(10));
+        let stream = c.revocations().await.unwrap();
+        assert_eq!(stream.url, good_url);
+        assert!(started.elapsed() < Duration::from_secs(3));
+        assert_eq!(metrics.security_failovers.get(), 2);
+    }
+
+    #[tokio::test]
     async fn refused_then_back_after_the_interval() {
         let metrics = Arc::new(Metrics::new());
         let (dead, dead_url) = bind().await;
