@@ -213,10 +213,11 @@ fn loopback_without_xdp_is_steered_by_sk_lookup() {
     eprintln!("loopback, sk_lookup alone: {counts:?} ({distinct} distinct client ports)");
     assert_even(&counts, n);
     let moved = s.steering.counters().unwrap().since(&before);
-    // One computed choice per new 4-tuple; a reused one is answered from the flow table.
-    assert_eq!(
-        moved.get(SteerStat::LookupComputed),
-        distinct as u64,
+    // One computed choice per new 4-tuple; a reused one is answered from the flow table. A SYN
+    // retransmitted on a loaded machine may be looked up again (as for XDP above: rare).
+    let computed = moved.get(SteerStat::LookupComputed);
+    assert!(
+        (distinct as u64..=distinct as u64 + 20).contains(&computed),
         "{moved}"
     );
     let answered = moved.get(SteerStat::LookupComputed) + moved.get(SteerStat::LookupRecorded);
