@@ -841,7 +841,7 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
     let steps = 3 // ceilings: aes, ecdsa, raw TCP
         + nginx_http_systems + 1 + rates_n * 2 // nginx max (http systems, stream), rates
         + 2 + 2 + cached_connects + 1 + 1 // nginx bulk, connects, idle, wrk
-        + if scm_env.is_some() { 2 + rates_n * 2 + 2 + 2 + 1 } else { 0 };
+        + if scm_env.is_some() { 2 + rates_n * 2 + 2 + 2 + 1 + 3 } else { 0 };
     bench.bar.set_length(steps);
 
     let r = ceilings(&mut bench, &mut report);
@@ -981,8 +981,9 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
     // scm-proxy on CPU 0.
     let mut scm_http_fig = None;
     let mut scm_tunnel_fig = None;
+    let mut scm_steer_fig: Option<SystemFigures> = None;
     if let (Some(sec), Some(dir)) = (&scm_env, &args.scm_bin_dir) {
-        let r = ScmSut::start(&bench.topo, dir, work, &bench.certs, sec);
+        let r = ScmSut::start(&bench.topo, dir, work, &bench.certs, sec, None);
         if let Some(proxy) = note_err(&mut bench, "starting scm-proxy", r) {
             let rates: Vec<f64> = http_rates.iter().map(|r| r.1).collect();
             let t = proxy.http_target();
@@ -1020,6 +1021,18 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
                 false,
                 true,
             ));
+            drop(proxy);
+            // The same tunnel behind the XDP and sk_lookup steering (one worker, same CPU).
+            let pin = PathBuf::from(format!("/sys/fs/bpf/scmb-{}", std::process::id()));
+            let r = ScmSut::start(&bench.topo, dir, work, &bench.certs, sec, Some(pin));
+            if let Some(steered) = note_err(&mut bench, "starting scm-proxy with steering", r) {
+                let t = Target {
+                    name: "scm-proxy tunnel + XDP steering".into(),
+                    pid: steered.pid(),
+                    ..t
+                };
+                scm_steer_fig = Some(measure_system(&mut bench, &t, None, true, false, false));
+            }
         }
     }
     bench.bar.finish_and_clear();
@@ -1101,6 +1114,52 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
             sget.map(|m| m.cpu_secs / gb(m)),
             nget.map(|m| m.cpu_secs / gb(m)),
             false,
+        ));
+    }
+    let steer = "scm-proxy tunnel + XDP steering";
+    let sf = scm_steer_fig.as_ref();
+    rows.push(row(
+        1,
+        "max requests/s through the tunnel, 1 KiB keep-alive",
+        "req/s",
+        steer,
+        &stream.name,
+        sf.and_then(|f| f.max.as_ref()).map(|m| m.load.per_sec),
+        stream_fig.max.as_ref().map(|m| m.load.per_sec),
+        true,
+    ));
+    rows.push(row(
+        1,
+        "  per proxy CPU-second (supervisor + worker; XDP runs in softirq, not counted)",
+        "req/CPU-s",
+        steer,
+        &stream.name,
+        sf.and_then(|f| f.max.as_ref())
+            .and_then(Measured::per_cpu_sec),
+        stream_fig.max.as_ref().and_then(Measured::per_cpu_sec),
+        true,
+    ));
+    for (dir, sget, nget) in [
+        (
+            "down",
+            sf.and_then(|f| f.bulk_down.as_ref()),
+            stream_fig.bulk_down.as_ref(),
+        ),
+        (
+            "up",
+            sf.and_then(|f| f.bulk_up.as_ref()),
+            stream_fig.bulk_up.as_ref(),
+        ),
+    ] {
+        rows.push(row(
+            2,
+            &format!("bulk {mib} MiB {dir}"),
+            "MB/s",
+            steer,
+            &stream.name,
+            sget.map(|m| m.load.per_sec / 1e6),
+            nget.map(|m| m.load.per_sec / 1e6),
+            true,
         ));
     }
     let hf = scm_http_fig.as_ref();

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use scm_bench::load::{LoadSpec, Mode, Proto, ScmCredentials};
 
-use crate::sut::{AuthUpstream, Certs, Proc, port, wait_listening};
+use crate::sut::{AuthUpstream, Certs, Proc, port, wait_listening, wait_ss};
 use crate::topology::{BE_ADDR, DUT_ADDR, Topology};
 
 /// Path of the Security server's endpoint for nginx's auth_request.
@@ -303,25 +303,61 @@ pub fn read_device_state(text: &str) -> Result<ScmCredentials> {
 /// scm-proxy under test.
 #[derive(Debug)]
 pub struct ScmSut {
-    proc: Proc,
+    proc: Option<Proc>,
     creds: ScmCredentials,
+    /// bpffs directory of the steering programs and maps, removed after the proxy stops.
+    pin_dir: Option<PathBuf>,
+}
+
+impl Drop for ScmSut {
+    fn drop(&mut self) {
+        // Stop the supervisor and its worker first; the pins outlive them by design.
+        drop(self.proc.take());
+        if let Some(dir) = &self.pin_dir {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
 }
 
 impl ScmSut {
-    /// Starts scm-proxy in the proxy namespace on CPU 0 with the benchmark certificate.
+    /// Starts scm-proxy in the proxy namespace on CPU 0 with the benchmark certificate; with
+    /// `steer`, as a supervisor with one worker behind the XDP and sk_lookup steering, its
+    /// programs pinned under that bpffs directory.
     pub fn start(
         topo: &Topology,
         bin_dir: &Path,
         work: &Path,
         certs: &Certs,
         sec: &Security,
+        steer: Option<PathBuf>,
     ) -> Result<Self> {
         let proxy = bin(bin_dir, "scm-proxy")?;
+        let mut cmd = if steer.is_some() {
+            topo.pinned_with_bpffs(&topo.dut, "0", &proxy.to_string_lossy())
+        } else {
+            topo.pinned(&topo.dut, "0", &proxy.to_string_lossy())
+        };
+        if let Some(pin) = &steer {
+            cmd.args([
+                "serve",
+                "--workers",
+                "1",
+                "--steer-iface",
+                "d0",
+                "--pin-dir",
+            ])
+            .arg(pin);
+        } else {
+            cmd.arg("serve");
+        }
+        let mut this = Self {
+            proc: None,
+            creds: sec.creds.clone(),
+            pin_dir: steer,
+        };
         let mut proc = Proc::spawn(
             "scm-proxy",
-            topo.pinned(&topo.dut, "0", &proxy.to_string_lossy())
-                .arg("serve")
-                .args(["--listen", &format!("{DUT_ADDR}:{}", port::SCM)])
+            cmd.args(["--listen", &format!("{DUT_ADDR}:{}", port::SCM)])
                 .arg("--tls-cert")
                 .arg(&certs.cert)
                 .arg("--tls-key")
@@ -338,18 +374,34 @@ impl ScmSut {
                 .arg(sec.certs.join("proxy-client.key"))
                 .args(["--tls-path", "userspace", "--max-connections", "30000"])
                 .env("RUST_LOG", "warn"),
-            work.join("scm-proxy.log"),
+            work.join(if this.pin_dir.is_some() {
+                "scm-proxy-steer.log"
+            } else {
+                "scm-proxy.log"
+            }),
         )?;
-        wait_listening(&topo.dut, port::SCM, &mut proc, Duration::from_secs(20))?;
-        Ok(Self {
-            proc,
-            creds: sec.creds.clone(),
-        })
+        let up = if this.pin_dir.is_some() {
+            // Steered: the worker listens on loopback and sk_lookup hands it the service port's
+            // connections once the supervisor has put its socket in the map.
+            let r = wait_ss(
+                &topo.dut,
+                "src 127.0.0.1",
+                &mut proc,
+                Duration::from_secs(40),
+            );
+            std::thread::sleep(Duration::from_secs(2));
+            r.and_then(|()| proc.check_alive())
+        } else {
+            wait_listening(&topo.dut, port::SCM, &mut proc, Duration::from_secs(20))
+        };
+        this.proc = Some(proc);
+        up?;
+        Ok(this)
     }
 
-    /// The proxy's pid.
+    /// The proxy's pid (the supervisor's when steering; its worker is a child).
     pub fn pid(&self) -> u32 {
-        self.proc.pid()
+        self.proc.as_ref().map_or(0, Proc::pid)
     }
 
     fn proto(&self, resource: &str) -> Proto {

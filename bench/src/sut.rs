@@ -275,17 +275,15 @@ impl Drop for Proc {
 
 /// Waits until something in namespace `ns` listens on TCP `port`, or fails after `timeout`.
 pub fn wait_listening(ns: &str, port: u16, proc: &mut Proc, timeout: Duration) -> Result<()> {
+    wait_ss(ns, &format!("sport = :{port}"), proc, timeout)
+}
+
+/// Waits until something in `ns` listens on TCP matching the `ss` filter `filter`.
+pub fn wait_ss(ns: &str, filter: &str, proc: &mut Proc, timeout: Duration) -> Result<()> {
     let until = Instant::now() + timeout;
     loop {
         let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns,
-                "ss",
-                "-Hltn",
-                &format!("sport = :{port}"),
-            ])
+            .args(["netns", "exec", ns, "ss", "-Hltn", filter])
             .output()
             .context("running ss")?;
         if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
@@ -294,7 +292,7 @@ pub fn wait_listening(ns: &str, port: u16, proc: &mut Proc, timeout: Duration) -
         proc.check_alive()?;
         if Instant::now() > until {
             bail!(
-                "{} does not listen on port {port} after {timeout:?}; end of its log:\n{}",
+                "{} has no listener ({filter}) after {timeout:?}; end of its log:\n{}",
                 proc.name,
                 proc.log_tail()
             );

@@ -131,6 +131,17 @@ impl Topology {
     }
 }
 
+impl Topology {
+    /// Like [`Topology::pinned`], but entering only the network namespace (`nsenter`), so the
+    /// program keeps this mount namespace's /sys/fs/bpf (`ip netns exec` mounts a fresh /sys).
+    pub fn pinned_with_bpffs(&self, ns: &str, cpus: &str, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{ns}"))
+            .args(["taskset", "-c", cpus, program]);
+        c
+    }
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
         for ns in [&self.cli, &self.dut, &self.be] {
