@@ -107,7 +107,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     };
     tracing::info!(tls_path = path, reason, "record encryption path chosen");
 
-    let tls = server_config(&args.tls_cert, &args.tls_key)?;
+    let tls = server_config(&args.tls_cert, &args.tls_key, ktls)?;
     let client_tls =
         security_client_config(&args.security_ca, &args.client_cert, &args.client_key)?;
     let security = SecurityClient::new(

@@ -83,8 +83,28 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         })
 }
 
+/// The device-facing config from PEM files: see [`device_server_config`].
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    ktls: bool,
+) -> Result<rustls::ServerConfig, TlsError> {
+    device_server_config(load_certs(cert)?, load_key(key)?, ktls)
+}
+
 /// The device-facing config: TLS 1.3 only, secret extraction enabled for kTLS.
-pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
+///
+/// On the user-space path the proxy issues stateless session tickets (keys kept in this
+/// process's memory and rotated by rustls), so a device reconnecting to the same proxy process
+/// resumes with a PSK + (EC)DHE handshake instead of a full one. Resumption does not weaken the
+/// channel binding: the exporter depends on both hellos' randoms, so it is new on every
+/// connection. On the kTLS path no tickets are sent: after the hand-off they would be records the
+/// kernel path has to produce itself.
+pub fn device_server_config(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    ktls: bool,
+) -> Result<rustls::ServerConfig, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|source| TlsError::Rustls {
@@ -92,16 +112,23 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, Tl
             source,
         })?
         .with_no_client_auth()
-        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .with_single_cert(certs, key)
         .map_err(|source| TlsError::Rustls {
             what: "proxy certificate and key",
             source,
         })?;
     // kTLS takes the traffic secrets out of rustls after the handshake.
     config.enable_secret_extraction = true;
-    // Devices open a fresh session each time; tickets after the handshake would only be bytes the
-    // kernel path has to drain.
-    config.send_tls13_tickets = 0;
+    if ktls {
+        config.send_tls13_tickets = 0;
+    } else {
+        config.send_tls13_tickets = 2;
+        config.ticketer =
+            rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|source| TlsError::Rustls {
+                what: "session ticket keys",
+                source,
+            })?;
+    }
     Ok(config)
 }
 
@@ -160,5 +187,82 @@ pub async fn kernel_supports_ktls() -> bool {
             rc == 0
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::HandshakeKind;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// One handshake over an in-memory pipe; answers how the client saw it.
+    async fn handshake(
+        acceptor: &tokio_rustls::TlsAcceptor,
+        connector: &tokio_rustls::TlsConnector,
+    ) -> Option<HandshakeKind> {
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let server = async {
+            let mut tls = acceptor.accept(s).await.expect("server handshake");
+            // Tickets go out after the handshake: a byte each way lets the client read them.
+            let mut b = [0u8; 1];
+            tls.read_exact(&mut b).await.expect("server read");
+            tls.write_all(&b).await.expect("server write");
+            tls.flush().await.expect("server flush");
+        };
+        let client = async {
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = connector.connect(name, c).await.expect("client handshake");
+            tls.write_all(b"x").await.expect("client write");
+            let mut b = [0u8; 1];
+            tls.read_exact(&mut b).await.expect("client read");
+            tls.get_ref().1.handshake_kind()
+        };
+        let ((), kind) = tokio::join!(server, client);
+        kind
+    }
+
+    fn pair(ktls: bool) -> (tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector) {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert = ck.cert.der().clone();
+        let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+        let server = device_server_config(vec![cert.clone()], key, ktls).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            tokio_rustls::TlsConnector::from(Arc::new(client)),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_reconnecting_device_resumes_on_the_userspace_path() {
+        let (acceptor, connector) = pair(false);
+        assert_eq!(
+            handshake(&acceptor, &connector).await,
+            Some(HandshakeKind::Full)
+        );
+        assert_eq!(
+            handshake(&acceptor, &connector).await,
+            Some(HandshakeKind::Resumed)
+        );
+    }
+
+    #[tokio::test]
+    async fn no_tickets_on_the_ktls_path() {
+        let (acceptor, connector) = pair(true);
+        assert_eq!(
+            handshake(&acceptor, &connector).await,
+            Some(HandshakeKind::Full)
+        );
+        assert_eq!(
+            handshake(&acceptor, &connector).await,
+            Some(HandshakeKind::Full)
+        );
     }
 }
