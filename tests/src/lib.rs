@@ -4,6 +4,7 @@
 //! enrols devices with the real device library.
 
 pub mod backend;
+pub mod ha;
 pub mod stack;
 
 pub use stack::{Stack, StackOptions};

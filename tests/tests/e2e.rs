@@ -8,6 +8,7 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use scm_device::{DeviceError, ProxyStream, Session};
 use scm_e2e::backend::Seen;
+use scm_e2e::ha::echo_once;
 use scm_e2e::stack::PASSWORD;
 use scm_e2e::{Stack, StackOptions};
 use scm_proto::preamble::{Preamble, Status};
@@ -25,17 +26,6 @@ async fn login(stack: &Stack, user: &str, device: &str, version: &str) -> Sessio
         .await
         .expect("enrolment");
     Session::login(&d, PASSWORD).await.expect("login")
-}
-
-async fn echo_once(stream: &mut ProxyStream, payload: &[u8]) {
-    stream.write_all(payload).await.expect("write");
-    stream.flush().await.expect("flush");
-    let mut got = vec![0u8; payload.len()];
-    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut got))
-        .await
-        .expect("echo within 5 s")
-        .expect("echo read");
-    assert_eq!(got, payload);
 }
 
 fn refused(r: Result<ProxyStream, DeviceError>) -> (Status, String) {
