@@ -297,16 +297,30 @@ impl Drop for Harness {
 
 /// Whether a TLS connection is still open: no EOF, no reset, nothing to read.
 fn still_open(tls: &mut StreamOwned<ClientConnection, TcpStream>) -> Result<(), String> {
+    // Read whatever TLS records are waiting without blocking: session tickets the proxy sends
+    // after the handshake are fine; application data, a close_notify or an end of stream are not.
     tls.sock.set_nonblocking(true).unwrap();
-    let mut b = [0u8; 1];
-    let r = tls.sock.peek(&mut b);
+    let r = loop {
+        match tls.conn.read_tls(&mut tls.sock) {
+            Ok(0) => break Err("closed by the proxy".to_owned()),
+            Ok(_) => {
+                if let Err(e) = tls.conn.process_new_packets() {
+                    break Err(e.to_string());
+                }
+                let mut b = [0u8; 1];
+                match tls.conn.reader().read(&mut b) {
+                    Ok(0) => break Err("closed by the proxy (close_notify)".to_owned()),
+                    Ok(_) => break Err("unexpected data".to_owned()),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+                    Err(e) => break Err(e.to_string()),
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break Ok(()),
+            Err(e) => break Err(e.to_string()),
+        }
+    };
     tls.sock.set_nonblocking(false).unwrap();
-    match r {
-        Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(()),
-        Ok(0) => Err("closed by the proxy".into()),
-        Ok(_) => Err("unexpected data".into()),
-        Err(e) => Err(e.to_string()),
-    }
+    r
 }
 
 fn tally(conns: &[(StreamOwned<ClientConnection, TcpStream>, u32)]) -> [usize; 4] {
