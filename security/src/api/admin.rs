@@ -67,13 +67,8 @@ pub fn router(state: Shared) -> Router {
 
 async fn require_token(State(st): State<Shared>, req: Request, next: Next) -> Response {
     let ip = super::peer_ip(req.extensions());
-    if st.limiter.is_blocked(ip) {
-        return ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many failures",
-        )
-        .into_response_();
+    if let Err(e) = super::admit(&st.limiter, ip) {
+        return e.into_response_();
     }
     let ok = bearer(req.headers())
         .is_some_and(|t| crypto::ct_eq(t.as_bytes(), st.admin_token.0.as_bytes()));

@@ -17,7 +17,9 @@ use scm_proto::version::AppVersion;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use super::{ApiJson, bearer, method_not_allowed, not_found, path_error, query_error};
+use super::{
+    ApiJson, admit, bearer, method_not_allowed, not_found, path_error, query_error, rate_limited,
+};
 use crate::directory::AuthError;
 use crate::error::ApiError;
 use crate::server::Shared;
@@ -91,14 +93,6 @@ fn split_user(text: &str) -> Result<(&str, Option<&str>), ApiError> {
     Ok((name, site))
 }
 
-fn rate_limited() -> ApiError {
-    ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate_limited",
-        "too many failures from this address; try again later",
-    )
-}
-
 fn locked_out() -> ApiError {
     ApiError::forbidden(
         "locked_out",
@@ -132,9 +126,7 @@ async fn challenge(
     Extension(peer): Extension<Peer>,
 ) -> Result<Json<ChallengeResponse>, ApiError> {
     let ip = peer.0.ip();
-    if st.limiter.is_blocked(ip) {
-        return Err(rate_limited());
-    }
+    admit(&st.limiter, ip)?;
     if let Some(l) = &st.challenge_limiter {
         if l.is_blocked(ip) {
             return Err(rate_limited());
@@ -188,9 +180,7 @@ async fn enroll(
     ApiJson(req): ApiJson<EnrollRequest>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
     let ip = peer.0.ip();
-    if st.limiter.is_blocked(ip) {
-        return Err(rate_limited());
-    }
+    admit(&st.limiter, ip)?;
     let (name, site) = split_user(&req.username)?;
     check_field("device_id", &req.device_id, 128)?;
     check_field("app_id", &req.app_id, 64)?;
@@ -269,9 +259,7 @@ async fn login(
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> Result<Json<LoginResponse>, ApiError> {
     let ip = peer.0.ip();
-    if st.limiter.is_blocked(ip) {
-        return Err(rate_limited());
-    }
+    admit(&st.limiter, ip)?;
     // Shape checks first: they change nothing.
     let (name, site) = split_user(&req.username)?;
     check_field("device_id", &req.device_id, 128)?;

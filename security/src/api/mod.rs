@@ -150,6 +150,23 @@ pub fn query_error(e: axum::extract::rejection::QueryRejection) -> ApiError {
     ApiError::bad_request("invalid_query", e.body_text())
 }
 
+/// The answer to a source address that failed too often.
+pub fn rate_limited() -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "too many failures from this address; try again later",
+    )
+}
+
+/// Refuses a source address the per-source limiter has blocked, before any other work.
+pub fn admit(limiter: &crate::sessions::SourceLimiter, ip: IpAddr) -> Result<(), ApiError> {
+    if limiter.is_blocked(ip) {
+        return Err(rate_limited());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
