@@ -189,10 +189,37 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_SOURCE_WINDOW", default_value = "5m", value_parser = parse_duration)]
     pub source_window: Duration,
 
-    /// Challenges one source address may ask for per minute (0: no limit). Outstanding
-    /// challenges are capped globally too, so one address cannot starve the others.
+    /// Challenges one source address may ask for per minute (0: no limit). Challenges are
+    /// stateless (a MAC'd id carrying its expiry), so asking for many stores nothing.
     #[arg(long, env = "SCM_CHALLENGE_RATE_LIMIT", default_value_t = 600)]
     pub challenge_rate_limit: u32,
+
+    /// A user's failures are forgotten this long after the first of them when no lockout
+    /// followed (failures decay instead of adding up for ever).
+    #[arg(long, env = "SCM_LOCKOUT_WINDOW", default_value = "15m", value_parser = parse_duration)]
+    pub lockout_window: Duration,
+
+    /// Every per-source limit (failures, challenges, connections) counts an IPv6 source by this
+    /// prefix length: one customer usually holds a whole /64. IPv4 sources count by address.
+    #[arg(long, env = "SCM_SOURCE_PREFIX_V6", default_value_t = 64,
+          value_parser = clap::value_parser!(u8).range(1..=128))]
+    pub source_prefix_v6: u8,
+
+    /// Password checks (argon2id, ~19 MiB each) waiting for a hashing slot beyond which new
+    /// logins and enrolments are answered 503 busy instead of queueing without bound.
+    #[arg(long, env = "SCM_MAX_HASH_QUEUE", default_value_t = 64)]
+    pub max_hash_queue: usize,
+
+    /// Open connections one source (IPv6 by --source-prefix-v6) may hold on each listener;
+    /// more are closed at accept. Sized for a carrier NAT with many phones behind one address.
+    #[arg(long, env = "SCM_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_source: u32,
+
+    /// A connection (HTTP/1.1 or HTTP/2) with no request or response in progress for this long
+    /// is closed. Covers a TLS connection that never sends a request, too.
+    #[arg(long, env = "SCM_CONNECTION_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub connection_idle_timeout: Duration,
 
     /// Require an admin-issued activation code (`admin users activation-code`) to enrol.
     #[arg(long, env = "SCM_REQUIRE_ACTIVATION_CODE")]

@@ -116,6 +116,9 @@ pub struct Directory {
     ldap: Option<LdapConfig>,
     default_site: String,
     hash_slots: Arc<Semaphore>,
+    /// Password checks waiting for a slot now, and the most allowed to wait.
+    hash_waiting: Arc<std::sync::atomic::AtomicUsize>,
+    max_hash_queue: usize,
     dummy_hash: String,
 }
 
@@ -142,8 +145,40 @@ impl Directory {
             ldap,
             default_site,
             hash_slots: Arc::new(Semaphore::new(cpus * 2)),
+            hash_waiting: Arc::default(),
+            max_hash_queue: usize::MAX,
             dummy_hash,
         })
+    }
+
+    /// Bounds the password checks waiting for a hashing slot: beyond `max`, a check is refused
+    /// at once ([`Error::HashQueueFull`]) instead of queueing (and holding its memory) unbounded.
+    pub fn with_hash_queue(mut self, max: usize) -> Self {
+        self.max_hash_queue = max;
+        self
+    }
+
+    /// Takes a hashing slot, waiting in a bounded queue.
+    async fn hash_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Error> {
+        use std::sync::atomic::Ordering;
+        if let Ok(p) = self.hash_slots.try_acquire() {
+            return Ok(p);
+        }
+        let waiting = self.hash_waiting.fetch_add(1, Ordering::AcqRel);
+        struct Leave<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _leave = Leave(&self.hash_waiting);
+        if waiting >= self.max_hash_queue {
+            return Err(Error::HashQueueFull(waiting));
+        }
+        self.hash_slots
+            .acquire()
+            .await
+            .map_err(|e| Error::Hash(e.to_string()))
     }
 
     /// The LDAP settings, if any.
@@ -166,11 +201,7 @@ impl Directory {
     }
 
     async fn verify(&self, hash: String, password: &str) -> Result<bool, Error> {
-        let _slot = self
-            .hash_slots
-            .acquire()
-            .await
-            .map_err(|e| Error::Hash(e.to_string()))?;
+        let _slot = self.hash_slot().await?;
         let pw = password.to_owned();
         tokio::task::spawn_blocking(move || {
             let parsed = PasswordHash::new(&hash).map_err(|e| Error::Hash(e.to_string()))?;
@@ -215,10 +246,10 @@ impl Directory {
                     Err(e) => Err(AuthError::Unavailable(e)),
                 }
             }
-            None => {
-                let _ = self.verify(self.dummy_hash.clone(), password).await;
-                Err(AuthError::BadCredentials)
-            }
+            None => match self.verify(self.dummy_hash.clone(), password).await {
+                Err(e @ Error::HashQueueFull(_)) => Err(AuthError::Unavailable(e)),
+                _ => Err(AuthError::BadCredentials),
+            },
         }
     }
 

@@ -103,6 +103,11 @@ impl From<Error> for ApiError {
                      enrol again once the standby is back"
                 ),
             ),
+            Error::HashQueueFull(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many password checks are waiting; try again in a moment",
+            ),
             other => ApiError::internal(&other),
         }
     }
@@ -154,6 +159,9 @@ pub enum Error {
     /// Password hashing failed.
     #[error("password hashing: {0}")]
     Hash(String),
+    /// Too many password checks are already waiting for a hashing slot.
+    #[error("password checks: {0} are waiting already")]
+    HashQueueFull(usize),
     /// A write reached a database that is a read-only hot standby.
     #[error("database is a read-only standby: {0}")]
     ReadOnly(&'static str),

@@ -19,8 +19,14 @@ use crate::keys::{self, MasterKey};
 use crate::sessions::{Challenges, Lockouts, Sessions, SourceLimiter};
 use crate::store::Store;
 
-/// Largest outstanding challenge count before new ones are refused.
-const MAX_CHALLENGES: usize = 100_000;
+/// Used challenges remembered (each until its expiry) before logins are told to retry.
+const MAX_USED_CHALLENGES: usize = 500_000;
+/// Repeated unauthenticated failures of one kind from one source are summarised per window.
+const AUDIT_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Users with failure counters; beyond it the counters idle longest are dropped.
+const MAX_LOCKOUT_ENTRIES: usize = 100_000;
+/// Sources with failure counters, per limiter; beyond it the counters idle longest are dropped.
+const MAX_SOURCE_ENTRIES: usize = 200_000;
 
 /// Settings the handlers need, resolved from the flags.
 #[derive(Debug, Clone)]
@@ -56,6 +62,13 @@ pub struct State {
     pub limiter: SourceLimiter,
     /// Per-source challenge rate (None: unlimited).
     pub challenge_limiter: Option<SourceLimiter>,
+    /// Per-source failures on the admin listener (its own budget: device traffic cannot use it
+    /// up, and admin guessing cannot block devices).
+    pub admin_limiter: SourceLimiter,
+    /// Aggregates repeated unauthenticated failures in the audit log.
+    pub audit_throttle: crate::audit_throttle::AuditThrottle,
+    /// IPv6 prefix length of every per-source key.
+    pub source_prefix_v6: u8,
     /// Admin token.
     pub admin_token: keys::Secret,
     /// Resolved settings.
@@ -86,6 +99,42 @@ impl State {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Audits an unauthenticated failure: the first of its kind from a source (IPv6 by prefix)
+    /// in a window is written at once, the rest are summarised in one row when the window ends,
+    /// so nobody can write a row per bad request.
+    pub async fn audit_failure(&self, kind: &str, actor: &str, ip: &std::net::IpAddr, detail: &str) {
+        let source = crate::sessions::source_key(*ip, self.source_prefix_v6);
+        if self.audit_throttle.record(kind, source, actor, detail)
+            == crate::audit_throttle::Verdict::Write
+        {
+            self.audit(kind, actor, actor, &source.to_string(), detail)
+                .await;
+        }
+    }
+
+    /// Writes the summaries of the failure windows that ended (all of them with `all`).
+    pub async fn flush_audit_failures(&self, all: bool) {
+        let (rows, overflow) = self.audit_throttle.flush(all);
+        for r in rows {
+            let detail = format!(
+                "{} more like this in the window; last: user={} {}",
+                r.more, r.last_actor, r.last_detail
+            );
+            self.audit(&r.kind, "-", &r.last_actor, &r.source, &detail)
+                .await;
+        }
+        if overflow > 0 {
+            self.audit(
+                "failures_unattributed",
+                "-",
+                "-",
+                "",
+                &format!("{overflow} failures from sources beyond the audit table's cap"),
+            )
+            .await;
+        }
     }
 
     /// Writes an audit entry; a failure is logged, not returned (the action already happened).
@@ -128,6 +177,7 @@ impl Running {
     pub async fn shutdown(mut self) {
         self.stop.cancel();
         while self.tasks.join_next().await.is_some() {}
+        self.state.flush_audit_failures(true).await;
         self.state.store.close().await;
     }
 
@@ -221,7 +271,8 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         })?;
     }
     let ldap = LdapConfig::from_args(&args.ldap)?;
-    let directory = Directory::new(store.clone(), ldap, args.default_site.clone())?;
+    let directory = Directory::new(store.clone(), ldap, args.default_site.clone())?
+        .with_hash_queue(args.max_hash_queue);
     let resources = RwLock::new(Arc::new(store.resources().await?));
 
     let state: Shared = Arc::new(State {
@@ -232,11 +283,38 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
             args.session_max_lifetime,
             args.max_sessions,
         ),
-        challenges: Challenges::new(args.challenge_ttl, MAX_CHALLENGES),
-        lockouts: Lockouts::new(args.lockout_threshold, args.lockout_duration),
-        limiter: SourceLimiter::new(args.source_failure_limit, args.source_window),
-        challenge_limiter: (args.challenge_rate_limit > 0)
-            .then(|| SourceLimiter::new(args.challenge_rate_limit, Duration::from_secs(60))),
+        challenges: Challenges::new(args.challenge_ttl, MAX_USED_CHALLENGES),
+        lockouts: Lockouts::new(
+            args.lockout_threshold,
+            args.lockout_window,
+            args.lockout_duration,
+            MAX_LOCKOUT_ENTRIES,
+        ),
+        limiter: SourceLimiter::new(
+            args.source_failure_limit,
+            args.source_window,
+            args.source_prefix_v6,
+            MAX_SOURCE_ENTRIES,
+        ),
+        challenge_limiter: (args.challenge_rate_limit > 0).then(|| {
+            SourceLimiter::new(
+                args.challenge_rate_limit,
+                Duration::from_secs(60),
+                args.source_prefix_v6,
+                MAX_SOURCE_ENTRIES,
+            )
+        }),
+        admin_limiter: SourceLimiter::new(
+            args.source_failure_limit,
+            args.source_window,
+            args.source_prefix_v6,
+            MAX_SOURCE_ENTRIES,
+        ),
+        audit_throttle: crate::audit_throttle::AuditThrottle::new(
+            AUDIT_FAILURE_WINDOW,
+            MAX_SOURCE_ENTRIES,
+        ),
+        source_prefix_v6: args.source_prefix_v6,
         admin_token: keys::Secret(admin_token),
         settings: Settings {
             data_dir: args.data_dir.clone(),
@@ -273,6 +351,12 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     };
     let metrics_addr = metrics_l.as_ref().map(local).transpose()?;
 
+    let limits = crate::tls::ListenerLimits {
+        io_timeout: args.io_timeout,
+        idle_timeout: args.connection_idle_timeout,
+        per_source: args.max_connections_per_source as usize,
+        v6_prefix: args.source_prefix_v6,
+    };
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
     tasks.spawn(crate::tls::serve(
@@ -280,7 +364,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         device_l,
         device_tls.clone(),
         crate::api::device::router(state.clone()),
-        args.io_timeout,
+        limits,
         stop.clone(),
     ));
     tasks.spawn(crate::tls::serve(
@@ -288,7 +372,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         proxy_l,
         proxy_tls,
         crate::api::proxy::router(state.clone()),
-        args.io_timeout,
+        limits,
         stop.clone(),
     ));
     tasks.spawn(crate::tls::serve(
@@ -296,7 +380,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         admin_l,
         device_tls,
         crate::api::admin::router(state.clone()),
-        args.io_timeout,
+        limits,
         stop.clone(),
     ));
     tasks.spawn(sweeper(state.clone(), stop.clone()));
@@ -372,8 +456,10 @@ async fn sweeper(state: Shared, stop: CancellationToken) {
             tracing::info!(session = %s.tag, user = %s.user, "session expired");
         }
         state.challenges.sweep();
+        state.flush_audit_failures(false).await;
         state.lockouts.sweep();
         state.limiter.sweep();
+        state.admin_limiter.sweep();
         if let Some(l) = &state.challenge_limiter {
             l.sweep();
         }

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use scm_proto::api::ProxyEvent;
 use scm_proto::crypto::{self, Nonce, SessionId, SessionKey, SessionTag};
 use tokio::sync::broadcast;
@@ -244,33 +246,68 @@ impl Sessions {
     }
 }
 
+/// The key a source address is counted under: IPv4 as it is, IPv6 by its first `v6_prefix` bits
+/// (one customer usually holds a whole /64, so counting full addresses lets it walk around every
+/// limit). An IPv4 address written in IPv6 form counts as the IPv4 address.
+pub fn source_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let bits = u32::from(v6_prefix.min(128));
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
+    }
+}
+
 /// Why a challenge could not be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChallengeError {
-    /// Never issued, or already used.
+    /// Never issued by this server, forged, or already used.
     Unknown,
     /// Issued but past its expiry.
     Expired,
+    /// The set of used challenges is full of unexpired entries: try again shortly.
+    Busy,
 }
 
-/// Outstanding single-use login challenges.
-#[derive(Debug)]
+/// Bytes of a challenge id: expiry (ms, big endian) ‖ 16 random bytes ‖ 16-byte MAC tag.
+const CHALLENGE_ID_LEN: usize = 8 + 16 + 16;
+
+/// Stateless login challenges. The id carries its own expiry and a MAC under a per-process key,
+/// and the server nonce is derived from it, so issuing one stores nothing: no number of
+/// challenge requests can fill a table. Single use is kept by a set of the ids already used,
+/// each held only until its expiry; that set is bounded (`max_used`) and filled only by login
+/// attempts, which the per-source limits already throttle.
 pub struct Challenges {
-    map: Mutex<HashMap<String, (Nonce, u64)>>,
+    key: [u8; 32],
+    used: Mutex<HashMap<[u8; 16], u64>>,
     ttl: Duration,
-    max: usize,
+    max_used: usize,
+}
+
+impl std::fmt::Debug for Challenges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Challenges")
+            .field("key", &"<redacted>")
+            .field("used", &self.used_len())
+            .field("ttl", &self.ttl)
+            .field("max_used", &self.max_used)
+            .finish()
+    }
 }
 
 impl Challenges {
-    /// Keeps expired challenges this long after expiry so a late login hears `challenge_expired`.
-    const GRACE_MS: u64 = 5 * 60 * 1000;
-
-    /// An empty set.
-    pub fn new(ttl: Duration, max: usize) -> Self {
+    /// Challenges valid for `ttl`, remembering at most `max_used` used ones at a time.
+    pub fn new(ttl: Duration, max_used: usize) -> Self {
         Self {
-            map: Mutex::new(HashMap::new()),
+            key: crypto::random_bytes::<32>(),
+            used: Mutex::new(HashMap::new()),
             ttl,
-            max,
+            max_used: max_used.max(1),
         }
     }
 
@@ -279,132 +316,355 @@ impl Challenges {
         self.ttl
     }
 
-    /// Issues a challenge: (id, server nonce). `None` when too many are outstanding.
-    pub fn issue(&self) -> Option<(String, Nonce)> {
-        let id = hex::encode(crypto::random_bytes::<16>());
-        let nonce: Nonce = crypto::random_bytes();
+    fn tag(&self, label: &[u8], body: &[u8]) -> [u8; 32] {
+        use hmac::Mac as _;
+        let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key)
+            .expect("HMAC takes any key length");
+        m.update(label);
+        m.update(body);
+        m.finalize().into_bytes().into()
+    }
+
+    /// Issues a challenge: (id, server nonce). Stores nothing.
+    pub fn issue(&self) -> (String, Nonce) {
         let expires = now_ms() + self.ttl.as_millis() as u64;
-        let mut map = lock(&self.map);
-        if map.len() >= self.max {
-            return None;
-        }
-        map.insert(id.clone(), (nonce, expires));
-        Some((id, nonce))
+        let mut id = [0u8; CHALLENGE_ID_LEN];
+        id[..8].copy_from_slice(&expires.to_be_bytes());
+        id[8..24].copy_from_slice(&crypto::random_bytes::<16>());
+        let tag = self.tag(b"scm-challenge-id-v1", &id[..24]);
+        id[24..].copy_from_slice(&tag[..16]);
+        let nonce = self.tag(b"scm-challenge-nonce-v1", &id[..24]);
+        (URL_SAFE_NO_PAD.encode(id), nonce)
     }
 
     /// Uses a challenge up: whatever happens next, it cannot serve again.
-    pub fn take(&self, id: &str) -> Result<Nonce, ChallengeError> {
-        let (nonce, expires) = lock(&self.map).remove(id).ok_or(ChallengeError::Unknown)?;
-        if now_ms() >= expires {
+    pub fn take(&self, id_text: &str) -> Result<Nonce, ChallengeError> {
+        let id = URL_SAFE_NO_PAD
+            .decode(id_text)
+            .map_err(|_| ChallengeError::Unknown)?;
+        if id.len() != CHALLENGE_ID_LEN {
+            return Err(ChallengeError::Unknown);
+        }
+        let tag = self.tag(b"scm-challenge-id-v1", &id[..24]);
+        if !crypto::ct_eq(&tag[..16], &id[24..]) {
+            return Err(ChallengeError::Unknown);
+        }
+        let mut exp = [0u8; 8];
+        exp.copy_from_slice(&id[..8]);
+        let expires = u64::from_be_bytes(exp);
+        let now = now_ms();
+        if now >= expires {
             return Err(ChallengeError::Expired);
         }
-        Ok(nonce)
+        let mut rand = [0u8; 16];
+        rand.copy_from_slice(&id[8..24]);
+        {
+            let mut used = lock(&self.used);
+            if used.contains_key(&rand) {
+                return Err(ChallengeError::Unknown);
+            }
+            if used.len() >= self.max_used {
+                used.retain(|_, exp| *exp > now);
+                if used.len() >= self.max_used {
+                    return Err(ChallengeError::Busy);
+                }
+            }
+            used.insert(rand, expires);
+        }
+        Ok(self.tag(b"scm-challenge-nonce-v1", &id[..24]))
     }
 
-    /// Forgets challenges long expired.
+    /// Used challenges remembered now.
+    pub fn used_len(&self) -> usize {
+        lock(&self.used).len()
+    }
+
+    /// Forgets used challenges that have expired (they would be refused as expired anyway).
     pub fn sweep(&self) {
         let now = now_ms();
-        lock(&self.map).retain(|_, (_, exp)| now < *exp + Self::GRACE_MS);
+        lock(&self.used).retain(|_, exp| *exp > now);
     }
 }
 
-/// Per-user failure counters and lockouts.
-#[derive(Debug)]
-pub struct Lockouts {
-    map: Mutex<HashMap<String, (u32, u64)>>,
-    threshold: u32,
-    duration: Duration,
+/// The counters of one user or source.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counter {
+    /// Failures counted in the current window.
+    failures: u32,
+    /// Attempts reserved and not finished yet.
+    in_flight: u32,
+    /// Start of the current window (ms); failures older than the window are forgotten.
+    window_start: u64,
+    /// End of the lockout (ms), 0 when not locked.
+    locked_until: u64,
 }
 
-impl Lockouts {
-    /// No user locked.
-    pub fn new(threshold: u32, duration: Duration) -> Self {
+/// Why an attempt was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Locked out (or blocked) after repeated failures.
+    Locked,
+    /// As many attempts as failures still allowed are in progress: one of them must finish first.
+    InFlight,
+}
+
+/// Failure counters keyed by user name or source address. An attempt is *reserved* before the
+/// expensive check (argon2) and counted as a failure after it, so concurrent attempts cannot all
+/// pass the check: at most `threshold` attempts are checked before the lockout, however many are
+/// sent at once. Failures decay: a window with no lockout is forgotten after `window`. The table is
+/// bounded: when full, the counters idle longest (never a lockout in force or an attempt in
+/// flight) are dropped, half at a time.
+#[derive(Debug)]
+pub struct Limiter<K> {
+    map: Mutex<HashMap<K, Counter>>,
+    threshold: u32,
+    window: Duration,
+    lockout: Duration,
+    max_entries: usize,
+}
+
+/// A reserved attempt. Call [`Attempt::fail`] or [`Attempt::succeed`]; dropping it without either
+/// (an error that says nothing about the credentials) only frees the reservation.
+#[derive(Debug)]
+#[must_use = "an attempt must be finished as a failure or a success"]
+pub struct Attempt<'a, K: std::hash::Hash + Eq + Clone> {
+    owner: &'a Limiter<K>,
+    key: K,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Attempt<'_, K> {
+    /// Counts a failure; true when this failure locks the key out.
+    pub fn fail(self) -> bool {
+        self.owner.finish(&self.key, true)
+    }
+
+    /// A success: the key's failures are cleared.
+    pub fn succeed(self) {
+        self.owner.clear(&self.key);
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Drop for Attempt<'_, K> {
+    fn drop(&mut self) {
+        let mut map = lock(&self.owner.map);
+        if let Some(c) = map.get_mut(&self.key) {
+            c.in_flight = c.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Limiter<K> {
+    /// `threshold` failures within `window` lock a key for `lockout`; at most `max_entries` keys.
+    pub fn new(threshold: u32, window: Duration, lockout: Duration, max_entries: usize) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
             threshold: threshold.max(1),
-            duration,
+            window,
+            lockout,
+            max_entries: max_entries.max(1),
         }
     }
 
-    /// Whether the user is locked out now.
-    pub fn is_locked(&self, user: &str) -> bool {
-        lock(&self.map)
-            .get(user)
-            .is_some_and(|&(_, until)| until > now_ms())
-    }
-
-    /// Counts a failure; returns true when this failure locks the user.
-    pub fn fail(&self, user: &str) -> bool {
-        let mut map = lock(&self.map);
-        let now = now_ms();
-        let e = map.entry(user.to_owned()).or_insert((0, 0));
-        if e.1 != 0 && e.1 <= now {
+    fn refresh(&self, c: &mut Counter, now: u64) {
+        if c.locked_until != 0 && c.locked_until <= now {
             // An earlier lockout has run out: start counting afresh.
-            *e = (0, 0);
+            c.failures = 0;
+            c.locked_until = 0;
+            c.window_start = now;
         }
-        e.0 += 1;
-        if e.0 >= self.threshold && e.1 == 0 {
-            e.1 = now + self.duration.as_millis() as u64;
+        if c.locked_until == 0 && now >= c.window_start + self.window.as_millis() as u64 {
+            c.failures = 0;
+            c.window_start = now;
+        }
+    }
+
+    /// Whether the key is locked out now.
+    pub fn is_locked(&self, key: &K) -> bool {
+        let now = now_ms();
+        let mut map = lock(&self.map);
+        map.get_mut(key).is_some_and(|c| {
+            self.refresh(c, now);
+            c.locked_until > now || c.failures >= self.threshold
+        })
+    }
+
+    /// Reserves an attempt, or says why none is admitted now.
+    pub fn reserve(&self, key: &K) -> Result<Attempt<'_, K>, Refused> {
+        let now = now_ms();
+        let mut map = lock(&self.map);
+        if !map.contains_key(key) && map.len() >= self.max_entries {
+            self.evict(&mut map, now);
+        }
+        let c = map.entry(key.clone()).or_insert(Counter {
+            window_start: now,
+            ..Counter::default()
+        });
+        self.refresh(c, now);
+        if c.locked_until > now || c.failures >= self.threshold {
+            return Err(Refused::Locked);
+        }
+        if c.failures + c.in_flight >= self.threshold {
+            return Err(Refused::InFlight);
+        }
+        c.in_flight += 1;
+        Ok(Attempt {
+            owner: self,
+            key: key.clone(),
+        })
+    }
+
+    /// Counts one failure without a reservation (a check that costs nothing, e.g. a bad MAC);
+    /// true when it locks the key out.
+    pub fn fail(&self, key: &K) -> bool {
+        let now = now_ms();
+        let mut map = lock(&self.map);
+        if !map.contains_key(key) && map.len() >= self.max_entries {
+            self.evict(&mut map, now);
+        }
+        let c = map.entry(key.clone()).or_insert(Counter {
+            window_start: now,
+            ..Counter::default()
+        });
+        self.refresh(c, now);
+        self.count(c, now)
+    }
+
+    fn count(&self, c: &mut Counter, now: u64) -> bool {
+        c.failures = c.failures.saturating_add(1);
+        if c.failures >= self.threshold && c.locked_until == 0 {
+            c.locked_until = now + self.lockout.as_millis() as u64;
             return true;
         }
         false
     }
 
-    /// Clears the counter after a success or an admin unlock.
-    pub fn clear(&self, user: &str) {
-        lock(&self.map).remove(user);
-    }
-
-    /// Forgets lockouts that ran out.
-    pub fn sweep(&self) {
+    fn finish(&self, key: &K, failed: bool) -> bool {
         let now = now_ms();
-        lock(&self.map).retain(|_, &mut (_, until)| until == 0 || until > now);
+        let mut map = lock(&self.map);
+        let Some(c) = map.get_mut(key) else {
+            return false;
+        };
+        // The reservation is released by the attempt's Drop, right after this.
+        if failed {
+            self.refresh(c, now);
+            return self.count(c, now);
+        }
+        false
     }
-}
 
-/// Per-source-address failure limit over a fixed window.
-#[derive(Debug)]
-pub struct SourceLimiter {
-    map: Mutex<HashMap<IpAddr, (u64, u32)>>,
-    limit: u32,
-    window: Duration,
-}
-
-impl SourceLimiter {
-    /// No source limited.
-    pub fn new(limit: u32, window: Duration) -> Self {
-        Self {
-            map: Mutex::new(HashMap::new()),
-            limit: limit.max(1),
-            window,
+    /// Clears the key's counters after a success or an admin unlock (attempts in flight stay
+    /// reserved).
+    pub fn clear(&self, key: &K) {
+        let mut map = lock(&self.map);
+        if let Some(c) = map.get_mut(key) {
+            let in_flight = c.in_flight;
+            *c = Counter {
+                in_flight,
+                window_start: now_ms(),
+                ..Counter::default()
+            };
+            if in_flight == 0 {
+                map.remove(key);
+            }
         }
     }
 
-    /// Whether the source has used up its failures in the current window.
-    pub fn is_blocked(&self, ip: IpAddr) -> bool {
+    /// Drops counters that no longer matter, then, if the table is still full, the half of the
+    /// rest idle longest (never a lockout in force or an attempt in flight).
+    fn evict(&self, map: &mut HashMap<K, Counter>, now: u64) {
+        let window = self.window.as_millis() as u64;
+        map.retain(|_, c| {
+            c.in_flight > 0 || c.locked_until > now || now < c.window_start + window
+        });
+        if map.len() < self.max_entries {
+            return;
+        }
+        let mut starts: Vec<u64> = map
+            .values()
+            .filter(|c| c.in_flight == 0 && c.locked_until <= now)
+            .map(|c| c.window_start)
+            .collect();
+        if starts.is_empty() {
+            return;
+        }
+        let mid = starts.len() / 2;
+        let (_, cut, _) = starts.select_nth_unstable(mid);
+        let cut = *cut;
+        map.retain(|_, c| c.in_flight > 0 || c.locked_until > now || c.window_start > cut);
+    }
+
+    /// Forgets counters that no longer matter.
+    pub fn sweep(&self) {
         let now = now_ms();
-        lock(&self.map).get(&ip).is_some_and(|&(start, n)| {
-            now < start + self.window.as_millis() as u64 && n >= self.limit
-        })
+        let window = self.window.as_millis() as u64;
+        lock(&self.map).retain(|_, c| {
+            c.in_flight > 0 || c.locked_until > now || now < c.window_start + window
+        });
+    }
+
+    /// Keys counted now.
+    pub fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+
+    /// Whether no key is counted.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Per-user failure counters and lockouts.
+pub type Lockouts = Limiter<String>;
+
+/// Per-source-address failure limits, keyed by [`source_key`].
+#[derive(Debug)]
+pub struct SourceLimiter {
+    inner: Limiter<IpAddr>,
+    v6_prefix: u8,
+}
+
+impl SourceLimiter {
+    /// `limit` failures per `window` from one source (IPv6 by `/v6_prefix`) block it until the
+    /// window passes; at most `max_entries` sources are counted.
+    pub fn new(limit: u32, window: Duration, v6_prefix: u8, max_entries: usize) -> Self {
+        Self {
+            inner: Limiter::new(limit, window, window, max_entries),
+            v6_prefix,
+        }
+    }
+
+    fn key(&self, ip: IpAddr) -> IpAddr {
+        source_key(ip, self.v6_prefix)
+    }
+
+    /// Whether the source has used up its failures.
+    pub fn is_blocked(&self, ip: IpAddr) -> bool {
+        self.inner.is_locked(&self.key(ip))
     }
 
     /// Counts a failure from the source.
     pub fn fail(&self, ip: IpAddr) {
-        let now = now_ms();
-        let window = self.window.as_millis() as u64;
-        let mut map = lock(&self.map);
-        let e = map.entry(ip).or_insert((now, 0));
-        if now >= e.0 + window {
-            *e = (now, 0);
-        }
-        e.1 = e.1.saturating_add(1);
+        self.inner.fail(&self.key(ip));
+    }
+
+    /// Reserves an attempt from the source (see [`Limiter::reserve`]).
+    pub fn reserve(&self, ip: IpAddr) -> Result<Attempt<'_, IpAddr>, Refused> {
+        self.inner.reserve(&self.key(ip))
     }
 
     /// Forgets finished windows.
     pub fn sweep(&self) {
-        let now = now_ms();
-        let window = self.window.as_millis() as u64;
-        lock(&self.map).retain(|_, &mut (start, _)| now < start + window);
+        self.inner.sweep();
+    }
+
+    /// Sources counted now.
+    pub fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// Whether no source is counted.
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty()
     }
 }
 
@@ -469,40 +729,122 @@ mod tests {
     }
 
     #[test]
-    fn challenges_are_single_use_and_expire() {
+    fn challenges_are_stateless_single_use_and_expire() {
         let c = Challenges::new(Duration::from_secs(60), 2);
-        let (id, nonce) = c.issue().unwrap();
+        let (id, nonce) = c.issue();
+        assert!(id.len() <= 64, "fits the login's challenge_id limit: {id}");
+        assert_eq!(c.used_len(), 0, "issuing stores nothing");
+        for _ in 0..10_000 {
+            let _ = c.issue();
+        }
+        assert_eq!(c.used_len(), 0);
         assert_eq!(c.take(&id), Ok(nonce));
-        assert_eq!(c.take(&id), Err(ChallengeError::Unknown));
-        c.issue().unwrap();
-        c.issue().unwrap();
-        assert!(c.issue().is_none(), "cap");
+        assert_eq!(c.take(&id), Err(ChallengeError::Unknown), "single use");
+        // Forged or edited ids are unknown.
+        assert_eq!(c.take("nope"), Err(ChallengeError::Unknown));
+        let mut bytes = URL_SAFE_NO_PAD.decode(&id).unwrap();
+        bytes[12] ^= 1;
+        assert_eq!(
+            c.take(&URL_SAFE_NO_PAD.encode(&bytes)),
+            Err(ChallengeError::Unknown)
+        );
+        // Another server's (another key's) challenge is unknown here.
+        let other = Challenges::new(Duration::from_secs(60), 2);
+        assert_eq!(c.take(&other.issue().0), Err(ChallengeError::Unknown));
+        // The used set is bounded: full of unexpired entries, a login is told to retry.
+        let (a, _) = c.issue();
+        assert!(c.take(&a).is_ok());
+        let (b, _) = c.issue();
+        assert_eq!(c.take(&b), Err(ChallengeError::Busy));
         let c = Challenges::new(Duration::from_millis(0), 2);
-        let (id, _) = c.issue().unwrap();
+        let (id, _) = c.issue();
         assert_eq!(c.take(&id), Err(ChallengeError::Expired));
     }
 
     #[test]
     fn lockout_after_threshold() {
-        let l = Lockouts::new(3, Duration::from_secs(60));
-        assert!(!l.fail("a"));
-        assert!(!l.fail("a"));
-        assert!(!l.is_locked("a"));
-        assert!(l.fail("a"));
-        assert!(l.is_locked("a"));
-        assert!(!l.is_locked("b"));
-        l.clear("a");
-        assert!(!l.is_locked("a"));
+        let l = Lockouts::new(3, Duration::from_secs(60), Duration::from_secs(60), 100);
+        let a = "a".to_owned();
+        assert!(!l.fail(&a));
+        assert!(!l.fail(&a));
+        assert!(!l.is_locked(&a));
+        assert!(l.fail(&a));
+        assert!(l.is_locked(&a));
+        assert!(!l.is_locked(&"b".to_owned()));
+        assert_eq!(l.reserve(&a).unwrap_err(), Refused::Locked);
+        l.clear(&a);
+        assert!(!l.is_locked(&a));
     }
 
     #[test]
-    fn source_limit() {
-        let s = SourceLimiter::new(2, Duration::from_secs(60));
+    fn reservations_bound_concurrent_checks() {
+        let l = Lockouts::new(5, Duration::from_secs(60), Duration::from_secs(60), 100);
+        let u = "u".to_owned();
+        let held: Vec<_> = (0..5).map(|_| l.reserve(&u).unwrap()).collect();
+        assert_eq!(l.reserve(&u).unwrap_err(), Refused::InFlight);
+        let mut locked = false;
+        for a in held {
+            locked |= a.fail();
+        }
+        assert!(locked);
+        assert_eq!(l.reserve(&u).unwrap_err(), Refused::Locked);
+        // An attempt dropped without a verdict frees its slot and counts nothing.
+        let v = "v".to_owned();
+        for _ in 0..20 {
+            drop(l.reserve(&v).unwrap());
+        }
+        assert!(!l.is_locked(&v));
+        let ok = l.reserve(&v).unwrap();
+        ok.succeed();
+        assert!(l.is_empty() || !l.is_locked(&v));
+    }
+
+    #[test]
+    fn failures_decay_and_the_table_is_bounded() {
+        let l = Lockouts::new(3, Duration::from_millis(0), Duration::from_secs(60), 100);
+        let u = "u".to_owned();
+        for _ in 0..10 {
+            assert!(!l.fail(&u), "failures outside the window are forgotten");
+        }
+        let l = Lockouts::new(2, Duration::from_secs(60), Duration::from_secs(60), 10);
+        let victim = "victim".to_owned();
+        l.fail(&victim);
+        assert!(l.fail(&victim));
+        for i in 0..1_000 {
+            l.fail(&format!("junk{i}"));
+            assert!(l.len() <= 10);
+        }
+        assert!(l.is_locked(&victim), "a lockout in force is never evicted");
+    }
+
+    #[test]
+    fn source_limit_by_prefix() {
+        let s = SourceLimiter::new(2, Duration::from_secs(60), 64, 100);
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         s.fail(ip);
         assert!(!s.is_blocked(ip));
         s.fail(ip);
         assert!(s.is_blocked(ip));
         assert!(!s.is_blocked("127.0.0.2".parse().unwrap()));
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        s.fail(a);
+        s.fail("2001:db8:1:2:ffff::9".parse().unwrap());
+        assert!(
+            s.is_blocked("2001:db8:1:2:abcd::1".parse().unwrap()),
+            "one /64"
+        );
+        assert!(!s.is_blocked("2001:db8:1:3::1".parse().unwrap()));
+        assert_eq!(
+            source_key("::ffff:10.0.0.1".parse().unwrap(), 64),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            source_key("2001:db8::1".parse().unwrap(), 128),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            source_key("2001:db8::1".parse().unwrap(), 0),
+            "::".parse::<IpAddr>().unwrap()
+        );
     }
 }

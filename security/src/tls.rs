@@ -129,17 +129,155 @@ pub fn client_config(
     Ok(cfg)
 }
 
-/// Serves `router` over TLS on `listener` until `stop` is cancelled.
+/// The limits of one listener's connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerLimits {
+    /// Time for each step: TLS handshake, request headers, request body.
+    pub io_timeout: Duration,
+    /// A connection with no request or response in progress for this long is closed.
+    pub idle_timeout: Duration,
+    /// Open connections one source (IPv6 by `v6_prefix`) may hold.
+    pub per_source: usize,
+    /// IPv6 prefix length of a source.
+    pub v6_prefix: u8,
+}
+
+impl ListenerLimits {
+    /// Limits with only an I/O timeout: idle after a minute, 256 connections per source, /64.
+    pub fn with_io_timeout(io_timeout: Duration) -> Self {
+        Self {
+            io_timeout,
+            idle_timeout: Duration::from_secs(60),
+            per_source: 256,
+            v6_prefix: 64,
+        }
+    }
+}
+
+/// Open connections per source key; an entry leaves the table with its last connection.
+#[derive(Debug, Default)]
+struct PerSource(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One open connection counted against its source.
+struct SourceSlot {
+    table: Arc<PerSource>,
+    key: std::net::IpAddr,
+}
+
+impl PerSource {
+    fn take(self: &Arc<Self>, key: std::net::IpAddr, max: usize) -> Option<SourceSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(key).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            table: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.table.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Requests (and their response bodies) in progress on one connection, and when the last ended.
+#[derive(Debug)]
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    idle_since: std::sync::atomic::AtomicU64,
+    epoch: tokio::time::Instant,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            in_flight: 0.into(),
+            idle_since: 0.into(),
+            epoch: tokio::time::Instant::now(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Busy(self.clone())
+    }
+
+    /// When the connection became idle, or None while something is in progress.
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
+        use std::sync::atomic::Ordering;
+        (self.in_flight.load(Ordering::Acquire) == 0).then(|| {
+            self.epoch + Duration::from_millis(self.idle_since.load(Ordering::Acquire))
+        })
+    }
+}
+
+/// A request or response body in progress.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        self.0.idle_since.store(self.0.now_ms(), Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its connection busy until it is sent or dropped.
+struct TrackedBody {
+    inner: axum::body::Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serves `router` over TLS on `listener` until `stop` is cancelled: at most `MAX_CONNECTIONS`
+/// connections, `limits.per_source` from one source, each closed when idle.
 pub async fn serve(
     name: &'static str,
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     router: Router,
-    io_timeout: Duration,
+    limits: ListenerLimits,
     stop: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_source = Arc::new(PerSource::default());
+    let io_timeout = limits.io_timeout;
     loop {
         let permit = tokio::select! {
             () = stop.cancelled() => return,
@@ -156,12 +294,19 @@ pub async fn serve(
                 }
             },
         };
+        let key = crate::sessions::source_key(peer.ip(), limits.v6_prefix);
+        let Some(source_slot) = per_source.take(key, limits.per_source) else {
+            tracing::debug!(listener = name, source = %key, cap = limits.per_source, "connection refused: this source holds its cap of open connections");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _source_slot = source_slot;
             let tls = match tokio::time::timeout(io_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -173,26 +318,63 @@ pub async fn serve(
                     return;
                 }
             };
-            let svc =
-                router.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(Peer(peer));
-                    req.extensions_mut().insert(IoTimeout(io_timeout));
-                    req.map(axum::body::Body::new)
-                });
+            let activity = Activity::new();
+            let act = activity.clone();
+            let svc = tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                let busy = act.begin();
+                req.extensions_mut().insert(Peer(peer));
+                req.extensions_mut().insert(IoTimeout(io_timeout));
+                let fut = router.clone().oneshot(req.map(axum::body::Body::new));
+                async move {
+                    let resp = fut.await?;
+                    Ok::<_, std::convert::Infallible>(resp.map(|inner| {
+                        axum::body::Body::new(TrackedBody { inner, _busy: busy })
+                    }))
+                }
+            });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(io_timeout);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(100)
+                .keep_alive_interval(Some(limits.idle_timeout.min(Duration::from_secs(30))))
+                .keep_alive_timeout(io_timeout);
             let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
             tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
+            let mut closing = false;
+            loop {
+                let deadline = match activity.idle_since() {
+                    _ if closing => tokio::time::Instant::now() + io_timeout,
+                    Some(since) => since + limits.idle_timeout,
+                    None => tokio::time::Instant::now() + limits.idle_timeout,
+                };
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
+                        }
+                        return;
                     }
+                    () = tokio::time::sleep_until(deadline) => {
+                        if closing {
+                            tracing::debug!(listener = name, %peer, "idle connection did not close in time; dropped");
+                            return;
+                        }
+                        let idle = activity
+                            .idle_since()
+                            .is_some_and(|since| since + limits.idle_timeout <= tokio::time::Instant::now());
+                        if idle {
+                            tracing::debug!(listener = name, %peer, after = ?limits.idle_timeout, "closing an idle connection");
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                    }
+                    () = stop.cancelled() => return,
                 }
-                () = stop.cancelled() => {}
             }
         });
     }

@@ -67,13 +67,15 @@ pub fn router(state: Shared) -> Router {
 
 async fn require_token(State(st): State<Shared>, req: Request, next: Next) -> Response {
     let ip = super::peer_ip(req.extensions());
-    if let Err(e) = super::admit(&st.limiter, ip) {
+    if let Err(e) = super::admit(&st.admin_limiter, ip) {
         return e.into_response_();
     }
     let ok = bearer(req.headers())
         .is_some_and(|t| crypto::ct_eq(t.as_bytes(), st.admin_token.0.as_bytes()));
     if !ok {
-        st.limiter.fail(ip);
+        st.admin_limiter.fail(ip);
+        st.audit_failure("admin_auth_failed", "-", &ip, "bad_admin_token")
+            .await;
         return ApiError::unauthorized("bad_admin_token", "missing or wrong admin token")
             .into_response_();
     }

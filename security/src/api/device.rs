@@ -23,7 +23,7 @@ use super::{
 use crate::directory::AuthError;
 use crate::error::ApiError;
 use crate::server::Shared;
-use crate::sessions::{ChallengeError, NewSession};
+use crate::sessions::{Attempt, ChallengeError, NewSession, Refused};
 use crate::store::{KeyRow, UserRow, unix_now};
 use crate::tls::Peer;
 
@@ -100,7 +100,11 @@ fn locked_out() -> ApiError {
     )
 }
 
-fn unavailable(e: &dyn std::error::Error) -> ApiError {
+fn unavailable(e: crate::error::Error) -> ApiError {
+    if matches!(e, crate::error::Error::HashQueueFull(_)) {
+        tracing::warn!(error = %e, "password check refused: the hashing queue is full");
+        return e.into();
+    }
     tracing::error!(error = %e, "directory unavailable");
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -109,15 +113,68 @@ fn unavailable(e: &dyn std::error::Error) -> ApiError {
     )
 }
 
-/// Counts an authentication failure against the user and the source, and audits it.
-async fn failure(st: &Shared, kind: &str, user: &str, ip: IpAddr, err: ApiError) -> ApiError {
-    st.limiter.fail(ip);
-    if st.lockouts.fail(user) {
+fn attempts_in_flight() -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "attempts_in_flight",
+        "as many attempts as failures still allowed are in progress; try again in a moment",
+    )
+}
+
+/// Reserves a password check for the source and the user before any hashing, so concurrent
+/// attempts cannot all be checked: at most the remaining allowance is in flight at once.
+fn reserve<'a>(
+    st: &'a Shared,
+    name: &str,
+    ip: IpAddr,
+) -> Result<(Attempt<'a, IpAddr>, Attempt<'a, String>), ApiError> {
+    let src = st.limiter.reserve(ip).map_err(|r| match r {
+        Refused::Locked => rate_limited(),
+        Refused::InFlight => attempts_in_flight(),
+    })?;
+    let user = st.lockouts.reserve(&name.to_owned()).map_err(|r| match r {
+        Refused::Locked => locked_out(),
+        Refused::InFlight => attempts_in_flight(),
+    })?;
+    Ok((src, user))
+}
+
+/// Counts a failure of a reserved check against the user and the source, and audits it.
+async fn failed_check(
+    st: &Shared,
+    kind: &str,
+    user: &str,
+    ip: IpAddr,
+    (src, attempt): (Attempt<'_, IpAddr>, Attempt<'_, String>),
+    err: ApiError,
+) -> ApiError {
+    src.fail();
+    if attempt.fail() {
         tracing::warn!(user, "user locked out");
         st.audit("lockout", user, user, &ip.to_string(), "too many failures")
             .await;
     }
-    st.audit(kind, user, user, &ip.to_string(), err.code).await;
+    st.audit_failure(kind, user, &ip, err.code).await;
+    err
+}
+
+/// Counts a failure against the user and the source (no reservation), and audits it.
+async fn failure(st: &Shared, kind: &str, user: &str, ip: IpAddr, err: ApiError) -> ApiError {
+    st.limiter.fail(ip);
+    if st.lockouts.fail(&user.to_owned()) {
+        tracing::warn!(user, "user locked out");
+        st.audit("lockout", user, user, &ip.to_string(), "too many failures")
+            .await;
+    }
+    st.audit_failure(kind, user, &ip, err.code).await;
+    err
+}
+
+/// A failure before any proof of the device key (unknown key, bad MAC): it says nothing about
+/// the user, whose name anyone can type, so it counts against the source only.
+async fn source_failure(st: &Shared, kind: &str, user: &str, ip: IpAddr, err: ApiError) -> ApiError {
+    st.limiter.fail(ip);
+    st.audit_failure(kind, user, &ip, err.code).await;
     err
 }
 
@@ -133,13 +190,7 @@ async fn challenge(
         }
         l.fail(ip);
     }
-    let (id, nonce) = st.challenges.issue().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            "too many outstanding challenges",
-        )
-    })?;
+    let (id, nonce) = st.challenges.issue();
     Ok(Json(ChallengeResponse {
         challenge_id: id,
         server_nonce: crypto::b64(&nonce),
@@ -159,18 +210,22 @@ async fn authenticate(
     password: &str,
     ip: IpAddr,
 ) -> Result<UserRow, ApiError> {
+    let attempts = reserve(st, name, ip)?;
     let user = match st.directory.authenticate(name, password).await {
         Ok(u) => u,
         Err(AuthError::BadCredentials) => {
             let e = ApiError::unauthorized("bad_credentials", "wrong user name or password");
-            return Err(failure(st, kind, name, ip, e).await);
+            return Err(failed_check(st, kind, name, ip, attempts, e).await);
         }
-        Err(AuthError::Unavailable(e)) => return Err(unavailable(&e)),
+        // Says nothing about the password: the reservations are released uncounted.
+        Err(AuthError::Unavailable(e)) => return Err(unavailable(e)),
     };
     if site.is_some_and(|s| s != user.site) {
         let e = ApiError::unauthorized("wrong_site", "the user does not belong to that site");
-        return Err(failure(st, kind, name, ip, e).await);
+        return Err(failed_check(st, kind, name, ip, attempts, e).await);
     }
+    let (_src, attempt) = attempts;
+    attempt.succeed();
     Ok(user)
 }
 
@@ -190,7 +245,7 @@ async fn enroll(
             "this server requires an activation code from an admin to enrol",
         ));
     }
-    if st.lockouts.is_locked(name) {
+    if st.lockouts.is_locked(&name.to_owned()) {
         return Err(locked_out());
     }
     let user = authenticate(&st, "enrol_failed", name, site, &req.password, ip).await?;
@@ -229,7 +284,6 @@ async fn enroll(
         st.sessions
             .remove_where(|s| &s.key_id == old, "key_revoked");
     }
-    st.lockouts.clear(name);
     tracing::info!(user = %user.name, device = %req.device_id, app = %req.app_id, %key_id, "enrolled");
     st.audit(
         "enrol",
@@ -288,10 +342,17 @@ async fn login(
                 "the challenge has expired; get a new one",
             ));
         }
+        Err(ChallengeError::Busy) => {
+            tracing::warn!("login refused: the set of used challenges is full");
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many logins in the last challenge lifetime; try again in a moment",
+            ));
+        }
     };
-    if st.lockouts.is_locked(name) {
-        st.audit("login_failed", name, name, &ip.to_string(), "locked_out")
-            .await;
+    if st.lockouts.is_locked(&name.to_owned()) {
+        st.audit_failure("login_failed", name, &ip, "locked_out").await;
         return Err(locked_out());
     }
 
@@ -302,11 +363,11 @@ async fn login(
         });
     let Some(key_row) = key_row else {
         let e = ApiError::unauthorized("unknown_key", "no such key for this user, device and app");
-        return Err(failure(&st, "login_failed", name, ip, e).await);
+        return Err(source_failure(&st, "login_failed", name, ip, e).await);
     };
     if key_row.revoked_at.is_some() {
         let e = ApiError::unauthorized("key_revoked", "this device key was revoked; enrol again");
-        return Err(failure(&st, "login_failed", name, ip, e).await);
+        return Err(source_failure(&st, "login_failed", name, ip, e).await);
     }
     let shared = st.master.open(&key_row.key_id, &key_row.sealed_key)?;
     let transcript = LoginTranscript {
@@ -321,7 +382,7 @@ async fn login(
     };
     if !crypto::verify_login_mac(&shared, &transcript, &mac) {
         let e = ApiError::unauthorized("bad_mac", "the proof of the device key does not verify");
-        return Err(failure(&st, "login_failed", name, ip, e).await);
+        return Err(source_failure(&st, "login_failed", name, ip, e).await);
     }
     let user = authenticate(&st, "login_failed", name, site, &req.password, ip).await?;
 
@@ -364,7 +425,6 @@ async fn login(
                 "the session table is full",
             )
         })?;
-    st.lockouts.clear(name);
     tracing::info!(session = %session.tag, user = %user.name, device = %req.device_id, app = %req.app_id, "login");
     st.audit(
         "login",

@@ -226,10 +226,11 @@ async fn challenge_expiry(db: Db) {
         401,
         "challenge_expired",
     );
+    // Challenges are stateless: the id carries its expiry, so it stays refused as expired.
     assert_error(
         &srv.device_post(PATH_LOGIN, &body).await,
         401,
-        "unknown_challenge",
+        "challenge_expired",
     );
     assert!(srv.state().sessions.is_empty());
 }

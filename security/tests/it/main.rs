@@ -6,6 +6,7 @@ mod admin_cli;
 mod backup;
 mod bad_input;
 mod flows;
+mod hardening;
 mod ldap;
 mod ldap_tests;
 mod pg;
