@@ -408,6 +408,16 @@ impl SourceLimiter {
     }
 }
 
+impl Sessions {
+    /// Looks a live session up by its id text without counting it as activity (the proxies'
+    /// API checks a proxy's sites before validating).
+    pub fn peek(&self, id_text: &str) -> Option<Arc<Session>> {
+        let id = SessionId::parse(id_text)?;
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&id).cloned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ mod flows;
 mod ldap;
 mod ldap_tests;
 mod pg;
+mod proxy_mtls;
 mod replication;
 mod support;
 
