@@ -423,8 +423,8 @@ fn authenticate(
                     Ok(())
                 }
                 Unauthenticated::Refuse => Err(bad(format!(
-                    "{}: missing: the snapshot is not authenticated (written by a scm-security \
-                     before 0.1 authenticated backups, or the MAC file was removed), so a \
+                    "{}: missing: the snapshot is not authenticated (written by an scm-security \
+                     that did not authenticate backups yet, or the MAC file was removed), so a \
                      restore cannot tell whether it was tampered with; restore it with \
                      --allow-unauthenticated only if you trust where it was kept",
                     path.display()
@@ -849,17 +849,20 @@ pub async fn restore(
     restore_with(store, master, data_dir, from, Unauthenticated::Refuse).await
 }
 
+/// One table of a checked snapshot: its name, columns and rows.
+type ParsedTable = (
+    &'static str,
+    &'static [(&'static str, Kind)],
+    Vec<Vec<Cell>>,
+);
+
 /// A snapshot that passed every check of a restore short of the target database.
 #[derive(Debug)]
 pub struct Checked {
     /// Its manifest.
     pub manifest: Manifest,
     contents: Files,
-    parsed: Vec<(
-        &'static str,
-        &'static [(&'static str, Kind)],
-        Vec<Vec<Cell>>,
-    )>,
+    parsed: Vec<ParsedTable>,
 }
 
 /// Every check a restore makes before touching the target: the MAC under `master` (see

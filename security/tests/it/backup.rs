@@ -588,6 +588,7 @@ async fn tampered_snapshots_are_refused(db: Db) {
     std::fs::create_dir_all(&outside).unwrap();
     let victim = outside.join("planted");
     let secret = outside.join("secret");
+    // 47 bytes: the size the forged release rows claim.
     std::fs::write(&secret, b"not a package: the server must never serve this").unwrap();
 
     let case = |name: &str, edit: &dyn Fn(&Path)| {
@@ -628,7 +629,7 @@ async fn tampered_snapshots_are_refused(db: Db) {
                 "android",
                 "9.9",
                 secret.display().to_string(),
-                48,
+                47,
                 1
             ]))
         })
@@ -767,7 +768,7 @@ async fn tampered_snapshots_are_refused(db: Db) {
             platform: "android".into(),
             version: "9.9".into(),
             sha256: secret.display().to_string(),
-            size: 48,
+            size: 47,
             download_path: String::new(),
         })
         .await
@@ -922,8 +923,7 @@ async fn a_loose_master_key_stops_the_server() {
     let args = crate::support::serve_args(dir.path(), &c, &Db::Sqlite, &[]);
     let err = scm_security::server::start(&args)
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     let msg = err.to_string();
     assert!(
         msg.contains("mode 0644, looser than 0600") && msg.contains("chmod 600"),

@@ -216,8 +216,7 @@ async fn bad_proxy_flags_are_refused() {
         let args = serve_args(dir.path(), &certs, &Db::Sqlite, &flags);
         let err = scm_security::server::start(&args)
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert!(err.to_string().contains(needle), "{flags:?}: {err}");
     }
 }
