@@ -78,7 +78,7 @@ async fn run(label: &str, src: &Store, dst: &Store, n: usize) -> anyhow::Result<
 
     let snap = dir.path().join("snap");
     let t = Instant::now();
-    let m = backup::snapshot(src, dir.path(), &snap).await?;
+    let m = backup::snapshot(src, &master, dir.path(), &snap).await?;
     let backup_s = t.elapsed().as_secs_f64();
     let bytes: u64 = m.tables.iter().map(|t| t.bytes).sum();
 

@@ -19,6 +19,21 @@ pub fn dir(data_dir: &Path) -> PathBuf {
     data_dir.join("apps")
 }
 
+/// Whether `text` is a lowercase hex SHA-256: the only file name a package has. Every path
+/// built from a release's sha256 is checked with this first, so a bad row (a restored one, say)
+/// can never name a file outside the packages folder.
+pub fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The path of the package named `sha256` under `dir`, or None if that is not a package name.
+pub fn package_path(dir: &Path, sha256: &str) -> Option<PathBuf> {
+    is_sha256_hex(sha256).then(|| dir.join(sha256))
+}
+
 /// Streams `body` into a temporary file in `dir`, hashing it; returns (temp path, sha256 hex,
 /// size). Refuses bodies over `max` bytes.
 pub async fn receive(dir: &Path, body: Body, max: u64) -> Result<(PathBuf, String, u64), ApiError> {
@@ -27,7 +42,12 @@ pub async fn receive(dir: &Path, body: Body, max: u64) -> Result<(PathBuf, Strin
         hex::encode(scm_proto::crypto::random_bytes::<8>())
     ));
     let result = async {
-        let mut file = tokio::fs::File::create(&tmp)
+        // Mode 0600 like everything the server writes.
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(crate::fsmode::FILE_MODE)
+            .open(&tmp)
             .await
             .map_err(|e| ApiError::from(Error::io(&tmp, e)))?;
         let mut hasher = Sha256::new();
@@ -72,7 +92,8 @@ pub async fn receive(dir: &Path, body: Body, max: u64) -> Result<(PathBuf, Strin
 
 /// Moves a received temp file to its content address.
 pub async fn commit(dir: &Path, tmp: &Path, sha256: &str) -> Result<(), Error> {
-    let dest = dir.join(sha256);
+    let dest = package_path(dir, sha256)
+        .ok_or_else(|| Error::Invalid(format!("{sha256:?} is not a package name")))?;
     tokio::fs::rename(tmp, &dest)
         .await
         .map_err(|e| Error::io(&dest, e))
@@ -114,7 +135,16 @@ pub async fn download(
     rel: &AppRelease,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let path = dir.join(&rel.sha256);
+    let Some(path) = package_path(dir, &rel.sha256) else {
+        tracing::error!(
+            app = %rel.app_id, version = %rel.version, platform = %rel.platform,
+            "release row has a sha256 that is not 64 hex digits; refusing to serve it"
+        );
+        return Err(ApiError::not_found(
+            "unknown_release",
+            "no package for this release",
+        ));
+    };
     let mut file = tokio::fs::File::open(&path)
         .await
         .map_err(|e| ApiError::from(Error::io(&path, e)))?;
@@ -215,6 +245,25 @@ mod tests {
             sha256: "00".into(),
             size: 1,
             download_path: String::new(),
+        }
+    }
+
+    #[test]
+    fn package_names_are_sha256_hex_only() {
+        let good = "a".repeat(64);
+        assert!(is_sha256_hex(&good));
+        assert!(package_path(Path::new("/d"), &good).is_some());
+        for bad in [
+            "/etc/passwd".to_string(),
+            "../".repeat(21) + "x",
+            "A".repeat(64),
+            "a".repeat(63),
+            "a".repeat(65),
+            format!("{}/", "a".repeat(63)),
+            String::new(),
+        ] {
+            assert!(!is_sha256_hex(&bad), "{bad}");
+            assert!(package_path(Path::new("/d"), &bad).is_none(), "{bad}");
         }
     }
 

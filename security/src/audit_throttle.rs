@@ -115,7 +115,8 @@ impl AuditThrottle {
             }
             false
         });
-        let overflow = std::mem::take(&mut *self.overflow.lock().unwrap_or_else(|e| e.into_inner()));
+        let overflow =
+            std::mem::take(&mut *self.overflow.lock().unwrap_or_else(|e| e.into_inner()));
         (out, overflow)
     }
 }
@@ -131,12 +132,19 @@ mod tests {
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         assert_eq!(t.record("login_failed", a, "u", "bad_mac"), Verdict::Write);
         for _ in 0..1000 {
-            assert_eq!(t.record("login_failed", a, "v", "bad_mac"), Verdict::Counted);
+            assert_eq!(
+                t.record("login_failed", a, "v", "bad_mac"),
+                Verdict::Counted
+            );
         }
         assert_eq!(t.record("login_failed", b, "u", "x"), Verdict::Write);
         // Full: a third pair is only counted.
         assert_eq!(t.record("enrol_failed", a, "u", "x"), Verdict::Counted);
-        assert_eq!(t.flush(false), (vec![], 1), "windows still open; the overflow is told");
+        assert_eq!(
+            t.flush(false),
+            (vec![], 1),
+            "windows still open; the overflow is told"
+        );
         let (rows, overflow) = t.flush(true);
         assert_eq!(overflow, 0);
         assert_eq!(rows.len(), 1);

@@ -1,7 +1,14 @@
 //! Backup and restore: a consistent snapshot of the database as one NDJSON file per table plus
 //! the app packages, described by a manifest (time, schema version, row counts, sha256 of every
-//! file); the restore that checks all of it before writing into a fresh instance; and the
-//! scheduler that `serve` runs (interval, retention, metrics, loud failures).
+//! file) that is authenticated with an HMAC under a key derived from the master key; the
+//! restore that checks all of it (the MAC, every file, every row's fields as the admin API
+//! would) before writing into a fresh instance; and the scheduler that `serve` runs (interval,
+//! retention, metrics, loud failures).
+//!
+//! A snapshot is data from outside the running server: a backup folder may sit on a share that
+//! others can write. So nothing in it is trusted before the MAC verifies, and even then every
+//! name that becomes a path is checked to be `apps/<64 hex>`, so a restore writes only inside
+//! the data folder and the download endpoint serves only packages.
 //!
 //! The snapshot is taken through sqlx inside one read transaction (SQLite: a WAL read
 //! transaction; PostgreSQL: `REPEATABLE READ READ ONLY`), so it is consistent without locking
@@ -24,11 +31,18 @@ use sqlx::any::AnyRow;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{DbContext as _, Error};
+use crate::fsmode::{create_private_dir, create_private_file};
 use crate::keys::MasterKey;
 use crate::store::{Backend, Store, latest_schema_version, unix_now};
 
 /// Name of the manifest file inside a snapshot folder.
 pub const MANIFEST: &str = "manifest.json";
+/// Name of the file holding the manifest's MAC.
+pub const MAC_FILE: &str = "manifest.mac";
+/// `alg` field of every MAC file.
+pub const MAC_ALG: &str = "HMAC-SHA256(HKDF-SHA256(master key, info=\"scm-security backup manifest hmac-sha256 v1\"), manifest.json)";
+/// Largest text field a restored row may carry (audit details, LDAP DNs).
+const MAX_TEXT: usize = 64 * 1024;
 /// `format` field of every manifest.
 pub const FORMAT: &str = "scm-security-backup";
 /// Version of the snapshot layout.
@@ -183,6 +197,29 @@ pub struct FileEntry {
     pub sha256: String,
 }
 
+/// `manifest.mac`: the HMAC of the exact bytes of `manifest.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MacFile {
+    /// Always [`MAC_ALG`].
+    pub alg: String,
+    /// Hex id of the backup key ([`MasterKey::backup_key_id`]): which master key wrote it.
+    pub key_id: String,
+    /// Hex HMAC-SHA256 of `manifest.json`.
+    pub mac: String,
+}
+
+/// What a restore does with a snapshot that has no `manifest.mac` (written before snapshots
+/// were authenticated, or with the file removed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unauthenticated {
+    /// Refuse it (the default).
+    #[default]
+    Refuse,
+    /// Restore it anyway (`--allow-unauthenticated`), still checking every file and row.
+    Allow,
+}
+
 impl Manifest {
     /// Rows of one table.
     pub fn rows(&self, table: &str) -> u64 {
@@ -226,15 +263,11 @@ fn cell(row: &AnyRow, col: &'static str, kind: Kind) -> Result<serde_json::Value
 
 async fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     // std::fs on the blocking pool: every write error (ENOSPC, EROFS) surfaces here, where
-    // tokio's buffered file could report it late.
+    // tokio's buffered file could report it late. Mode 0600: a snapshot holds password hashes.
     let (path, bytes) = (path.to_owned(), bytes.to_vec());
     tokio::task::spawn_blocking(move || {
         use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| io(&path, e))?;
+        let mut f = create_private_file(&path)?;
         f.write_all(&bytes)
             .and_then(|()| f.sync_all())
             .map_err(|e| io(&path, e))
@@ -244,9 +277,14 @@ async fn write_file(path: &Path, bytes: &[u8]) -> Result<(), Error> {
 }
 
 /// Writes a consistent snapshot of `store` (and the app packages under `data_dir`) into `out`,
-/// which must be missing or empty. The manifest is written last, so a folder without one is an
-/// unfinished snapshot.
-pub async fn snapshot(store: &Store, data_dir: &Path, out: &Path) -> Result<Manifest, Error> {
+/// which must be missing or empty, authenticated under `master`. The MAC and then the manifest
+/// are written last, so a folder without a manifest is an unfinished snapshot.
+pub async fn snapshot(
+    store: &Store,
+    master: &MasterKey,
+    data_dir: &Path,
+    out: &Path,
+) -> Result<Manifest, Error> {
     if out.exists() {
         let mut entries = std::fs::read_dir(out).map_err(|e| io(out, e))?;
         if entries.next().is_some() {
@@ -256,7 +294,7 @@ pub async fn snapshot(store: &Store, data_dir: &Path, out: &Path) -> Result<Mani
             )));
         }
     }
-    std::fs::create_dir_all(out.join("apps")).map_err(|e| io(out, e))?;
+    create_private_dir(&out.join("apps"))?;
 
     let mut tx = store.pool().begin().await.db("beginning the snapshot")?;
     if store.backend() == Backend::Postgres {
@@ -340,6 +378,13 @@ pub async fn snapshot(store: &Store, data_dir: &Path, out: &Path) -> Result<Mani
         files,
     };
     let text = serde_json::to_vec_pretty(&manifest).map_err(|e| bad(e.to_string()))?;
+    let mac = MacFile {
+        alg: MAC_ALG.into(),
+        key_id: master.backup_key_id(),
+        mac: hex::encode(master.backup_mac(&text)),
+    };
+    let mac_text = serde_json::to_vec_pretty(&mac).map_err(|e| bad(e.to_string()))?;
+    write_file(&out.join(MAC_FILE), &mac_text).await?;
     write_file(&out.join(MANIFEST), &text).await?;
     sync_dir(out);
     Ok(manifest)
@@ -351,9 +396,100 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// Reads and checks a snapshot folder: the manifest, the format and schema version, every
-/// file's size and sha256. Returns the manifest and the files' contents by name.
+/// Whether `text` is a lowercase hex SHA-256, the only name a package file has.
+pub fn is_sha256_hex(text: &str) -> bool {
+    crate::apps::is_sha256_hex(text)
+}
+
+/// Checks the manifest's MAC under `master`. A missing MAC file is refused unless `unauth` is
+/// [`Unauthenticated::Allow`]; a MAC file that is there is always checked.
+fn authenticate(
+    dir: &Path,
+    manifest: &[u8],
+    master: &MasterKey,
+    unauth: Unauthenticated,
+) -> Result<(), Error> {
+    let path = dir.join(MAC_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return match unauth {
+                Unauthenticated::Allow => {
+                    tracing::warn!(
+                        snapshot = %dir.display(),
+                        "the snapshot has no {MAC_FILE}: restoring it unauthenticated \
+                         (--allow-unauthenticated); its files and rows are still checked"
+                    );
+                    Ok(())
+                }
+                Unauthenticated::Refuse => Err(bad(format!(
+                    "{}: missing: the snapshot is not authenticated (written by an scm-security \
+                     that did not authenticate backups yet, or the MAC file was removed), so a \
+                     restore cannot tell whether it was tampered with; restore it with \
+                     --allow-unauthenticated only if you trust where it was kept",
+                    path.display()
+                ))),
+            };
+        }
+        Err(e) => return Err(io(&path, e)),
+    };
+    let m: MacFile = serde_json::from_slice(&text)
+        .map_err(|e| bad(format!("{}: corrupt MAC file: {e}", path.display())))?;
+    if m.alg != MAC_ALG {
+        return Err(bad(format!(
+            "{}: unknown MAC algorithm {:?} (this scm-security knows {MAC_ALG:?})",
+            path.display(),
+            m.alg
+        )));
+    }
+    if !scm_proto::crypto::ct_eq(m.key_id.as_bytes(), master.backup_key_id().as_bytes()) {
+        return Err(bad(format!(
+            "the master key does not open the snapshot's keys: the snapshot was authenticated \
+             under backup key id {}, this master key's is {}; restore needs the master key \
+             file of the instance that was backed up",
+            m.key_id,
+            master.backup_key_id()
+        )));
+    }
+    let mac = hex::decode(&m.mac)
+        .map_err(|e| bad(format!("{}: the MAC is not hex: {e}", path.display())))?;
+    if !master.verify_backup_mac(manifest, &mac) {
+        // A manifest that does not even parse was damaged rather than edited: say so.
+        if let Err(e) = serde_json::from_slice::<Manifest>(manifest) {
+            return Err(bad(format!(
+                "{}: corrupt manifest: {e} (and its MAC does not verify)",
+                dir.join(MANIFEST).display()
+            )));
+        }
+        return Err(bad(format!(
+            "{}: the MAC does not verify: manifest.json was edited after the backup (the \
+             snapshot was tampered with) or {MAC_FILE} belongs to another snapshot",
+            dir.join(MANIFEST).display()
+        )));
+    }
+    Ok(())
+}
+
+/// Reads and checks a snapshot folder without a key: the manifest, the format and schema
+/// version, the name, size and sha256 of every file. Returns the manifest and the files'
+/// contents by name. It does not check the MAC: [`verify_authenticated`] and [`restore`] do.
 pub fn verify(dir: &Path) -> Result<(Manifest, Files), Error> {
+    check(dir, None)
+}
+
+/// [`verify`], after checking the manifest's MAC under `master` (see [`Unauthenticated`]).
+pub fn verify_authenticated(
+    dir: &Path,
+    master: &MasterKey,
+    unauth: Unauthenticated,
+) -> Result<(Manifest, Files), Error> {
+    check(dir, Some((master, unauth)))
+}
+
+fn check(
+    dir: &Path,
+    auth: Option<(&MasterKey, Unauthenticated)>,
+) -> Result<(Manifest, Files), Error> {
     let mpath = dir.join(MANIFEST);
     let text = std::fs::read(&mpath).map_err(|e| {
         bad(format!(
@@ -361,6 +497,9 @@ pub fn verify(dir: &Path) -> Result<(Manifest, Files), Error> {
             mpath.display()
         ))
     })?;
+    if let Some((master, unauth)) = auth {
+        authenticate(dir, &text, master, unauth)?;
+    }
     let m: Manifest = serde_json::from_slice(&text)
         .map_err(|e| bad(format!("{}: corrupt manifest: {e}", mpath.display())))?;
     if m.format != FORMAT || m.format_version != FORMAT_VERSION {
@@ -386,9 +525,48 @@ pub fn verify(dir: &Path) -> Result<(Manifest, Files), Error> {
             m.schema_version, m.scm_version
         )));
     }
+    // Every name is one this code writes: `<table>.ndjson` for each known table exactly once,
+    // `apps/<sha256>` for packages. Anything else could name a path outside the snapshot.
     for (table, _) in TABLES {
-        if !m.tables.iter().any(|t| t.table == *table) {
-            return Err(bad(format!("the manifest lists no file for table {table}")));
+        match m.tables.iter().filter(|t| t.table == *table).count() {
+            0 => return Err(bad(format!("the manifest lists no file for table {table}"))),
+            1 => {}
+            n => return Err(bad(format!("the manifest lists table {table} {n} times"))),
+        }
+    }
+    for t in &m.tables {
+        if !TABLES.iter().any(|(name, _)| *name == t.table) {
+            return Err(bad(format!(
+                "the manifest lists an unknown table {:?}",
+                t.table
+            )));
+        }
+        if t.file != format!("{}.ndjson", t.table) {
+            return Err(bad(format!(
+                "the manifest names file {:?} for table {}, not {}.ndjson: refused (a snapshot \
+                 only holds files it names itself)",
+                t.file, t.table, t.table
+            )));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for f in &m.files {
+        let sha = f.file.strip_prefix("apps/").unwrap_or_default();
+        if !is_sha256_hex(sha) {
+            return Err(bad(format!(
+                "the manifest names a file outside the snapshot's packages: {:?} (a package is \
+                 apps/ and 64 lowercase hex digits)",
+                f.file
+            )));
+        }
+        if f.sha256 != sha {
+            return Err(bad(format!(
+                "the manifest says {} has sha256 {}: a package is named by its own sha256",
+                f.file, f.sha256
+            )));
+        }
+        if !seen.insert(sha) {
+            return Err(bad(format!("the manifest lists {} twice", f.file)));
         }
     }
     let mut contents = Vec::new();
@@ -398,11 +576,6 @@ pub fn verify(dir: &Path) -> Result<(Manifest, Files), Error> {
         .map(|t| (&t.file, t.bytes, &t.sha256))
         .chain(m.files.iter().map(|f| (&f.file, f.bytes, &f.sha256)));
     for (file, bytes, sha) in entries {
-        if file.contains("..") || file.starts_with('/') {
-            return Err(bad(format!(
-                "the manifest names a file outside the snapshot: {file}"
-            )));
-        }
         let path = dir.join(file);
         let data = std::fs::read(&path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
         if data.len() as u64 != bytes {
@@ -449,20 +622,259 @@ fn parse_rows(table: &str, cols: &[(&str, Kind)], data: &[u8]) -> Result<Vec<Vec
                 i + 1
             )));
         }
+        check_row(table, &cells).map_err(|why| {
+            bad(format!(
+                "{table}.ndjson line {}: {why}: refused (a restore accepts only what the admin \
+                 API would)",
+                i + 1
+            ))
+        })?;
         rows.push(cells);
     }
     Ok(rows)
 }
 
+/// A text cell (the types were checked by [`parse_rows`]).
+fn text(c: &Cell) -> &str {
+    c.as_str().unwrap_or_default()
+}
+
+/// An identifier as the device API checks it: visible ASCII, 1..=max bytes.
+fn visible(what: &str, c: &Cell, max: usize) -> Result<(), String> {
+    let t = text(c);
+    if t.is_empty() || t.len() > max || !t.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(format!(
+            "{what} {t:?} is not 1..={max} visible ASCII characters"
+        ));
+    }
+    Ok(())
+}
+
+fn name(what: &str, c: &Cell, max: usize) -> Result<(), String> {
+    crate::store::check_name(what, text(c), max).map_err(|e| format!("{e} (got {:?})", text(c)))
+}
+
+fn version(what: &str, t: &str) -> Result<(), String> {
+    scm_proto::version::AppVersion::parse(t)
+        .map(|_| ())
+        .map_err(|e| format!("{what} {t:?}: {e}"))
+}
+
+fn free_text(what: &str, c: &Cell) -> Result<(), String> {
+    let t = text(c);
+    if t.len() > MAX_TEXT || t.chars().any(|ch| ch.is_control() && ch != '\t') {
+        return Err(format!(
+            "{what} is over {MAX_TEXT} bytes or holds control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// A JSON list of strings, each passing `each`, at most `max` of them.
+fn json_list(
+    what: &str,
+    c: &Cell,
+    max: usize,
+    each: impl Fn(&str) -> Result<(), String>,
+) -> Result<(), String> {
+    let items: Vec<String> = serde_json::from_str(text(c))
+        .map_err(|e| format!("{what} is not a JSON list of strings: {e}"))?;
+    if items.len() > max {
+        return Err(format!("{what} has {} entries, over {max}", items.len()));
+    }
+    items.iter().try_for_each(|i| each(i))
+}
+
+fn time(what: &str, c: &Cell) -> Result<(), String> {
+    match c.as_i64() {
+        Some(t) if t < 0 => Err(format!("{what} {t} is negative")),
+        _ => Ok(()),
+    }
+}
+
+/// Checks one row's fields the way the admin and device APIs check what they store, so a
+/// restored row is one the server could have written itself. Column order is [`TABLES`]'.
+fn check_row(table: &str, r: &[Cell]) -> Result<(), String> {
+    let group = |g: &str| crate::store::check_name("group", g, 64).map_err(|e| e.to_string());
+    match table {
+        "sites" => {
+            name("site name", &r[0], 64)?;
+            json_list("proxy_urls", &r[1], 64, |u| {
+                crate::store::check_host_port("proxy URL", u).map_err(|e| e.to_string())
+            })?;
+            time("created_at", &r[2])
+        }
+        "users" => {
+            name("user name", &r[0], 64)?;
+            let hash = r[2].as_str();
+            let dn = r[3].as_str();
+            match text(&r[1]) {
+                "local" => {
+                    if dn.is_some() {
+                        return Err("a local user has an LDAP DN".into());
+                    }
+                    if let Some(h) = hash {
+                        // The API only ever stores argon2id PHC strings.
+                        let ok = h.starts_with("$argon2id$")
+                            && argon2::password_hash::PasswordHash::new(h).is_ok();
+                        if !ok {
+                            return Err("password_hash is not an argon2id PHC string".into());
+                        }
+                    }
+                }
+                "ldap" => {
+                    if hash.is_some() {
+                        return Err("an LDAP user has a password hash".into());
+                    }
+                    match &r[3] {
+                        Cell::String(_) => free_text("ldap_dn", &r[3])?,
+                        _ => return Err("an LDAP user has no DN".into()),
+                    }
+                }
+                other => return Err(format!("source {other:?} is not local or ldap")),
+            }
+            json_list("groups", &r[4], 1024, group)?;
+            name("site", &r[5], 64)?;
+            time("created_at", &r[6])
+        }
+        "device_keys" => {
+            visible("key_id", &r[0], 64)?;
+            name("user name", &r[1], 64)?;
+            visible("device_id", &r[2], 128)?;
+            visible("app_id", &r[3], 64)?;
+            B64.decode(text(&r[4]))
+                .map_err(|e| format!("sealed_key is not base64: {e}"))?;
+            time("created_at", &r[5])?;
+            time("revoked_at", &r[6])
+        }
+        "activation_codes" => {
+            if !is_sha256_hex(text(&r[0])) {
+                return Err("code_hash is not 64 lowercase hex digits".into());
+            }
+            name("user name", &r[1], 64)?;
+            time("expires_at", &r[2])?;
+            time("used_at", &r[3])
+        }
+        "app_releases" => {
+            name("app id", &r[0], 64)?;
+            name("platform", &r[1], 32)?;
+            version("version", text(&r[2]))?;
+            if !is_sha256_hex(text(&r[3])) {
+                return Err(format!(
+                    "sha256 {:?} is not 64 lowercase hex digits (it names the package file)",
+                    text(&r[3])
+                ));
+            }
+            match r[4].as_i64() {
+                Some(n) if n > 0 => {}
+                _ => return Err("size must be above 0".into()),
+            }
+            time("published_at", &r[5])
+        }
+        "app_policies" => {
+            name("app id", &r[0], 64)?;
+            if let Some(v) = r[1].as_str() {
+                version("min_version", v)?;
+            }
+            json_list("revoked_versions", &r[2], 4096, |v| {
+                version("revoked version", v)
+            })
+        }
+        "resources" => {
+            name("resource name", &r[0], 128)?;
+            crate::store::check_host_port("address", text(&r[1])).map_err(|e| e.to_string())?;
+            crate::store::parse_mode(text(&r[2])).map_err(|e| e.to_string())?;
+            json_list("allowed_groups", &r[3], 1024, group)
+        }
+        "audit_log" => {
+            match r[0].as_i64() {
+                Some(n) if n > 0 => {}
+                _ => return Err("id must be above 0".into()),
+            }
+            time("at", &r[1])?;
+            for (what, c) in [
+                ("kind", &r[2]),
+                ("actor", &r[3]),
+                ("subject", &r[4]),
+                ("source", &r[5]),
+                ("detail", &r[6]),
+            ] {
+                // Any text the server logged (it may quote what a client sent), bounded.
+                if text(c).len() > MAX_TEXT {
+                    return Err(format!("{what} is over {MAX_TEXT} bytes"));
+                }
+            }
+            Ok(())
+        }
+        other => Err(format!("unknown table {other}")),
+    }
+}
+
+/// Every release's package must be in the snapshot with the release's size, and every package
+/// in the snapshot must belong to a release.
+fn check_packages(m: &Manifest, releases: &[Vec<Cell>]) -> Result<(), Error> {
+    for r in releases {
+        let (sha, size) = (text(&r[3]), r[4].as_i64().unwrap_or_default());
+        let f = m.files.iter().find(|f| f.sha256 == sha).ok_or_else(|| {
+            bad(format!(
+                "release {}: its package apps/{sha} is not in the snapshot",
+                text(&r[2])
+            ))
+        })?;
+        if f.bytes != size as u64 {
+            return Err(bad(format!(
+                "release {} says {size} bytes, its package apps/{sha} has {}",
+                text(&r[2]),
+                f.bytes
+            )));
+        }
+    }
+    for f in &m.files {
+        if !releases.iter().any(|r| text(&r[3]) == f.sha256) {
+            return Err(bad(format!("{}: no release names this package", f.file)));
+        }
+    }
+    Ok(())
+}
+
 /// Restores the snapshot in `from` into `store` (which must be empty) and the app packages into
-/// `data_dir`, after checking the snapshot and that `master` opens every sealed key in it.
+/// `data_dir`, after checking the snapshot's MAC under `master`, every file and row, and that
+/// `master` opens every sealed key in it. A snapshot without a MAC is refused.
 pub async fn restore(
     store: &Store,
     master: &MasterKey,
     data_dir: &Path,
     from: &Path,
 ) -> Result<Manifest, Error> {
-    let (m, contents) = verify(from)?;
+    restore_with(store, master, data_dir, from, Unauthenticated::Refuse).await
+}
+
+/// One table of a checked snapshot: its name, columns and rows.
+type ParsedTable = (
+    &'static str,
+    &'static [(&'static str, Kind)],
+    Vec<Vec<Cell>>,
+);
+
+/// A snapshot that passed every check of a restore short of the target database.
+#[derive(Debug)]
+pub struct Checked {
+    /// Its manifest.
+    pub manifest: Manifest,
+    contents: Files,
+    parsed: Vec<ParsedTable>,
+}
+
+/// Every check a restore makes before touching the target: the MAC under `master` (see
+/// [`Unauthenticated`]), every file's name, size and sha256, every row's fields, the packages
+/// against the releases, and that `master` opens every sealed key. Run it before creating a
+/// database, so a refused snapshot leaves nothing behind.
+pub fn check_restorable(
+    from: &Path,
+    master: &MasterKey,
+    unauth: Unauthenticated,
+) -> Result<Checked, Error> {
+    let (m, contents) = verify_authenticated(from, master, unauth)?;
     let file = |name: &str| {
         contents
             .iter()
@@ -488,6 +900,9 @@ pub async fn restore(
         }
         parsed.push((*table, *cols, rows));
     }
+    if let Some((_, _, releases)) = parsed.iter().find(|(t, _, _)| *t == "app_releases") {
+        check_packages(&m, releases)?;
+    }
     // Every sealed key must open under this master key, or the restored devices could not log in.
     for (table, _, rows) in &parsed {
         if *table != "device_keys" {
@@ -506,6 +921,33 @@ pub async fn restore(
             })?;
         }
     }
+    Ok(Checked {
+        manifest: m,
+        contents,
+        parsed,
+    })
+}
+
+/// [`restore`], choosing what to do with a snapshot that has no MAC.
+pub async fn restore_with(
+    store: &Store,
+    master: &MasterKey,
+    data_dir: &Path,
+    from: &Path,
+    unauth: Unauthenticated,
+) -> Result<Manifest, Error> {
+    let Checked {
+        manifest: m,
+        contents,
+        parsed,
+    } = check_restorable(from, master, unauth)?;
+    let file = |name: &str| {
+        contents
+            .iter()
+            .find(|(f, _)| f == name)
+            .map(|(_, d)| d.as_slice())
+            .ok_or_else(|| bad(format!("{name} missing")))
+    };
     let mut not_empty = Vec::new();
     for (table, _) in TABLES {
         let n = store.count(table).await?;
@@ -571,12 +1013,26 @@ pub async fn restore(
     tx.commit().await.db("committing the restore")?;
 
     let apps = crate::apps::dir(data_dir);
-    std::fs::create_dir_all(&apps).map_err(|e| io(&apps, e))?;
+    create_private_dir(&apps)?;
     for f in &m.files {
-        let name = f.file.trim_start_matches("apps/");
-        let dst = apps.join(name);
-        std::fs::write(&dst, file(&f.file)?).map_err(|e| io(&dst, e))?;
+        // `verify` checked the name is apps/<64 hex>: one plain file name inside `apps`.
+        let sha = f.file.strip_prefix("apps/").unwrap_or_default();
+        if !is_sha256_hex(sha) {
+            return Err(bad(format!("{}: not a package name", f.file)));
+        }
+        let dst = apps.join(sha);
+        let tmp = apps.join(format!("restore-{sha}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        {
+            use std::io::Write as _;
+            let mut out = create_private_file(&tmp)?;
+            out.write_all(file(&f.file)?)
+                .and_then(|()| out.sync_all())
+                .map_err(|e| io(&tmp, e))?;
+        }
+        std::fs::rename(&tmp, &dst).map_err(|e| io(&dst, e))?;
     }
+    sync_dir(&apps);
     Ok(m)
 }
 
@@ -610,13 +1066,14 @@ pub struct Schedule {
 /// pruning. Returns the snapshot folder.
 pub async fn run_once(
     store: &Store,
+    master: &MasterKey,
     data_dir: &Path,
     sched: &Schedule,
     stats: &BackupStats,
 ) -> Result<PathBuf, Error> {
     let started = Instant::now();
     let result = async {
-        std::fs::create_dir_all(&sched.dir).map_err(|e| io(&sched.dir, e))?;
+        create_private_dir(&sched.dir)?;
         let stamp = format!(
             "{}{}-{:03}",
             SNAPSHOT_PREFIX,
@@ -625,7 +1082,7 @@ pub async fn run_once(
         );
         let tmp = sched.dir.join(format!(".partial-{stamp}"));
         let done = sched.dir.join(&stamp);
-        if let Err(e) = snapshot(store, data_dir, &tmp).await {
+        if let Err(e) = snapshot(store, master, data_dir, &tmp).await {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
         }
@@ -688,6 +1145,7 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>, Error> {
 /// Runs [`run_once`] every `interval` until `stop`; every run is logged, a failure as an error.
 pub async fn scheduler(
     store: Store,
+    master: MasterKey,
     data_dir: PathBuf,
     sched: Schedule,
     stats: Arc<BackupStats>,
@@ -701,7 +1159,7 @@ pub async fn scheduler(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match run_once(&store, &data_dir, &sched, &stats).await {
+        match run_once(&store, &master, &data_dir, &sched, &stats).await {
             Ok(p) => tracing::info!(
                 snapshot = %p.display(),
                 ms = stats.last_duration_ms.load(Ordering::Relaxed),

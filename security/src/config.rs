@@ -49,10 +49,11 @@ pub enum Command {
 /// Flags of `scm-security backup`.
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "\
-Writes one NDJSON file per table, the app packages and manifest.json (time, schema version, row
-counts, sha256 of every file) into --out, which must be missing or empty. Safe while `serve`
-runs, on a primary or a hot standby. Shared keys stay sealed under the master key: back the
-master key file up separately.
+Writes one NDJSON file per table, the app packages, manifest.json (time, schema version, row
+counts, sha256 of every file) and manifest.mac (HMAC-SHA256 of the manifest under a key derived
+from the master key) into --out, which must be missing or empty; folders 0700, files 0600. Safe
+while `serve` runs, on a primary or a hot standby. Shared keys stay sealed under the master key:
+back the master key file up separately (a restore needs it, also to check the MAC).
 
 Example:
   scm-security backup --data-dir ./data --out /backups/scm-$(date +%F)")]
@@ -66,15 +67,21 @@ pub struct BackupArgs {
     /// Folder to write the snapshot into (created; must be empty).
     #[arg(long)]
     pub out: PathBuf,
+    /// The instance's master key, which authenticates the snapshot. Default: DATA_DIR/master.key.
+    #[arg(long, env = "SCM_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
 }
 
 /// Flags of `scm-security restore`.
 #[derive(Debug, Clone, Args)]
 #[command(after_help = "\
-Checks the manifest (format, schema version) and the size and sha256 of every file, checks that
-the master key opens every sealed key of the snapshot, refuses a database that is not empty,
-then loads everything in one transaction. Put the master key file of the backed-up instance in
-place first (default DATA_DIR/master.key).
+Checks the manifest's MAC under the master key (a snapshot without manifest.mac is refused
+unless --allow-unauthenticated), the manifest (format, schema version, file names), the size
+and sha256 of every file, every row's fields as the admin API would check them, and that the
+master key opens every sealed key of the snapshot; refuses a database that is not empty; then
+loads everything in one transaction and writes the packages into DATA_DIR/apps (0700, files
+0600). Put the master key file of the backed-up instance in place first (default
+DATA_DIR/master.key, mode 0600).
 
 Example:
   scm-security restore --from /backups/scm-backup-1764000000-042 --data-dir ./data")]
@@ -91,6 +98,11 @@ pub struct RestoreArgs {
     /// The master key of the instance that was backed up. Default: DATA_DIR/master.key.
     #[arg(long, env = "SCM_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
+    /// Restore a snapshot that has no manifest.mac (written before snapshots were
+    /// authenticated). Its files and rows are still checked, but a tampered manifest cannot be
+    /// told apart: use it only for a snapshot kept where no one else could write.
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
 }
 
 const SERVE_HELP: &str = "\
@@ -283,6 +295,20 @@ pub struct ServeArgs {
     /// LDAP directory settings (optional).
     #[command(flatten)]
     pub ldap: LdapArgs,
+
+    /// A proxy allowed on the proxies' API, named by its client certificate: `dns:NAME` or
+    /// `ip:ADDRESS` (a subject alternative name) or `cn:COMMON NAME` (the subject), optionally
+    /// `@SITE` to let it validate only sessions of that site (repeat for more sites).
+    /// Repeatable; checked on every request. Without any, every certificate from --client-ca
+    /// is a proxy (a start-up warning says so).
+    #[arg(long = "proxy-allow", env = "SCM_PROXY_ALLOW", value_delimiter = ',')]
+    pub proxy_allow: Vec<String>,
+
+    /// PEM file of certificate revocation lists (CRLs) from the --client-ca CAs: a proxy
+    /// certificate revoked there is refused at the TLS handshake. Repeatable; read at start
+    /// (restart to load a new CRL).
+    #[arg(long = "client-crl", env = "SCM_CLIENT_CRL", value_delimiter = ',')]
+    pub client_crl: Vec<PathBuf>,
 }
 
 /// LDAP flags: users authenticate by binding; users and groups are synced periodically.
@@ -339,6 +365,21 @@ pub struct LdapArgs {
     /// Interval between syncs of users and groups.
     #[arg(long, env = "SCM_LDAP_SYNC_INTERVAL", default_value = "30m", value_parser = parse_duration)]
     pub ldap_sync_interval: Duration,
+
+    /// PEM CA certificate(s) that sign the LDAP server's certificate (ldaps:// and
+    /// --ldap-starttls). Default: the system's trusted roots.
+    #[arg(long, env = "SCM_LDAP_CA")]
+    pub ldap_ca: Option<PathBuf>,
+
+    /// Upgrade an ldap:// connection with StartTLS before binding (refused if the server does
+    /// not offer it).
+    #[arg(long, env = "SCM_LDAP_STARTTLS")]
+    pub ldap_starttls: bool,
+
+    /// Allow a plain ldap:// URL without StartTLS: user passwords then cross the network in
+    /// clear text. Only for a directory on loopback or a test.
+    #[arg(long, env = "SCM_LDAP_INSECURE_PLAINTEXT")]
+    pub ldap_insecure_plaintext: bool,
 }
 
 /// Flags of `scm-security init`.

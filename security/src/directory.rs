@@ -1,6 +1,8 @@
 //! The directory of users: local users with argon2id password hashes (OWASP parameters) and LDAP
 //! users, who authenticate by binding as themselves and whose names and groups are synced
-//! periodically into the users table.
+//! periodically into the users table. LDAP runs over TLS (`ldaps://` or StartTLS, trusting
+//! `--ldap-ca` or the system roots); plain `ldap://` sends passwords in clear text and needs
+//! `--ldap-insecure-plaintext`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -54,6 +56,26 @@ pub struct LdapConfig {
     pub member_attr: String,
     /// Sync interval.
     pub sync_interval: Duration,
+    /// Upgrade `ldap://` with StartTLS.
+    pub starttls: bool,
+    /// TLS settings trusting `--ldap-ca` (None: ldap3's default, the system roots).
+    pub tls: Option<Arc<rustls_ldap::ClientConfig>>,
+}
+
+/// A TLS client configuration (rustls 0.21, what ldap3 takes) trusting the CAs in `ca`.
+fn ldap_tls(ca: &std::path::Path) -> Result<Arc<rustls_ldap::ClientConfig>, Error> {
+    let mut roots = rustls_ldap::RootCertStore::empty();
+    for c in crate::tls::load_certs(ca)? {
+        roots
+            .add(&rustls_ldap::Certificate(c.to_vec()))
+            .map_err(|e| Error::Tls(format!("--ldap-ca {}: {e}", ca.display())))?;
+    }
+    Ok(Arc::new(
+        rustls_ldap::ClientConfig::builder()
+            .with_safe_defaults()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
 }
 
 impl LdapConfig {
@@ -62,6 +84,43 @@ impl LdapConfig {
         let Some(url) = a.ldap_url.clone() else {
             return Ok(None);
         };
+        let scheme = url.split_once("://").map_or("", |(s, _)| s);
+        let tls = match scheme {
+            "ldaps" if a.ldap_starttls => {
+                return Err(Error::Invalid(
+                    "--ldap-starttls is for ldap:// URLs; ldaps:// is TLS from the start".into(),
+                ));
+            }
+            "ldaps" => true,
+            "ldap" if a.ldap_starttls => true,
+            "ldap" if a.ldap_insecure_plaintext => {
+                tracing::warn!(
+                    url = %url,
+                    "LDAP without TLS (--ldap-insecure-plaintext): user passwords cross the \
+                     network in clear text"
+                );
+                false
+            }
+            "ldap" => {
+                return Err(Error::Invalid(format!(
+                    "--ldap-url {url} is plain LDAP: every user's password would cross the \
+                     network in clear text. Use ldaps://, or --ldap-starttls, with --ldap-ca \
+                     naming the directory's CA; only on loopback or in a test, allow it with \
+                     --ldap-insecure-plaintext"
+                )));
+            }
+            other => {
+                return Err(Error::Invalid(format!(
+                    "--ldap-url must start with ldaps:// or ldap://, not {other:?}"
+                )));
+            }
+        };
+        if a.ldap_ca.is_some() && !tls {
+            return Err(Error::Invalid(
+                "--ldap-ca needs ldaps:// or --ldap-starttls".into(),
+            ));
+        }
+        let tls_config = a.ldap_ca.as_deref().map(ldap_tls).transpose()?;
         let user_base = a
             .ldap_user_base
             .clone()
@@ -92,6 +151,8 @@ impl LdapConfig {
             group_name_attr: a.ldap_group_name_attr.clone(),
             member_attr: a.ldap_member_attr.clone(),
             sync_interval: a.ldap_sync_interval,
+            starttls: a.ldap_starttls,
+            tls: tls_config,
         }))
     }
 }
@@ -333,7 +394,12 @@ fn ldap_err(cfg: &LdapConfig, e: ldap3::LdapError) -> Error {
 }
 
 async fn ldap_connect(cfg: &LdapConfig) -> Result<ldap3::Ldap, Error> {
-    let settings = LdapConnSettings::new().set_conn_timeout(LDAP_TIMEOUT);
+    let mut settings = LdapConnSettings::new()
+        .set_conn_timeout(LDAP_TIMEOUT)
+        .set_starttls(cfg.starttls);
+    if let Some(tls) = &cfg.tls {
+        settings = settings.set_config(tls.clone());
+    }
     let (conn, ldap) = LdapConnAsync::with_settings(settings, &cfg.url)
         .await
         .map_err(|e| ldap_err(cfg, e))?;

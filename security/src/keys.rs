@@ -1,6 +1,6 @@
-//! Secrets at rest: the master key file, the admin token file, and AES-256-GCM sealing of shared
+//! Secrets at rest: the master key file, the admin token file, AES-256-GCM sealing of shared
 //! keys under the master key (the key id is the associated data, so a ciphertext cannot be moved
-//! to another row).
+//! to another row), and the backup manifest's HMAC under a key derived from the master key.
 
 use std::fs;
 use std::io::Write as _;
@@ -9,17 +9,28 @@ use std::path::Path;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
+use hmac::{Hmac, Mac as _};
 use scm_proto::crypto::{self, KEY_LEN, SharedKey};
+use sha2::Sha256;
 
 use crate::error::Error;
 
 /// Length of an AES-GCM nonce.
 const NONCE_LEN: usize = 12;
 
+/// HKDF-SHA256 `info` of the key that authenticates backup manifests. A label of its own, so the
+/// MAC key is independent of the sealing key and of anything else derived from the master key.
+pub const BACKUP_MAC_INFO: &[u8] = b"scm-security backup manifest hmac-sha256 v1";
+/// HKDF-SHA256 `info` of the backup key id: names which master key wrote a snapshot, so a
+/// restore under another one is told so instead of "tampered".
+pub const BACKUP_KEY_ID_INFO: &[u8] = b"scm-security backup key id v1";
+
 /// The master key sealing every shared key stored in the database.
 #[derive(Clone)]
 pub struct MasterKey {
     cipher: Aes256Gcm,
+    backup_mac_key: [u8; KEY_LEN],
+    backup_key_id: [u8; 16],
 }
 
 impl std::fmt::Debug for MasterKey {
@@ -35,13 +46,24 @@ pub struct Sealed(pub Vec<u8>);
 impl MasterKey {
     /// Builds from raw bytes.
     pub fn from_bytes(bytes: &[u8; KEY_LEN]) -> Self {
+        // HKDF-SHA256, no salt (the input is already a uniformly random key).
+        let hk = hkdf::Hkdf::<Sha256>::new(None, bytes);
+        let mut backup_mac_key = [0u8; KEY_LEN];
+        let mut backup_key_id = [0u8; 16];
+        // Both lengths are far below HKDF-SHA256's 255 * 32 byte limit.
+        let _ = hk.expand(BACKUP_MAC_INFO, &mut backup_mac_key);
+        let _ = hk.expand(BACKUP_KEY_ID_INFO, &mut backup_key_id);
         Self {
             cipher: Aes256Gcm::new(bytes.into()),
+            backup_mac_key,
+            backup_key_id,
         }
     }
 
-    /// Reads the master key file (base64 of 32 bytes, surrounding whitespace ignored).
+    /// Reads the master key file (base64 of 32 bytes, surrounding whitespace ignored). Refuses a
+    /// file that its group or others may access (mode looser than 0600).
     pub fn load(path: &Path) -> Result<Self, Error> {
+        crate::fsmode::require_private_file(path, "master key file")?;
         let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let bytes: [u8; KEY_LEN] = crypto::decode_fixed("master key", text.trim())
             .map_err(|e| Error::Crypto(format!("{}: {e}", path.display())))?;
@@ -92,6 +114,31 @@ impl MasterKey {
             .map_err(|_| Error::Crypto(format!("sealed key {key_id} has a bad length")))?;
         Ok(SharedKey(bytes))
     }
+
+    fn backup_hmac(&self) -> Hmac<Sha256> {
+        // HMAC takes keys of any length.
+        <Hmac<Sha256> as hmac::Mac>::new_from_slice(&self.backup_mac_key)
+            .expect("HMAC accepts a 32-byte key")
+    }
+
+    /// HMAC-SHA256 of a backup manifest's bytes under the derived backup key.
+    pub fn backup_mac(&self, manifest: &[u8]) -> [u8; 32] {
+        let mut m = self.backup_hmac();
+        m.update(manifest);
+        m.finalize().into_bytes().into()
+    }
+
+    /// Whether `mac` is the manifest's MAC (compared in constant time).
+    pub fn verify_backup_mac(&self, manifest: &[u8], mac: &[u8]) -> bool {
+        let mut m = self.backup_hmac();
+        m.update(manifest);
+        m.verify_slice(mac).is_ok()
+    }
+
+    /// Hex id of the backup key (not secret: an HKDF output under its own label).
+    pub fn backup_key_id(&self) -> String {
+        hex::encode(self.backup_key_id)
+    }
 }
 
 /// A secret string (admin token, LDAP bind password) whose `Debug` never shows it.
@@ -107,7 +154,7 @@ impl std::fmt::Debug for Secret {
 /// Writes `contents` to a new file with mode 0600, refusing to overwrite.
 pub fn write_secret_file(path: &Path, contents: &str) -> Result<(), Error> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        crate::fsmode::create_private_dir(parent)?;
     }
     let mut f = fs::OpenOptions::new()
         .write(true)
@@ -185,6 +232,39 @@ mod tests {
         );
         let mk = MasterKey::from_bytes(&[7; KEY_LEN]);
         assert_eq!(format!("{mk:?}"), "MasterKey(redacted)");
+    }
+
+    #[test]
+    fn backup_mac_is_keyed_and_labelled() {
+        let a = MasterKey::from_bytes(&[1; KEY_LEN]);
+        let b = MasterKey::from_bytes(&[2; KEY_LEN]);
+        let mac = a.backup_mac(b"manifest");
+        assert!(a.verify_backup_mac(b"manifest", &mac));
+        assert!(!a.verify_backup_mac(b"manifesT", &mac));
+        assert!(!a.verify_backup_mac(b"manifest", &mac[..31]));
+        assert!(!b.verify_backup_mac(b"manifest", &mac));
+        assert_ne!(a.backup_key_id(), b.backup_key_id());
+        // Neither derived value is the master key itself or the other derived value.
+        assert_ne!(a.backup_mac_key, [1; KEY_LEN]);
+        assert_ne!(&a.backup_mac_key[..16], &a.backup_key_id[..]);
+    }
+
+    #[test]
+    fn a_loose_master_key_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("master.key");
+        write_secret_file(&p, &new_master_key_text()).unwrap();
+        MasterKey::load(&p).unwrap();
+        for loose in [0o640, 0o604, 0o644, 0o660] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(loose)).unwrap();
+            let e = MasterKey::load(&p).unwrap_err().to_string();
+            assert!(
+                e.contains("looser than 0600") && e.contains("chmod 600"),
+                "{e}"
+            );
+        }
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o400)).unwrap();
+        MasterKey::load(&p).unwrap();
     }
 
     #[test]

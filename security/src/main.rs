@@ -77,9 +77,20 @@ async fn main() -> anyhow::Result<()> {
                 .database_url
                 .clone()
                 .unwrap_or_else(|| Store::sqlite_url(&args.data_dir));
+            let (master_path, _) = scm_security::server::secret_paths(
+                &args.data_dir,
+                args.master_key_file.as_ref(),
+                None,
+            );
+            let master = scm_security::keys::MasterKey::load(&master_path).with_context(|| {
+                format!(
+                    "reading the master key {} (it authenticates the snapshot)",
+                    master_path.display()
+                )
+            })?;
             let store = Store::open(&url).await.context("opening the database")?;
             let started = std::time::Instant::now();
-            let m = scm_security::backup::snapshot(&store, &args.data_dir, &args.out)
+            let m = scm_security::backup::snapshot(&store, &master, &args.data_dir, &args.out)
                 .await
                 .with_context(|| format!("backing up into {}", args.out.display()))?;
             store.close().await;
@@ -111,10 +122,15 @@ async fn main() -> anyhow::Result<()> {
             }
             let master = scm_security::keys::MasterKey::load(&master_path)
                 .context("reading the master key")?;
+            let unauth = if args.allow_unauthenticated {
+                scm_security::backup::Unauthenticated::Allow
+            } else {
+                scm_security::backup::Unauthenticated::Refuse
+            };
             // Check the snapshot before creating anything.
-            scm_security::backup::verify(&args.from)
+            scm_security::backup::check_restorable(&args.from, &master, unauth)
                 .with_context(|| format!("checking {}", args.from.display()))?;
-            std::fs::create_dir_all(&args.data_dir)
+            scm_security::fsmode::create_private_dir(&args.data_dir)
                 .with_context(|| format!("creating {}", args.data_dir.display()))?;
             let url = args
                 .database_url
@@ -123,9 +139,15 @@ async fn main() -> anyhow::Result<()> {
             let store = Store::open(&url)
                 .await
                 .context("opening the target database")?;
-            let m = scm_security::backup::restore(&store, &master, &args.data_dir, &args.from)
-                .await
-                .with_context(|| format!("restoring {}", args.from.display()))?;
+            let m = scm_security::backup::restore_with(
+                &store,
+                &master,
+                &args.data_dir,
+                &args.from,
+                unauth,
+            )
+            .await
+            .with_context(|| format!("restoring {}", args.from.display()))?;
             store.close().await;
             println!(
                 "restored {} (taken at {}): {} users, {} device keys, {} app packages, in {:.1}s",

@@ -104,7 +104,13 @@ impl State {
     /// Audits an unauthenticated failure: the first of its kind from a source (IPv6 by prefix)
     /// in a window is written at once, the rest are summarised in one row when the window ends,
     /// so nobody can write a row per bad request.
-    pub async fn audit_failure(&self, kind: &str, actor: &str, ip: &std::net::IpAddr, detail: &str) {
+    pub async fn audit_failure(
+        &self,
+        kind: &str,
+        actor: &str,
+        ip: &std::net::IpAddr,
+        detail: &str,
+    ) {
         let source = crate::sessions::source_key(*ip, self.source_prefix_v6);
         if self.audit_throttle.record(kind, source, actor, detail)
             == crate::audit_throttle::Verdict::Write
@@ -228,7 +234,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         return Err(Error::Invalid("session timeouts must be above zero".into()));
     }
     crate::store::check_name("--default-site", &args.default_site, 64)?;
-    std::fs::create_dir_all(&args.data_dir).map_err(|e| Error::io(&args.data_dir, e))?;
+    crate::fsmode::create_private_dir(&args.data_dir)?;
     let (master_path, token_path) = secret_paths(
         &args.data_dir,
         args.master_key_file.as_ref(),
@@ -244,7 +250,19 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     let admin_token = keys::read_token_file(&token_path)?;
 
     let device_tls = crate::tls::server_config(&args.tls_cert, &args.tls_key)?;
-    let proxy_tls = crate::tls::mtls_server_config(&args.tls_cert, &args.tls_key, &args.client_ca)?;
+    let proxy_tls = crate::tls::mtls_server_config_with_crls(
+        &args.tls_cert,
+        &args.tls_key,
+        &args.client_ca,
+        &args.client_crl,
+    )?;
+    let proxy_allow = Arc::new(crate::proxyauth::AllowList::parse(&args.proxy_allow)?);
+    if proxy_allow.is_empty() {
+        tracing::warn!(
+            "no --proxy-allow: every certificate signed by --client-ca may use the proxies' API; \
+             name the proxies with --proxy-allow"
+        );
+    }
 
     let url = args
         .database_url
@@ -328,8 +346,15 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         ha: Arc::new(crate::ha::HaStatus::default()),
         backup_stats: Arc::new(crate::backup::BackupStats::default()),
     });
-    std::fs::create_dir_all(crate::apps::dir(&state.settings.data_dir))
-        .map_err(|e| Error::io(&state.settings.data_dir, e))?;
+    crate::fsmode::create_private_dir(&crate::apps::dir(&state.settings.data_dir))?;
+    crate::fsmode::warn_loose_paths(
+        &args.data_dir,
+        &args
+            .backup_dir
+            .clone()
+            .unwrap_or_else(|| args.data_dir.join("backups")),
+        &token_path,
+    );
 
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -371,7 +396,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         "proxy",
         proxy_l,
         proxy_tls,
-        crate::api::proxy::router(state.clone()),
+        crate::api::proxy::router_with(state.clone(), proxy_allow),
         limits,
         stop.clone(),
     ));
@@ -414,6 +439,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         tracing::info!(dir = %sched.dir.display(), every = ?sched.interval, keep = sched.keep, "scheduled backups");
         tasks.spawn(crate::backup::scheduler(
             state.store.clone(),
+            state.master.clone(),
             args.data_dir.clone(),
             sched,
             state.backup_stats.clone(),

@@ -573,9 +573,7 @@ impl<K: std::hash::Hash + Eq + Clone> Limiter<K> {
     /// rest idle longest (never a lockout in force or an attempt in flight).
     fn evict(&self, map: &mut HashMap<K, Counter>, now: u64) {
         let window = self.window.as_millis() as u64;
-        map.retain(|_, c| {
-            c.in_flight > 0 || c.locked_until > now || now < c.window_start + window
-        });
+        map.retain(|_, c| c.in_flight > 0 || c.locked_until > now || now < c.window_start + window);
         if map.len() < self.max_entries {
             return;
         }
@@ -665,6 +663,16 @@ impl SourceLimiter {
     /// Whether no source is counted.
     pub fn is_empty(&self) -> bool {
         self.inner.is_empty()
+    }
+}
+
+impl Sessions {
+    /// Looks a live session up by its id text without counting it as activity (the proxies'
+    /// API checks a proxy's sites before validating).
+    pub fn peek(&self, id_text: &str) -> Option<Arc<Session>> {
+        let id = SessionId::parse(id_text)?;
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        map.get(&id).cloned()
     }
 }
 

@@ -187,7 +187,11 @@ impl Store {
                 url.split(':').next().unwrap_or_default()
             )));
         };
-        // A SQLite file is created on first start.
+        // A SQLite file is created on first start: here, with mode 0600, before SQLite does it
+        // with the umask's mode; SQLite gives its -wal and -shm files the database's mode.
+        if backend == Backend::Sqlite {
+            create_sqlite_file(url)?;
+        }
         let url = if backend == Backend::Sqlite && !url.contains("mode=") {
             format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
         } else {
@@ -935,6 +939,34 @@ impl Store {
             .db("counting rows")?
             .try_get("n")
             .db("counting rows")
+    }
+}
+
+/// Creates the database file of a `sqlite:` URL with mode 0600 if it is missing.
+fn create_sqlite_file(url: &str) -> Result<(), Error> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or_default();
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() || path.starts_with(':') || url.contains("mode=memory") {
+        return Ok(());
+    }
+    let path = Path::new(path);
+    if path.exists()
+        || !path
+            .parent()
+            .is_none_or(|p| p.as_os_str().is_empty() || p.is_dir())
+    {
+        // Exists already, or its folder does not: SQLite reports the latter clearly.
+        return Ok(());
+    }
+    match crate::fsmode::create_private_file(path) {
+        Ok(_) => Ok(()),
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 

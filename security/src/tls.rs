@@ -28,6 +28,11 @@ const MAX_CONNECTIONS: usize = 10_000;
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
+/// The verified client certificate (DER) of a mutual-TLS connection, put in every request's
+/// extensions on such a listener.
+#[derive(Debug, Clone)]
+pub struct ClientCert(pub Arc<CertificateDer<'static>>);
+
 /// Time a client has for each step (TLS handshake, request headers, request body); put in every
 /// request's extensions.
 #[derive(Debug, Clone, Copy)]
@@ -99,10 +104,43 @@ pub fn mtls_server_config(
     key: &Path,
     client_ca: &Path,
 ) -> Result<Arc<rustls::ServerConfig>, Error> {
+    mtls_server_config_with_crls(cert, key, client_ca, &[])
+}
+
+/// Reads the PEM certificate revocation lists in `path` (one file may hold several).
+pub fn load_crls(
+    path: &Path,
+) -> Result<Vec<rustls_pki_types::CertificateRevocationListDer<'static>>, Error> {
+    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let crls = rustls_pemfile::crls(&mut data.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::io(path, e))?;
+    if crls.is_empty() {
+        return Err(Error::Tls(format!(
+            "{}: no \"X509 CRL\" PEM block found",
+            path.display()
+        )));
+    }
+    Ok(crls)
+}
+
+/// [`mtls_server_config`], refusing at the handshake a client certificate revoked by a CRL in
+/// one of the `crls` files (every CA of a client's chain needs its CRL there).
+pub fn mtls_server_config_with_crls(
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+    crls: &[std::path::PathBuf],
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let mut lists = Vec::new();
+    for f in crls {
+        lists.extend(load_crls(f)?);
+    }
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(client_ca)?), provider())
+            .with_crls(lists)
             .build()
-            .map_err(|e| Error::Tls(format!("{}: {e}", client_ca.display())))?;
+            .map_err(|e| Error::Tls(format!("{} with CRLs {crls:?}: {e}", client_ca.display())))?;
     let cfg = server_builder()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(cert)?, load_key(key)?)
@@ -221,9 +259,8 @@ impl Activity {
     /// When the connection became idle, or None while something is in progress.
     fn idle_since(&self) -> Option<tokio::time::Instant> {
         use std::sync::atomic::Ordering;
-        (self.in_flight.load(Ordering::Acquire) == 0).then(|| {
-            self.epoch + Duration::from_millis(self.idle_since.load(Ordering::Acquire))
-        })
+        (self.in_flight.load(Ordering::Acquire) == 0)
+            .then(|| self.epoch + Duration::from_millis(self.idle_since.load(Ordering::Acquire)))
     }
 }
 
@@ -318,20 +355,32 @@ pub async fn serve(
                     return;
                 }
             };
+            let client_cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| ClientCert(Arc::new(c.clone().into_owned())));
             let activity = Activity::new();
             let act = activity.clone();
-            let svc = tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                let busy = act.begin();
-                req.extensions_mut().insert(Peer(peer));
-                req.extensions_mut().insert(IoTimeout(io_timeout));
-                let fut = router.clone().oneshot(req.map(axum::body::Body::new));
-                async move {
-                    let resp = fut.await?;
-                    Ok::<_, std::convert::Infallible>(resp.map(|inner| {
-                        axum::body::Body::new(TrackedBody { inner, _busy: busy })
-                    }))
-                }
-            });
+            let svc =
+                tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    let busy = act.begin();
+                    if let Some(c) = &client_cert {
+                        req.extensions_mut().insert(c.clone());
+                    }
+                    req.extensions_mut().insert(Peer(peer));
+                    req.extensions_mut().insert(IoTimeout(io_timeout));
+                    let fut = router.clone().oneshot(req.map(axum::body::Body::new));
+                    async move {
+                        let resp = fut.await?;
+                        Ok::<_, std::convert::Infallible>(
+                            resp.map(|inner| {
+                                axum::body::Body::new(TrackedBody { inner, _busy: busy })
+                            }),
+                        )
+                    }
+                });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()

@@ -172,7 +172,13 @@ async fn failure(st: &Shared, kind: &str, user: &str, ip: IpAddr, err: ApiError)
 
 /// A failure before any proof of the device key (unknown key, bad MAC): it says nothing about
 /// the user, whose name anyone can type, so it counts against the source only.
-async fn source_failure(st: &Shared, kind: &str, user: &str, ip: IpAddr, err: ApiError) -> ApiError {
+async fn source_failure(
+    st: &Shared,
+    kind: &str,
+    user: &str,
+    ip: IpAddr,
+    err: ApiError,
+) -> ApiError {
     st.limiter.fail(ip);
     st.audit_failure(kind, user, &ip, err.code).await;
     err
@@ -352,7 +358,8 @@ async fn login(
         }
     };
     if st.lockouts.is_locked(&name.to_owned()) {
-        st.audit_failure("login_failed", name, &ip, "locked_out").await;
+        st.audit_failure("login_failed", name, &ip, "locked_out")
+            .await;
         return Err(locked_out());
     }
 

@@ -1,11 +1,15 @@
-//! The proxies' API, served only to clients with a certificate from the configured CA: session
-//! validation, the revocation stream (NDJSON), the resource catalog and the app policy.
+//! The proxies' API, served only to clients with a certificate from the configured CA (not
+//! revoked by `--client-crl`) that is on the proxy allow-list (`--proxy-allow`): session
+//! validation (limited to the proxy's sites), the revocation stream (NDJSON), the resource
+//! catalog and the app policy.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{HeaderValue, header};
+use axum::middleware;
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -19,11 +23,18 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::{ApiJson, method_not_allowed, not_found};
 use crate::error::ApiError;
+use crate::proxyauth::{AdmittedProxy, AllowList};
 use crate::server::Shared;
 use crate::sessions::{Lookup, now_ms};
 
-/// The proxies' API routes.
+/// The proxies' API routes, open to any certificate from `--client-ca`.
 pub fn router(state: Shared) -> Router {
+    router_with(state, Arc::new(AllowList::default()))
+}
+
+/// The proxies' API routes behind the proxy allow-list: every request, known route or not, is
+/// checked against it first.
+pub fn router_with(state: Shared, allow: Arc<AllowList>) -> Router {
     Router::new()
         .route(PATH_PROXY_VALIDATE, post(validate))
         .route(PATH_PROXY_REVOCATIONS, get(revocations))
@@ -31,13 +42,33 @@ pub fn router(state: Shared) -> Router {
         .route(PATH_PROXY_APPS, get(apps))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            allow,
+            crate::proxyauth::require_allowed,
+        ))
         .with_state(state)
 }
 
 async fn validate(
     State(st): State<Shared>,
+    proxy: Option<Extension<AdmittedProxy>>,
     ApiJson(req): ApiJson<ValidateRequest>,
 ) -> Result<Json<ValidateResponse>, ApiError> {
+    // Peek before validating: validation counts as activity, which a proxy of another site
+    // must not cause.
+    let s = st.sessions.peek(&req.session_id);
+    if let (Some(Extension(p)), Some(s)) = (&proxy, &s)
+        && !p.serves(&s.site)
+    {
+        tracing::warn!(proxy = %p.identity, site = %s.site, "proxy asked for a session of a site it does not serve");
+        return Err(ApiError::forbidden(
+            "wrong_site",
+            format!(
+                "this proxy ({}) does not serve the session's site",
+                p.identity
+            ),
+        ));
+    }
     let s = st.sessions.validate(&req.session_id).map_err(|l| match l {
         Lookup::Unknown => ApiError::not_found("unknown_session", "no such live session"),
         Lookup::Expired => ApiError::not_found("session_expired", "the session has expired"),

@@ -1,8 +1,11 @@
 //! Backup and restore: a snapshot restored onto a new instance (new database, new data dir,
 //! the real `scm-security restore` binary) lets the old devices log in without re-enrolment;
 //! corrupt, truncated, tampered, newer-schema snapshots, a wrong master key and a non-empty
-//! target are refused with clear errors; the scheduler keeps N snapshots, exports its figures on
-//! the metrics endpoint, and reports a full or read-only backup folder as failures.
+//! target are refused with clear errors; the manifest's MAC refuses an edited manifest, and even
+//! under a valid MAC (or `--allow-unauthenticated`) a name that would leave the data folder or a
+//! row the admin API would refuse is refused, with nothing written outside the data folder; the
+//! scheduler keeps N snapshots, exports its figures on the metrics endpoint, and reports a full
+//! or read-only backup folder as failures.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -26,6 +29,19 @@ fn scm(args: &[&str]) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Writes a master key file the way an operator must: mode 0600.
+fn write_key(path: &Path, bytes: &[u8]) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    f.write_all(bytes).unwrap();
 }
 
 /// Runs `scm-security restore` and expects a failure mentioning `needle`.
@@ -146,7 +162,7 @@ async fn backup_restore_new_instance(db: Db) {
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     refused(&argv, "master.key does not exist");
     std::fs::create_dir_all(&new_data).unwrap();
-    std::fs::write(new_data.join("master.key"), &master).unwrap();
+    write_key(&new_data.join("master.key"), &master);
     let o = scm(&argv);
     assert!(o.status.success(), "restore: {}", stderr(&o));
     // Restoring twice is refused: the target is no longer empty.
@@ -211,7 +227,7 @@ async fn bad_snapshots_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let good = tmp.path().join("good");
     let data = srv.dir.path().join("data");
-    backup::snapshot(&srv.state().store, &data, &good)
+    backup::snapshot(&srv.state().store, &srv.state().master, &data, &good)
         .await
         .unwrap();
     // The CLI does not back up a database that is not there (it would create an empty one).
@@ -227,7 +243,7 @@ async fn bad_snapshots_are_refused() {
     assert!(stderr(&o).contains("no database at"), "{}", stderr(&o));
     assert!(!none.exists());
     // A snapshot never goes into a non-empty folder.
-    let err = backup::snapshot(&srv.state().store, &data, &good)
+    let err = backup::snapshot(&srv.state().store, &srv.state().master, &data, &good)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("is not empty"), "{err}");
@@ -235,7 +251,7 @@ async fn bad_snapshots_are_refused() {
     let restore_into = |snap: &Path, master: &[u8]| {
         let d = tmp.path().join(format!("target-{}", rand_name()));
         std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("master.key"), master).unwrap();
+        write_key(&d.join("master.key"), master);
         let args = [
             "restore".to_string(),
             "--from".into(),
@@ -268,11 +284,10 @@ async fn bad_snapshots_are_refused() {
     let no_manifest = case("unfinished", &|p| {
         std::fs::remove_file(p.join("manifest.json")).unwrap()
     });
+    // What a newer scm-security would write: authenticated, with a newer schema.
     let newer = case("newer", &|p| {
-        let f = p.join("manifest.json");
-        let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&f).unwrap()).unwrap();
-        m["schema_version"] = json!(99_999_999_999_999i64);
-        std::fs::write(&f, serde_json::to_vec(&m).unwrap()).unwrap();
+        edit_manifest(p, |m| m["schema_version"] = json!(99_999_999_999_999i64));
+        remac(p, &srv.state().master);
     });
     let garbage = case("garbage", &|p| {
         std::fs::write(p.join("manifest.json"), b"{\"format\":").unwrap()
@@ -405,9 +420,15 @@ async fn unwritable_backup_folders_fail_loudly() {
         interval: Duration::from_secs(60),
         keep: 3,
     };
-    let err = backup::run_once(store, &data, &sched(&blocker.join("sub")), &stats)
-        .await
-        .unwrap_err();
+    let err = backup::run_once(
+        store,
+        &srv.state().master,
+        &data,
+        &sched(&blocker.join("sub")),
+        &stats,
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("Not a directory"), "{err}");
     assert_eq!(stats.failures.load(Ordering::Relaxed), 1);
     assert_eq!(stats.last_success.load(Ordering::Relaxed), 0);
@@ -438,7 +459,7 @@ async fn unwritable_backup_folders_fail_loudly() {
     let _u2 = Umount(&ro);
     publish(&srv, "2.0", vec![9u8; 64 * 1024]).await;
 
-    let err = backup::run_once(store, &data, &sched(&full), &stats)
+    let err = backup::run_once(store, &srv.state().master, &data, &sched(&full), &stats)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("No space left on device"), "{err}");
@@ -446,7 +467,7 @@ async fn unwritable_backup_folders_fail_loudly() {
     // The partial folder was removed, so the space is free again.
     assert_eq!(std::fs::read_dir(&full).unwrap().count(), 0);
 
-    let err = backup::run_once(store, &data, &sched(&ro), &stats)
+    let err = backup::run_once(store, &srv.state().master, &data, &sched(&ro), &stats)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("Read-only file system"), "{err}");
@@ -468,7 +489,7 @@ async fn sqlite_snapshot_restores_into_postgres() {
     let tmp = tempfile::tempdir().unwrap();
     let snap = tmp.path().join("snap");
     let data = srv.dir.path().join("data");
-    backup::snapshot(&srv.state().store, &data, &snap)
+    backup::snapshot(&srv.state().store, &srv.state().master, &data, &snap)
         .await
         .unwrap();
     let master = std::fs::read(data.join("master.key")).unwrap();
@@ -478,7 +499,7 @@ async fn sqlite_snapshot_restores_into_postgres() {
     certs(dir.path());
     let new_data = dir.path().join("data");
     std::fs::create_dir_all(&new_data).unwrap();
-    std::fs::write(new_data.join("master.key"), &master).unwrap();
+    write_key(&new_data.join("master.key"), &master);
     let o = scm(&[
         "restore",
         "--from",
@@ -493,4 +514,421 @@ async fn sqlite_snapshot_restores_into_postgres() {
     for d in &devs {
         d.login(&srv).await;
     }
+}
+
+/// Edits a snapshot's manifest.json (leaving its MAC stale).
+fn edit_manifest(p: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let path = p.join(backup::MANIFEST);
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    f(&mut m);
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+}
+
+/// Authenticates the snapshot's current manifest under `master`: what a writer holding the
+/// master key (a buggy or newer scm-security) would produce.
+fn remac(p: &Path, master: &scm_security::keys::MasterKey) {
+    let text = std::fs::read(p.join(backup::MANIFEST)).unwrap();
+    let mac = backup::MacFile {
+        alg: backup::MAC_ALG.into(),
+        key_id: master.backup_key_id(),
+        mac: hex::encode(master.backup_mac(&text)),
+    };
+    std::fs::write(p.join(backup::MAC_FILE), serde_json::to_vec(&mac).unwrap()).unwrap();
+}
+
+/// Edits a table's rows and updates its manifest entry (rows, size, sha256) to match, as an
+/// attacker who can write the backup folder would.
+fn edit_table(p: &Path, table: &str, f: impl FnOnce(&mut Vec<serde_json::Value>)) {
+    let file = p.join(format!("{table}.ndjson"));
+    let mut rows: Vec<serde_json::Value> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    f(&mut rows);
+    let mut buf = Vec::new();
+    for r in &rows {
+        serde_json::to_writer(&mut buf, r).unwrap();
+        buf.push(b'\n');
+    }
+    std::fs::write(&file, &buf).unwrap();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&buf));
+    edit_manifest(p, |m| {
+        let t = m["tables"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|t| t["table"] == table)
+            .unwrap();
+        t["rows"] = json!(rows.len());
+        t["bytes"] = json!(buf.len());
+        t["sha256"] = json!(sha);
+    });
+}
+
+/// Every way of tampering with a snapshot is refused by the real `restore` binary, before the
+/// database, with nothing written outside the data folder; a name that leaves the packages
+/// folder and a row the admin API would refuse are refused even under a valid MAC and under
+/// --allow-unauthenticated; an old snapshot without a MAC needs that flag; the good snapshot
+/// then restores into the same (still empty) target and the old devices log in.
+async fn tampered_snapshots_are_refused(db: Db) {
+    let (mut srv, devs, _) = populated(db.clone()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = srv.dir.path().join("data");
+    let good = tmp.path().join("good");
+    let master = srv.state().master.clone();
+    backup::snapshot(&srv.state().store, &master, &data, &good)
+        .await
+        .unwrap();
+    assert!(good.join(backup::MAC_FILE).exists());
+    let master_bytes = std::fs::read(data.join("master.key")).unwrap();
+
+    // Files the attacker wants written or served: outside every data folder.
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let victim = outside.join("planted");
+    let secret = outside.join("secret");
+    // 47 bytes: the size the forged release rows claim.
+    std::fs::write(&secret, b"not a package: the server must never serve this").unwrap();
+
+    let case = |name: &str, edit: &dyn Fn(&Path)| {
+        let p = tmp.path().join(name);
+        copy_dir(&good, &p);
+        edit(&p);
+        p
+    };
+    // `apps//<absolute path>`: the old check let it through and the restore wrote there.
+    let plant = |p: &Path| {
+        let body = b"planted by a tampered backup".to_vec();
+        let rel = format!("apps/{}", victim.display());
+        let inside = p.join(rel.replace("//", "/"));
+        std::fs::create_dir_all(inside.parent().unwrap()).unwrap();
+        std::fs::write(&inside, &body).unwrap();
+        edit_manifest(p, |m| {
+            m["files"].as_array_mut().unwrap().push(json!({
+                "file": rel,
+                "bytes": body.len(),
+                "sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body)),
+            }))
+        });
+    };
+    let traversal_macd = case("traversal-macd", &|p| {
+        plant(p);
+        remac(p, &master);
+    });
+    let traversal_unauth = case("traversal-unauth", &|p| {
+        plant(p);
+        std::fs::remove_file(p.join(backup::MAC_FILE)).unwrap();
+    });
+    // A release whose sha256 is an absolute path: after restore the download endpoint served
+    // that file.
+    let abs_row = |p: &Path| {
+        edit_table(p, "app_releases", |rows| {
+            rows.push(json!([
+                "mail",
+                "android",
+                "9.9",
+                secret.display().to_string(),
+                47,
+                1
+            ]))
+        })
+    };
+    let abs_sha_macd = case("abs-sha-macd", &|p| {
+        abs_row(p);
+        remac(p, &master);
+    });
+    let abs_sha_unauth = case("abs-sha-unauth", &|p| {
+        abs_row(p);
+        std::fs::remove_file(p.join(backup::MAC_FILE)).unwrap();
+    });
+    let abs_sha = case("abs-sha", &|p| abs_row(p));
+    // A row edited with the manifest updated to match: only the MAC catches it.
+    let edited_row = case("edited-row", &|p| {
+        edit_table(p, "users", |rows| {
+            rows[0][4] = json!("[\"staff\",\"admins\"]");
+        })
+    });
+    let edited_manifest = case("edited-manifest", &|p| {
+        edit_manifest(p, |m| m["created_at"] = json!(1));
+    });
+    let swapped_mac = case("swapped-mac", &|p| {
+        // The MAC of another manifest under the same key.
+        std::fs::write(
+            p.join(backup::MAC_FILE),
+            serde_json::to_vec(&backup::MacFile {
+                alg: backup::MAC_ALG.into(),
+                key_id: master.backup_key_id(),
+                mac: hex::encode(master.backup_mac(b"another manifest")),
+            })
+            .unwrap(),
+        )
+        .unwrap();
+    });
+    let old = case("old-without-mac", &|p| {
+        std::fs::remove_file(p.join(backup::MAC_FILE)).unwrap()
+    });
+
+    // One target for every attempt: refusals must leave it empty.
+    let target_db = match &db {
+        Db::Sqlite => Db::Sqlite,
+        Db::Postgres(_) => crate::pg::fresh_db().await.expect("second database"),
+    };
+    let target = tempfile::tempdir().unwrap();
+    certs(target.path());
+    let target_data = target.path().join("data");
+    std::fs::create_dir_all(&target_data).unwrap();
+    write_key(&target_data.join("master.key"), &master_bytes);
+    let argv = |snap: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "restore".to_string(),
+            "--from".into(),
+            snap.display().to_string(),
+            "--data-dir".into(),
+            target_data.display().to_string(),
+        ];
+        if let Db::Postgres(url) = &target_db {
+            a.extend(["--database-url".into(), url.clone()]);
+        }
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let wrong_key_dir = tmp.path().join("wrong-key");
+    std::fs::create_dir_all(&wrong_key_dir).unwrap();
+    let wrong_key = wrong_key_dir.join("master.key");
+    write_key(
+        &wrong_key,
+        scm_security::keys::new_master_key_text().as_bytes(),
+    );
+    let wrong = wrong_key.display().to_string();
+    let refusals: Vec<(&Path, Vec<&str>, &str)> = vec![
+        (
+            &traversal_macd,
+            vec![],
+            "names a file outside the snapshot's packages",
+        ),
+        (
+            &traversal_unauth,
+            vec!["--allow-unauthenticated"],
+            "names a file outside the snapshot's packages",
+        ),
+        (
+            &traversal_unauth,
+            vec![],
+            "the snapshot is not authenticated",
+        ),
+        (&abs_sha_macd, vec![], "is not 64 lowercase hex digits"),
+        (
+            &abs_sha_unauth,
+            vec!["--allow-unauthenticated"],
+            "is not 64 lowercase hex digits",
+        ),
+        (&abs_sha, vec![], "the MAC does not verify"),
+        (&edited_row, vec![], "the MAC does not verify"),
+        (&edited_manifest, vec![], "the MAC does not verify"),
+        (&swapped_mac, vec![], "the MAC does not verify"),
+        (&old, vec![], "--allow-unauthenticated"),
+        (
+            &good,
+            vec!["--master-key-file", &wrong],
+            "the master key does not open the snapshot's keys",
+        ),
+    ];
+    for (snap, extra, needle) in refusals {
+        let a = argv(snap, &extra);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        refused(&a, needle);
+        assert!(
+            !victim.exists(),
+            "{}: wrote outside the data folder",
+            snap.display()
+        );
+        if matches!(target_db, Db::Sqlite) {
+            assert!(
+                !target_data.join("scm.db").exists(),
+                "{}: the database was created before the checks",
+                snap.display()
+            );
+        }
+        assert_eq!(
+            std::fs::read_dir(&target_data).unwrap().count(),
+            1,
+            "{}: only master.key in the target",
+            snap.display()
+        );
+    }
+    assert!(!victim.exists());
+
+    // Defence in depth: a release row naming an absolute path (however it got into the
+    // database) is not served by the download endpoint.
+    srv.state()
+        .store
+        .insert_release(&scm_proto::api::AppRelease {
+            app_id: "mail".into(),
+            platform: "android".into(),
+            version: "9.9".into(),
+            sha256: secret.display().to_string(),
+            size: 47,
+            download_path: String::new(),
+        })
+        .await
+        .unwrap();
+    let resp = srv
+        .device
+        .get(format!(
+            "{}/v1/apps/mail/download/android/9.9",
+            srv.device_url
+        ))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body = resp.bytes().await.unwrap();
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        !body.windows(12).any(|w| w == b"not a packag"),
+        "served a file outside the packages folder"
+    );
+    srv.stop().await;
+    drop(srv);
+
+    // The good snapshot restores into the same target: the refusals left it empty.
+    let a = argv(&good, &[]);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let o = scm(&a);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let srv = Server::start_in(target, target_db, &["--backup-interval", "0"]).await;
+    for d in &devs {
+        d.login(&srv).await;
+    }
+    let (s, _) = send(srv.device.get(format!(
+        "{}/v1/apps/mail/download/android/1.0",
+        srv.device_url
+    )))
+    .await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+crate::both_backends!(tampered_snapshots_are_refused);
+
+/// An old snapshot (no manifest.mac) restores with --allow-unauthenticated, and its devices log
+/// in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_snapshots_restore_with_the_explicit_flag() {
+    let (mut srv, devs, _) = populated(Db::Sqlite).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = srv.dir.path().join("data");
+    let snap = tmp.path().join("old");
+    backup::snapshot(&srv.state().store, &srv.state().master, &data, &snap)
+        .await
+        .unwrap();
+    std::fs::remove_file(snap.join(backup::MAC_FILE)).unwrap();
+    let master = std::fs::read(data.join("master.key")).unwrap();
+    srv.stop().await;
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path());
+    let new_data = dir.path().join("data");
+    std::fs::create_dir_all(&new_data).unwrap();
+    write_key(&new_data.join("master.key"), &master);
+    let base = [
+        "restore".to_string(),
+        "--from".into(),
+        snap.display().to_string(),
+        "--data-dir".into(),
+        new_data.display().to_string(),
+    ];
+    let argv: Vec<&str> = base.iter().map(String::as_str).collect();
+    refused(&argv, "restore it with --allow-unauthenticated only if");
+    let mut with_flag = argv.clone();
+    with_flag.push("--allow-unauthenticated");
+    let o = scm(&with_flag);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let srv = Server::start_in(dir, Db::Sqlite, &["--backup-interval", "0"]).await;
+    for d in &devs {
+        d.login(&srv).await;
+    }
+}
+
+/// Snapshots, the database and packages are private: folders 0700, files 0600.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_private() {
+    use scm_security::fsmode::mode;
+    let (srv, _devs, _) = populated(Db::Sqlite).await;
+    let data = srv.dir.path().join("data");
+    let tmp = tempfile::tempdir().unwrap();
+    let backups = tmp.path().join("backups");
+    let stats = backup::BackupStats::default();
+    let sched = backup::Schedule {
+        dir: backups.clone(),
+        interval: Duration::from_secs(60),
+        keep: 3,
+    };
+    let snap = backup::run_once(
+        &srv.state().store,
+        &srv.state().master,
+        &data,
+        &sched,
+        &stats,
+    )
+    .await
+    .unwrap();
+    for d in [
+        &data,
+        &data.join("apps"),
+        &backups,
+        &snap,
+        &snap.join("apps"),
+    ] {
+        assert_eq!(mode(d), Some(0o700), "{}", d.display());
+    }
+    let mut files = vec![
+        data.join("scm.db"),
+        data.join("scm.db-wal"),
+        data.join("scm.db-shm"),
+        data.join("master.key"),
+        data.join("admin.token"),
+    ];
+    for dir in [data.join("apps"), snap.clone(), snap.join("apps")] {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_file() {
+                files.push(p);
+            }
+        }
+    }
+    assert!(files.len() > 8, "{files:?}");
+    for f in &files {
+        assert_eq!(mode(f), Some(0o600), "{}", f.display());
+    }
+}
+
+/// A master key file that others may read stops `serve` with a clear error, not a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loose_master_key_stops_the_server() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs(dir.path());
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("master.key"),
+        scm_security::keys::new_master_key_text(),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        data.join("master.key"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let args = crate::support::serve_args(dir.path(), &c, &Db::Sqlite, &[]);
+    let err = scm_security::server::start(&args)
+        .await
+        .expect_err("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("mode 0644, looser than 0600") && msg.contains("chmod 600"),
+        "{msg}"
+    );
+    // Nothing else was started: no database file.
+    assert!(!data.join("scm.db").exists());
 }

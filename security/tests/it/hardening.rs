@@ -61,7 +61,12 @@ fn wrong_enrol(user: &str) -> impl Fn(usize) -> Value {
 async fn concurrent_guesses_are_bounded_by_the_lockout(db: Db) {
     let srv = Server::start(
         db,
-        &["--lockout-threshold", "5", "--source-failure-limit", "100000"],
+        &[
+            "--lockout-threshold",
+            "5",
+            "--source-failure-limit",
+            "100000",
+        ],
     )
     .await;
     for (user, client) in [("alice", srv.device.clone()), ("bob", h2_client(&srv))] {
@@ -128,7 +133,11 @@ async fn unknown_key_ids_do_not_lock_the_user_out(db: Db) {
         );
         let mut bad_mac = dev.clone();
         bad_mac.key = scm_proto::crypto::SharedKey::generate();
-        assert_error(&bad_mac.try_login(&srv).await.err().unwrap(), 401, "bad_mac");
+        assert_error(
+            &bad_mac.try_login(&srv).await.err().unwrap(),
+            401,
+            "bad_mac",
+        );
     }
     dev.login(&srv).await;
     // They counted against the source, which is blocked once its budget is spent.
@@ -145,7 +154,8 @@ async fn unknown_key_ids_do_not_lock_the_user_out(db: Db) {
         let _ = forged.try_login(&srv).await;
     }
     assert_error(
-        &srv.device_post(scm_proto::api::PATH_CHALLENGE, &json!({})).await,
+        &srv.device_post(scm_proto::api::PATH_CHALLENGE, &json!({}))
+            .await,
         429,
         "rate_limited",
     );
@@ -163,7 +173,11 @@ async fn challenges_cannot_be_exhausted() {
     for _ in 0..50 {
         Device::challenge(&srv).await;
     }
-    assert_eq!(srv.state().challenges.used_len(), 0, "issuing stores nothing");
+    assert_eq!(
+        srv.state().challenges.used_len(),
+        0,
+        "issuing stores nothing"
+    );
     // Everyone can still log in, and a used challenge stays used.
     let ch = Device::challenge(&srv).await;
     let (req, _) = dev.login_request(&ch, &dev.key);
@@ -214,7 +228,9 @@ async fn idle_connections_are_closed() {
     let srv = Server::start(Db::Sqlite, &["--connection-idle-timeout", "1s"]).await;
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     // HTTP/1.1: a TLS connection that never sends a request.
-    let tcp = tcp_from("127.0.0.1".parse().unwrap(), addr(&srv)).await.unwrap();
+    let tcp = tcp_from("127.0.0.1".parse().unwrap(), addr(&srv))
+        .await
+        .unwrap();
     let mut h1 = tls_connector(&srv, b"http/1.1")
         .connect(name.clone(), tcp)
         .await
@@ -224,20 +240,21 @@ async fn idle_connections_are_closed() {
         "an HTTP/1.1 connection with no request stayed open"
     );
     // HTTP/2: a request, then nothing but the client's pings (which must not keep it open).
-    let tcp = tcp_from("127.0.0.1".parse().unwrap(), addr(&srv)).await.unwrap();
+    let tcp = tcp_from("127.0.0.1".parse().unwrap(), addr(&srv))
+        .await
+        .unwrap();
     let h2 = tls_connector(&srv, b"h2")
         .connect(name, tcp)
         .await
         .expect("handshake");
-    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(
-        hyper_util::rt::TokioExecutor::new(),
-    )
-    .timer(hyper_util::rt::TokioTimer::new())
-    .keep_alive_interval(Duration::from_millis(200))
-    .keep_alive_while_idle(true)
-    .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(h2))
-    .await
-    .expect("h2 handshake");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true)
+            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(h2))
+            .await
+            .expect("h2 handshake");
     let conn = tokio::spawn(conn);
     let req = hyper::Request::get(format!("{}/healthz", srv.device_url))
         .body(http_body_util::Empty::new())
@@ -253,7 +270,12 @@ async fn idle_connections_are_closed() {
 async fn one_source_at_its_cap_cannot_stop_another_source() {
     let srv = Server::start(
         Db::Sqlite,
-        &["--max-connections-per-source", "8", "--connection-idle-timeout", "60s"],
+        &[
+            "--max-connections-per-source",
+            "8",
+            "--connection-idle-timeout",
+            "60s",
+        ],
     )
     .await;
     srv.add_user("alice", "alice-pw", &[]).await;
@@ -277,7 +299,10 @@ async fn one_source_at_its_cap_cannot_stop_another_source() {
     )
     .await
     .expect("answered");
-    assert!(ninth.is_err(), "a ninth connection from one source was served");
+    assert!(
+        ninth.is_err(),
+        "a ninth connection from one source was served"
+    );
     // Another source enrols and logs in meanwhile.
     let other = Remote {
         client: Client::builder()

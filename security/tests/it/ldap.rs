@@ -58,6 +58,8 @@ pub struct Slapd {
     pub dir: tempfile::TempDir,
     alive: PathBuf,
     child: Child,
+    /// `ldaps://127.0.0.1:PORT` when started with TLS.
+    pub ldaps_url: Option<String>,
 }
 
 fn find(name: &str) -> Option<PathBuf> {
@@ -75,6 +77,16 @@ fn find(name: &str) -> Option<PathBuf> {
 impl Slapd {
     /// Starts slapd with the test directory, or skips loudly (fails under CI).
     pub fn start() -> Option<Slapd> {
+        Self::start_with(None)
+    }
+
+    /// Starts slapd serving TLS too (StartTLS on `url`, and `ldaps_url`) with the certificate
+    /// and key `(cert, key)`.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Option<Slapd> {
+        Self::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&std::path::Path, &std::path::Path)>) -> Option<Slapd> {
         let (Some(slapd), Some(slapadd)) = (find("slapd"), find("slapadd")) else {
             skip(
                 "slapd",
@@ -99,6 +111,15 @@ impl Slapd {
         let module_lines = modules
             .map(|m| format!("modulepath {m}\nmoduleload back_mdb\n"))
             .unwrap_or_default();
+        let tls_lines = tls
+            .map(|(c, k)| {
+                format!(
+                    "TLSCertificateFile {}\nTLSCertificateKeyFile {}\n",
+                    c.display(),
+                    k.display()
+                )
+            })
+            .unwrap_or_default();
         std::fs::write(
             &conf,
             format!(
@@ -106,6 +127,7 @@ impl Slapd {
                  include /etc/ldap/schema/cosine.schema\n\
                  include /etc/ldap/schema/inetorgperson.schema\n\
                  {module_lines}\
+                 {tls_lines}\
                  pidfile {dir}/slapd.pid\n\
                  database mdb\n\
                  maxsize 10485760\n\
@@ -134,10 +156,16 @@ impl Slapd {
         }
         let port = free_port();
         let url = format!("ldap://127.0.0.1:{port}");
+        let tls_port = tls.map(|_| free_port());
+        let ldaps_url = tls_port.map(|p| format!("ldaps://127.0.0.1:{p}"));
+        let listen = match &ldaps_url {
+            Some(s) => format!("'{url}/ {s}/'"),
+            None => format!("{url}/"),
+        };
         let alive = dir.path().join("alive");
         std::fs::write(&alive, "").expect("alive file");
         let script = format!(
-            "{slapd} -f {conf} -h {url}/ -d 0 >{dir}/log 2>&1 & pid=$!; \
+            "{slapd} -f {conf} -h {listen} -d 0 >{dir}/log 2>&1 & pid=$!; \
              while [ -d /proc/{me} ] && [ -e {alive} ]; do sleep 0.2; done; kill $pid; wait $pid",
             slapd = slapd.display(),
             conf = conf.display(),
@@ -153,7 +181,8 @@ impl Slapd {
             .spawn()
             .expect("sh");
         let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        let up = |p: u16| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok();
+        while !up(port) || tls_port.is_some_and(|p| !up(p)) {
             if Instant::now() > deadline {
                 let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
                 panic!("slapd did not start: {log}");
@@ -165,6 +194,7 @@ impl Slapd {
             dir,
             alive,
             child,
+            ldaps_url,
         })
     }
 

@@ -1,5 +1,7 @@
 //! LDAP against a real slapd: bind authentication, sync of users and groups at start and
-//! periodically, removal of users who leave the directory (ending their sessions).
+//! periodically, removal of users who leave the directory (ending their sessions); LDAP over
+//! TLS (ldaps:// and StartTLS with --ldap-ca), a wrong CA refused, plain ldap:// refused
+//! without --ldap-insecure-plaintext.
 
 use std::time::Duration;
 
@@ -33,6 +35,8 @@ async fn ldap_bind_and_sync(db: Db) {
             &group_base,
             "--ldap-sync-interval",
             "1s",
+            // slapd on loopback without TLS; TLS is `ldap_over_tls`'s.
+            "--ldap-insecure-plaintext",
         ],
     )
     .await;
@@ -121,4 +125,118 @@ async fn ldap_bind_and_sync(db: Db) {
     // Sync on demand through the admin API.
     let report = srv.admin_ok(Method::POST, "/ldap/sync", None).await;
     assert_eq!(report["users"], 2);
+}
+
+/// ldaps:// and StartTLS against slapd serving the dev certificate, trusting it with
+/// --ldap-ca; the wrong CA fails the sync and the bind; plain ldap:// does not start without
+/// --ldap-insecure-plaintext, nor --ldap-ca without TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ldap_over_tls() {
+    let pki = tempfile::tempdir().unwrap();
+    let certs = crate::support::certs(pki.path());
+    let Some(slapd) = Slapd::start_tls(&certs.join("security.pem"), &certs.join("security.key"))
+    else {
+        return;
+    };
+    let ldaps = slapd.ldaps_url.clone().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let wrong_ca = crate::support::certs(other.path()).join("ca.pem");
+    let ca = certs.join("ca.pem");
+    let pw_file = slapd.dir.path().join("bind.pw");
+    std::fs::write(&pw_file, format!("{ROOT_PW}\n")).unwrap();
+    let user_base = format!("ou=people,{BASE}");
+    let flags = |url: &str, extra: &[&str]| {
+        let mut v = vec![
+            "--ldap-url".to_string(),
+            url.to_string(),
+            "--ldap-bind-dn".into(),
+            ROOT_DN.into(),
+            "--ldap-bind-password-file".into(),
+            pw_file.display().to_string(),
+            "--ldap-user-base".into(),
+            user_base.clone(),
+            "--ldap-sync-interval".into(),
+            "1h".into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let ca_s = ca.display().to_string();
+    let wrong_s = wrong_ca.display().to_string();
+
+    for (url, extra) in [
+        (ldaps.as_str(), vec!["--ldap-ca", &ca_s]),
+        (
+            slapd.url.as_str(),
+            vec!["--ldap-starttls", "--ldap-ca", &ca_s],
+        ),
+    ] {
+        let f = flags(url, &extra);
+        let argv: Vec<&str> = f.iter().map(String::as_str).collect();
+        let srv = Server::start(Db::Sqlite, &argv).await;
+        // The sync at start, over TLS (an admin sync now could race it).
+        let users = async || srv.admin_ok(Method::GET, "/users", None).await;
+        let synced = eventually(Duration::from_secs(10), async || {
+            users().await.as_array().is_some_and(|a| a.len() == 2)
+        })
+        .await;
+        assert!(synced, "{url} {extra:?}: {}", users().await);
+        let dev = Device::enroll(&srv, "carol", "carol-pw", "phone").await;
+        dev.login(&srv).await;
+        let e = Device::try_enroll(&srv, "carol", "wrong", "phone2", None)
+            .await
+            .err()
+            .unwrap();
+        assert_error(&e, 401, "bad_credentials");
+    }
+
+    // The wrong CA: the server starts, but neither the sync nor a bind gets through.
+    for (url, extra) in [
+        (ldaps.as_str(), vec!["--ldap-ca", &wrong_s]),
+        (
+            slapd.url.as_str(),
+            vec!["--ldap-starttls", "--ldap-ca", &wrong_s],
+        ),
+    ] {
+        let f = flags(url, &extra);
+        let argv: Vec<&str> = f.iter().map(String::as_str).collect();
+        let srv = Server::start(Db::Sqlite, &argv).await;
+        let (status, body) = srv.admin(Method::POST, "/ldap/sync", None).await;
+        assert_eq!(status.as_u16(), 502, "{url}: {body}");
+        let msg = body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        assert!(
+            msg.contains("certificate") || msg.contains("issuer"),
+            "{msg}"
+        );
+        let users = srv.admin_ok(Method::GET, "/users", None).await;
+        assert_eq!(users.as_array().unwrap().len(), 0, "{users}");
+    }
+
+    // Plain LDAP needs the explicit flag; --ldap-ca needs TLS.
+    for (url, extra, needle) in [
+        (slapd.url.as_str(), vec![], "--ldap-insecure-plaintext"),
+        (
+            slapd.url.as_str(),
+            vec!["--ldap-ca", &ca_s, "--ldap-insecure-plaintext"],
+            "--ldap-ca needs ldaps:// or --ldap-starttls",
+        ),
+        (
+            ldaps.as_str(),
+            vec!["--ldap-starttls"],
+            "--ldap-starttls is for ldap://",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let c = crate::support::certs(dir.path());
+        let f = flags(url, &extra);
+        let argv: Vec<&str> = f.iter().map(String::as_str).collect();
+        let args = crate::support::serve_args(dir.path(), &c, &Db::Sqlite, &argv);
+        let err = scm_security::server::start(&args)
+            .await
+            .expect_err("refused");
+        assert!(err.to_string().contains(needle), "{url} {extra:?}: {err}");
+    }
 }

@@ -10,6 +10,7 @@ mod hardening;
 mod ldap;
 mod ldap_tests;
 mod pg;
+mod proxy_mtls;
 mod replication;
 mod support;
 
