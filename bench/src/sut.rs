@@ -396,6 +396,12 @@ mod tests {
         assert_eq!(roots.len(), 1);
         let key = fs::read_to_string(&c.key).unwrap();
         assert!(key.contains("PRIVATE KEY"));
+        // The load generator can present a certificate and key of this kind as its client
+        // identity (the forward-auth probe does, with scm-security's dev certificates).
+        let id = (c.cert.clone(), c.key.clone());
+        assert!(scm_bench::load::tls_config(Some(&c.ca), Some(&id), false).is_ok());
+        let swapped = (c.key.clone(), c.cert.clone());
+        assert!(scm_bench::load::tls_config(Some(&c.ca), Some(&swapped), false).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 }
