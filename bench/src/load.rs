@@ -155,6 +155,10 @@ pub struct LoadSpec {
     pub path: String,
     /// `Authorization` header value, if any.
     pub authorization: Option<String>,
+    /// Client certificate chain and key (PEM files) to present, for a server that requires
+    /// one (scm-security's forward-auth listener).
+    #[serde(default)]
+    pub client_identity: Option<(PathBuf, PathBuf)>,
     /// What to do.
     pub mode: Mode,
 }
@@ -184,8 +188,13 @@ pub struct LoadResult {
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// The TLS client configuration every system gets: TLS 1.3, X25519, AES-128-GCM.
-pub fn tls_config(ca_pem: Option<&PathBuf>, resume: bool) -> Result<Arc<ClientConfig>, LoadError> {
+/// The TLS client configuration every system gets: TLS 1.3, X25519, AES-128-GCM; with
+/// `identity` (certificate chain, key), a client certificate.
+pub fn tls_config(
+    ca_pem: Option<&PathBuf>,
+    identity: Option<&(PathBuf, PathBuf)>,
+    resume: bool,
+) -> Result<Arc<ClientConfig>, LoadError> {
     let mut roots = rustls::RootCertStore::empty();
     if let Some(path) = ca_pem {
         let pem = std::fs::read(path)?;
@@ -198,10 +207,19 @@ pub fn tls_config(ca_pem: Option<&PathBuf>, resume: bool) -> Result<Arc<ClientCo
         kx_groups: vec![kx_group::X25519],
         ..default_provider()
     };
-    let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
+    let builder = ClientConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = rustls_pemfile::certs(&mut std::fs::read(cert)?.as_slice())
+                .collect::<Result<Vec<_>, _>>()?;
+            let key = rustls_pemfile::private_key(&mut std::fs::read(key)?.as_slice())?
+                .ok_or_else(|| LoadError::Spec(format!("no private key in {}", key.display())))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+    };
     config.resumption = if resume {
         Resumption::in_memory_sessions(4096)
     } else {
@@ -223,7 +241,11 @@ impl Client {
     /// Prepares a client for `spec`.
     pub fn new(spec: LoadSpec) -> Result<Self, LoadError> {
         let resume = matches!(spec.mode, Mode::Connect { resume: true, .. });
-        let connector = TlsConnector::from(tls_config(spec.ca_pem.as_ref(), resume)?);
+        let connector = TlsConnector::from(tls_config(
+            spec.ca_pem.as_ref(),
+            spec.client_identity.as_ref(),
+            resume,
+        )?);
         let server_name = ServerName::try_from(spec.server_name.clone())
             .map_err(|_| LoadError::Spec(format!("bad server name {}", spec.server_name)))?;
         let session_key = match &spec.proto {
@@ -253,6 +275,7 @@ impl Client {
         let resume = matches!(self.spec.mode, Mode::Connect { resume: true, .. });
         Ok(TlsConnector::from(tls_config(
             self.spec.ca_pem.as_ref(),
+            self.spec.client_identity.as_ref(),
             resume,
         )?))
     }

@@ -149,6 +149,7 @@ impl Bench {
             proto: t.proto.clone(),
             path: path.to_owned(),
             authorization: t.authorization.clone(),
+            client_identity: None,
             mode,
         }
     }
@@ -829,7 +830,7 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
     let auth = scm_env.as_ref().and_then(|s| s.nginx_auth());
     if scm_env.is_some() && auth.is_none() {
         bench.notes.push(
-            "nginx auth_request not measured: scm-security has no endpoint for nginx's auth_request"
+            "nginx auth_request not measured: scm-security's forward-auth listener did not answer"
                 .into(),
         );
     }

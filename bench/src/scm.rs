@@ -16,10 +16,15 @@ use scm_bench::load::{LoadSpec, Mode, Proto, ScmCredentials};
 use crate::sut::{AuthUpstream, Certs, Proc, port, wait_listening, wait_ss};
 use crate::topology::{BE_ADDR, DUT_ADDR, Topology};
 
-/// Path of the Security server's endpoint for nginx's auth_request.
-pub const NGINX_AUTH_PATH: &str = "/v1/auth/nginx";
+/// Path of the Security server's forward-auth endpoint (nginx's auth_request).
+pub const NGINX_AUTH_PATH: &str = "/v1/auth/forward";
 const DEVICE_API_PORT: u16 = 8443;
 const PROXY_API_PORT: u16 = 8444;
+/// The forward-auth listener (mutual TLS; nginx presents the dev certificates' proxy-client).
+const FORWARD_AUTH_PORT: u16 = 8446;
+/// Forward-auth requests/s allowed, per source and overall: far above what one CPU answers, so
+/// the benchmark measures nginx + auth_request, not the limiter.
+const FORWARD_AUTH_RATE: &str = "10000000";
 const USER: &str = "bench";
 const PASSWORD: &str = "bench-password-1";
 const APP: &str = "bench";
@@ -108,16 +113,19 @@ impl Security {
                 .args(["--listen", &format!("{BE_ADDR}:{DEVICE_API_PORT}")])
                 .args(["--proxy-listen", &format!("{BE_ADDR}:{PROXY_API_PORT}")])
                 .args(["--admin-listen", "127.0.0.1:8445"])
+                .args([
+                    "--forward-auth-listen",
+                    &format!("{BE_ADDR}:{FORWARD_AUTH_PORT}"),
+                ])
+                .args(["--forward-auth-rate-per-source", FORWARD_AUTH_RATE])
+                .args(["--forward-auth-rate", FORWARD_AUTH_RATE])
                 .env("RUST_LOG", "warn"),
             work.join("security.log"),
         )?;
         wait_listening(&topo.be, 8445, &mut proc, Duration::from_secs(30))?;
-        wait_listening(
-            &topo.be,
-            DEVICE_API_PORT,
-            &mut proc,
-            Duration::from_secs(10),
-        )?;
+        for port in [DEVICE_API_PORT, FORWARD_AUTH_PORT] {
+            wait_listening(&topo.be, port, &mut proc, Duration::from_secs(10))?;
+        }
         let admin = |args: &[&str], stdin: Option<&str>| -> Result<String> {
             let mut cmd = topo.exec(&topo.be, &sec);
             cmd.arg("admin")
@@ -234,15 +242,26 @@ impl Security {
         Ok(s)
     }
 
-    /// Asks the auth endpoint once, with the live session, from the back-end namespace.
+    /// nginx's client certificate for the forward-auth listener (the dev CA signs it, and the
+    /// listener trusts --client-ca by default).
+    fn client_identity(&self) -> (PathBuf, PathBuf) {
+        (
+            self.certs.join("proxy-client.pem"),
+            self.certs.join("proxy-client.key"),
+        )
+    }
+
+    /// Asks the forward-auth endpoint once, with the live session and nginx's client
+    /// certificate, from the back-end namespace.
     fn probe_nginx_auth(&self, topo: &Topology, _work: &Path) -> Result<bool> {
         let spec = LoadSpec {
-            addr: SocketAddr::new(BE_ADDR.parse()?, DEVICE_API_PORT),
+            addr: SocketAddr::new(BE_ADDR.parse()?, FORWARD_AUTH_PORT),
             server_name: "localhost".into(),
             ca_pem: Some(self.certs.join("ca.pem")),
             proto: Proto::Tls,
             path: NGINX_AUTH_PATH.into(),
             authorization: Some(format!("Bearer {}", self.creds.session_id)),
+            client_identity: Some(self.client_identity()),
             mode: Mode::Connect {
                 concurrency: 1,
                 secs: 5.0,
@@ -265,13 +284,16 @@ impl Security {
         Ok(result.ok == 1)
     }
 
-    /// How nginx reaches the auth endpoint, if the Security server has it.
+    /// How nginx reaches the forward-auth endpoint, if it answered the probe.
     pub fn nginx_auth(&self) -> Option<AuthUpstream> {
+        let (client_cert, client_key) = self.client_identity();
         self.nginx_auth.then(|| AuthUpstream {
-            addr: format!("{BE_ADDR}:{DEVICE_API_PORT}"),
+            addr: format!("{BE_ADDR}:{FORWARD_AUTH_PORT}"),
             path: NGINX_AUTH_PATH.into(),
             ca: self.certs.join("ca.pem"),
             name: "localhost".into(),
+            client_cert,
+            client_key,
         })
     }
 

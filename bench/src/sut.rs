@@ -75,17 +75,21 @@ pub fn make_certs(dir: &Path) -> Result<Certs> {
     Ok(certs)
 }
 
-/// How nginx reaches the Security server's auth endpoint.
+/// How nginx reaches the Security server's forward-auth endpoint.
 #[derive(Debug, Clone)]
 pub struct AuthUpstream {
-    /// `host:port` of the Security server's device API.
+    /// `host:port` of the Security server's forward-auth listener (mutual TLS).
     pub addr: String,
-    /// Path of the endpoint, e.g. `/v1/auth/nginx`.
+    /// Path of the endpoint, e.g. `/v1/auth/forward`.
     pub path: String,
     /// CA (PEM) that signs the Security server's certificate.
     pub ca: PathBuf,
     /// Name to verify in the Security server's certificate.
     pub name: String,
+    /// nginx's client certificate (PEM) for the listener.
+    pub client_cert: PathBuf,
+    /// Its private key (PEM).
+    pub client_key: PathBuf,
 }
 
 /// Settings every TLS listener of nginx shares: TLS 1.3, X25519, AES-128-GCM, session cache and
@@ -146,6 +150,8 @@ pub fn nginx_sut_conf(dir: &Path, certs: &Certs, auth: Option<&AuthUpstream>) ->
                  \x20           proxy_set_header Authorization $http_authorization;\n\
                  \x20           proxy_ssl_server_name on;\n            proxy_ssl_name {name};\n\
                  \x20           proxy_ssl_verify on;\n            proxy_ssl_trusted_certificate {ca};\n\
+                 \x20           proxy_ssl_certificate {client_cert};\n\
+                 \x20           proxy_ssl_certificate_key {client_key};\n\
                  \x20           proxy_ssl_session_reuse on;\n{cache}        }}\n\
                  \x20       location / {{\n            auth_request /_auth;\n\
                  \x20           auth_request_set $scm_user $upstream_http_x_scm_user;\n\
@@ -156,6 +162,8 @@ pub fn nginx_sut_conf(dir: &Path, certs: &Certs, auth: Option<&AuthUpstream>) ->
                 path = a.path,
                 name = a.name,
                 ca = a.ca.display(),
+                client_cert = a.client_cert.display(),
+                client_key = a.client_key.display(),
             );
         }
     }
@@ -334,10 +342,12 @@ mod tests {
     #[test]
     fn nginx_peer_config_pins_the_tls_choices() {
         let auth = AuthUpstream {
-            addr: "10.212.2.2:8443".into(),
-            path: "/v1/auth/nginx".into(),
+            addr: "10.212.2.2:8446".into(),
+            path: "/v1/auth/forward".into(),
             ca: "/s/ca.pem".into(),
             name: "localhost".into(),
+            client_cert: "/s/proxy-client.pem".into(),
+            client_key: "/s/proxy-client.key".into(),
         };
         let c = nginx_sut_conf(Path::new("/b"), &certs(), Some(&auth));
         // Five TLS listeners, each TLS 1.3 only with X25519 and AES-128-GCM.
@@ -346,7 +356,19 @@ mod tests {
         assert_eq!(c.matches("Ciphersuites TLS_AES_128_GCM_SHA256;").count(), 5);
         assert_eq!(c.matches("auth_request /_auth;").count(), 2);
         assert_eq!(c.matches("proxy_cache auth;").count(), 1);
-        assert!(c.contains("proxy_pass https://security/v1/auth/nginx;"));
+        assert!(c.contains("proxy_pass https://security/v1/auth/forward;"));
+        // Mutual TLS to the forward-auth listener, on both auth locations.
+        assert_eq!(
+            c.matches("proxy_ssl_certificate /s/proxy-client.pem;")
+                .count(),
+            2
+        );
+        assert_eq!(
+            c.matches("proxy_ssl_certificate_key /s/proxy-client.key;")
+                .count(),
+            2
+        );
+        assert!(c.contains("server 10.212.2.2:8446;"));
         assert!(c.contains("proxy_pass 10.212.2.2:9000;"));
         assert_eq!(c.matches('{').count(), c.matches('}').count());
         let plain = nginx_sut_conf(Path::new("/b"), &certs(), None);
@@ -374,6 +396,12 @@ mod tests {
         assert_eq!(roots.len(), 1);
         let key = fs::read_to_string(&c.key).unwrap();
         assert!(key.contains("PRIVATE KEY"));
+        // The load generator can present a certificate and key of this kind as its client
+        // identity (the forward-auth probe does, with scm-security's dev certificates).
+        let id = (c.cert.clone(), c.key.clone());
+        assert!(scm_bench::load::tls_config(Some(&c.ca), Some(&id), false).is_ok());
+        let swapped = (c.key.clone(), c.cert.clone());
+        assert!(scm_bench::load::tls_config(Some(&c.ca), Some(&swapped), false).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -110,6 +110,8 @@ Listeners:
   --listen        device API (HTTPS): enrol, challenge, login, logout, app updates and downloads
   --proxy-listen  proxies' API (HTTPS, client certificate from --client-ca required)
   --admin-listen  admin API (HTTPS, bearer token from --admin-token-file); keep it on loopback
+  --forward-auth-listen  off unless given: nginx auth_request (HTTPS, client certificate from
+                  --forward-auth-client-ca, default --client-ca, required); rate-limited
 
 Files created on first start if missing (mode 0600): the master key (32 random bytes, base64)
 and the admin token. Shared keys are stored AES-256-GCM encrypted under the master key: losing
@@ -309,6 +311,51 @@ pub struct ServeArgs {
     /// (restart to load a new CRL).
     #[arg(long = "client-crl", env = "SCM_CLIENT_CRL", value_delimiter = ',')]
     pub client_crl: Vec<PathBuf>,
+
+    /// Forward authentication for a reverse proxy such as nginx (off by default).
+    #[command(flatten)]
+    pub forward_auth: ForwardAuthArgs,
+}
+
+/// Forward-auth flags: a mutual-TLS listener where a reverse proxy (nginx `auth_request`) asks
+/// whose session a bearer token is. Off unless --forward-auth-listen is given.
+#[derive(Debug, Clone, Args)]
+pub struct ForwardAuthArgs {
+    /// Address of the forward-auth listener (HTTPS, client certificate required), serving
+    /// GET /v1/auth/forward: bearer session id -> 200 with x-scm-user, x-scm-groups, ... or 401.
+    /// Off when absent. Its answers never count as session activity.
+    #[arg(long, env = "SCM_FORWARD_AUTH_LISTEN")]
+    pub forward_auth_listen: Option<SocketAddr>,
+
+    /// PEM CA certificate(s) that sign the reverse proxies' client certificates. Default:
+    /// --client-ca, the proxies' CA (then a certificate from it opens both APIs: give the
+    /// reverse proxies a CA of their own).
+    #[arg(
+        long,
+        env = "SCM_FORWARD_AUTH_CLIENT_CA",
+        requires = "forward_auth_listen"
+    )]
+    pub forward_auth_client_ca: Option<PathBuf>,
+
+    /// Forward-auth requests per second from one source address (bursts of as many); above it
+    /// 429 rate_limited with Retry-After.
+    #[arg(
+        long,
+        env = "SCM_FORWARD_AUTH_RATE_PER_SOURCE",
+        default_value_t = 5000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub forward_auth_rate_per_source: u32,
+
+    /// Forward-auth requests per second from all sources together (bursts of as many); keeps
+    /// CPU for logins whatever the reverse proxies send.
+    #[arg(
+        long,
+        env = "SCM_FORWARD_AUTH_RATE",
+        default_value_t = 20_000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub forward_auth_rate: u32,
 }
 
 /// LDAP flags: users authenticate by binding; users and groups are synced periodically.

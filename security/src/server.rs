@@ -172,6 +172,8 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// Metrics address (`--metrics-listen`).
     pub metrics_addr: Option<SocketAddr>,
+    /// Forward-auth address (`--forward-auth-listen`; off without it).
+    pub forward_auth_addr: Option<SocketAddr>,
     /// The shared state (tests and benches look inside).
     pub state: Shared,
     stop: CancellationToken,
@@ -408,6 +410,13 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         limits,
         stop.clone(),
     ));
+    // Forward-auth (nginx auth_request): off unless --forward-auth-listen, then on a mutual-TLS
+    // listener of its own, rate-limited, never counted as session activity.
+    let forward_auth = crate::api::forward_auth::bind(args, state.clone()).await?;
+    let forward_auth_addr = forward_auth.as_ref().map(|f| f.addr);
+    if let Some(f) = forward_auth {
+        tasks.spawn(f.serve(limits, stop.clone()));
+    }
     tasks.spawn(sweeper(state.clone(), stop.clone()));
     if let Some(interval) = state.directory.ldap().map(|l| l.sync_interval) {
         tasks.spawn(ldap_syncer(state.clone(), interval, stop.clone()));
@@ -461,6 +470,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         proxy_addr,
         admin_addr,
         metrics_addr,
+        forward_auth_addr,
         state,
         stop,
         tasks,

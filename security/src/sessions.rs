@@ -186,6 +186,22 @@ impl Sessions {
         Ok(s)
     }
 
+    /// Looks a session up by its id text WITHOUT counting it as activity: forward-auth asks who
+    /// a bearer token is on a reverse proxy's behalf, and that must not keep a session alive
+    /// past its idle timeout (only the device's own logins and validations do).
+    pub fn peek(&self, id_text: &str) -> Result<Arc<Session>, Lookup> {
+        let id = SessionId::parse(id_text).ok_or(Lookup::Unknown)?;
+        let s = {
+            let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+            map.get(&id).cloned().ok_or(Lookup::Unknown)?
+        };
+        if self.expired(&s, now_ms()) {
+            self.end(id_text, "expired");
+            return Err(Lookup::Expired);
+        }
+        Ok(s)
+    }
+
     /// Ends the session with this id text; returns it if it was live.
     pub fn end(&self, id_text: &str, reason: &str) -> Option<Arc<Session>> {
         let id = SessionId::parse(id_text)?;
@@ -663,16 +679,6 @@ impl SourceLimiter {
     /// Whether no source is counted.
     pub fn is_empty(&self) -> bool {
         self.inner.is_empty()
-    }
-}
-
-impl Sessions {
-    /// Looks a live session up by its id text without counting it as activity (the proxies'
-    /// API checks a proxy's sites before validating).
-    pub fn peek(&self, id_text: &str) -> Option<Arc<Session>> {
-        let id = SessionId::parse(id_text)?;
-        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
-        map.get(&id).cloned()
     }
 }
 

@@ -26,6 +26,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("slapd", "a real OpenLDAP directory for the LDAP tests"),
     ("ldap-utils", "loading the test directory into slapd"),
+    (
+        "nginx",
+        "a real nginx auth_request in front of the Security server's forward-auth tests",
+    ),
 ];
 
 /// The bpf-linker release known to build against the nightly toolchain's LLVM here.

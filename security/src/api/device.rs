@@ -39,33 +39,10 @@ pub fn router(state: Shared) -> Router {
             "/v1/apps/{app_id}/download/{platform}/{version}",
             get(download),
         )
-        .route(PATH_NGINX_AUTH, get(nginx_auth))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-}
-
-/// For comparing scm with nginx's `auth_request` (benchmarks): the session named by the bearer
-/// token → 200 with `x-scm-user`, `x-scm-groups` and `x-scm-session-tag`, else 401. Answers nothing
-/// a holder of the session id does not already know (never the session key); counts as activity.
-pub const PATH_NGINX_AUTH: &str = "/v1/auth/nginx";
-
-async fn nginx_auth(State(st): State<Shared>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let s = bearer(&headers)
-        .and_then(|t| st.sessions.validate(t).ok())
-        .ok_or_else(|| ApiError::unauthorized("unknown_session", "no such live session"))?;
-    let mut resp = StatusCode::OK.into_response();
-    let h = resp.headers_mut();
-    let mut put = |name: &'static str, value: &str| {
-        if let Ok(v) = axum::http::HeaderValue::from_str(value) {
-            h.insert(name, v);
-        }
-    };
-    put("x-scm-user", &s.user);
-    put("x-scm-groups", &s.groups.join(","));
-    put("x-scm-session-tag", &s.tag.0);
-    Ok(resp)
 }
 
 /// Checks an identifier the preamble will carry: visible ASCII within the preamble's limit.

@@ -1,9 +1,10 @@
 //! The HTTPS APIs: [`device`] (enrol, login, apps), [`proxy`] (validation, revocations, catalog;
-//! mutual TLS) and [`admin`] (token). This module holds what they share: the strict JSON body
+//! mutual TLS), [`admin`] (token) and [`forward_auth`] (nginx `auth_request`; mutual TLS, opt-in). This module holds what they share: the strict JSON body
 //! extractor and the JSON answers for unknown paths and methods.
 
 pub mod admin;
 pub mod device;
+pub mod forward_auth;
 pub mod proxy;
 
 use std::net::IpAddr;

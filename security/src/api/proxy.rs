@@ -56,7 +56,7 @@ async fn validate(
 ) -> Result<Json<ValidateResponse>, ApiError> {
     // Peek before validating: validation counts as activity, which a proxy of another site
     // must not cause.
-    let s = st.sessions.peek(&req.session_id);
+    let s = st.sessions.peek(&req.session_id).ok();
     if let (Some(Extension(p)), Some(s)) = (&proxy, &s)
         && !p.serves(&s.site)
     {

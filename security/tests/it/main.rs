@@ -1,11 +1,12 @@
 //! Integration tests of scm-security: real servers on loopback ports with real TLS, on SQLite
 //! and on a real PostgreSQL (each case in `flows` runs on both), a real slapd for LDAP, and the
-//! real binary for the admin CLI.
+//! real binary for the admin CLI; a real nginx runs in front of forward-auth.
 
 mod admin_cli;
 mod backup;
 mod bad_input;
 mod flows;
+mod forward_auth;
 mod hardening;
 mod ldap;
 mod ldap_tests;
