@@ -301,7 +301,10 @@ mod tests {
     #[test]
     fn time_left_counts_down_to_the_absolute_expiry() {
         let mut i = (*info("t1")).clone();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         i.absolute_expires_at = now + 100;
         assert!(i.time_left() > Duration::from_secs(98) && !i.expired());
         i.absolute_expires_at = now.saturating_sub(1);

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use scm_proto::api::{
-    AppPolicy, BindingProof, ErrorBody, PATH_PROXY_APPS, PATH_PROXY_RESOURCES, PATH_PROXY_REVOCATIONS,
-    PATH_PROXY_VALIDATE, Resource, ValidateRequest, ValidateResponse,
+    AppPolicy, BindingProof, ErrorBody, PATH_PROXY_APPS, PATH_PROXY_RESOURCES,
+    PATH_PROXY_REVOCATIONS, PATH_PROXY_VALIDATE, Resource, ValidateRequest, ValidateResponse,
 };
 use scm_proto::crypto::SessionId;
 use scm_proto::failover::{Failover, Switch, SwitchKind};

@@ -12,8 +12,8 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use scm_proto::BINDING_EXPORTER_LEN;
 use scm_proto::api::{
-    AppPolicy, BindingProof, PATH_PROXY_APPS, PATH_PROXY_RESOURCES, PATH_PROXY_REVOCATIONS, PATH_PROXY_VALIDATE,
-    ProxyEvent, Resource, ValidateRequest, ValidateResponse,
+    AppPolicy, BindingProof, PATH_PROXY_APPS, PATH_PROXY_RESOURCES, PATH_PROXY_REVOCATIONS,
+    PATH_PROXY_VALIDATE, ProxyEvent, Resource, ValidateRequest, ValidateResponse,
 };
 use scm_proto::crypto;
 use tokio::sync::broadcast::error::RecvError;
