@@ -151,6 +151,32 @@ pub struct AppRelease {
 pub struct ValidateRequest {
     /// The session id from the device's preamble.
     pub session_id: String,
+    /// Proof that the device holds the session key on the connection the proxy is admitting.
+    /// With it the Security server counts the validation as activity only if the proof holds
+    /// (answering `403 binding_failed` otherwise, the session's idle timer untouched); without it
+    /// (a proxy revalidating a session whose connections it already bound) it counts as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<BindingProof>,
+}
+
+/// The channel-binding transcript of one device connection and the MAC its preamble carried, so
+/// the Security server can check [`crate::crypto::binding_mac`] itself before it touches the
+/// session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingProof {
+    /// The connection's 32-byte TLS exporter ([`crate::BINDING_EXPORTER_LABEL`]), base64.
+    pub exporter: String,
+    /// The preamble's app id.
+    pub app_id: String,
+    /// The preamble's app version.
+    pub app_version: String,
+    /// The preamble's device id.
+    pub device_id: String,
+    /// The preamble's resource.
+    pub resource: String,
+    /// The preamble's 32-byte binding MAC, base64.
+    pub mac: String,
 }
 
 /// Answer to [`ValidateRequest`] for a live session.

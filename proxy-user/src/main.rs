@@ -119,7 +119,12 @@ struct ServeCommand {
 async fn serve(cmd: ServeCommand) -> anyhow::Result<()> {
     use scm_proxy::supervisor::{Role, role, run, worker_serve_args};
     match role(&cmd.workers)? {
-        Role::Single => Ok(scm_proxy::proxy::serve(cmd.serve).await?),
+        Role::Single => {
+            // No XDP blocklist to feed: the process limits repeated failures per source itself.
+            let mut serve = cmd.serve;
+            serve.source_limit = scm_proxy::supervisor::single_process_limit(&cmd.workers);
+            Ok(scm_proxy::proxy::serve(serve).await?)
+        }
         Role::Worker { .. } => Ok(scm_proxy::proxy::serve(worker_serve_args(cmd.serve)?).await?),
         Role::Supervisor { workers } => Ok(run(cmd.serve, cmd.workers, workers).await?),
     }

@@ -86,8 +86,10 @@ pub struct SupervisorArgs {
     #[arg(long, env = "SCM_PROXY_VERIFIED_TTL", value_parser = parse_duration, default_value = "10m")]
     pub verified_ttl: Duration,
 
-    /// Authentication failures (invalid session, failed channel binding) from one
-    /// source address, counted over all workers, that put it on the XDP blocklist; 0: never.
+    /// Authentication failures (invalid session, failed channel binding) from one source
+    /// address within --block-window that block it for --block-for: under a supervisor, counted
+    /// over all workers, onto the XDP blocklist; a single-process proxy (no --workers) counts
+    /// garbled preambles too and answers the source's connections `rate_limited`. 0: never.
     #[arg(long, env = "SCM_PROXY_BLOCK_AFTER", default_value_t = 10)]
     pub block_after: u32,
 
@@ -98,6 +100,12 @@ pub struct SupervisorArgs {
     /// How long a blocked source stays blocked.
     #[arg(long, env = "SCM_PROXY_BLOCK_FOR", value_parser = parse_duration, default_value = "10m")]
     pub block_for: Duration,
+
+    /// IPv6 sources are counted for --block-after per prefix of this many bits (one /64 is
+    /// usually one subscriber, who can pick any address in it); IPv4 sources per address.
+    #[arg(long, env = "SCM_PROXY_IPV6_SOURCE_PREFIX", default_value_t = 64,
+          value_parser = clap::value_parser!(u8).range(0..=128))]
+    pub ipv6_source_prefix: u8,
 
     /// On SIGHUP, how long a draining worker may take to finish its connections before it is
     /// stopped anyway.
@@ -191,6 +199,17 @@ pub fn worker_serve_args(mut serve: ServeArgs) -> Result<ServeArgs, SupervisorEr
     })?;
     serve.metrics_listen = addr(WORKER_METRICS_ENV)?;
     Ok(serve)
+}
+
+/// The per-source failure limit a single-process proxy applies itself (the same --block-*
+/// flags a supervisor's workers feed the XDP blocklist with); `None` when --block-after is 0.
+pub fn single_process_limit(args: &SupervisorArgs) -> Option<crate::proxy::limiter::FailurePolicy> {
+    (args.block_after > 0).then_some(crate::proxy::limiter::FailurePolicy {
+        threshold: args.block_after,
+        window: args.block_window,
+        block_for: args.block_for,
+        ipv6_prefix: args.ipv6_source_prefix,
+    })
 }
 
 /// In a worker (and with --block-after set), the `tracing` layer that puts sources failing

@@ -202,6 +202,32 @@ impl Sessions {
         Ok(s)
     }
 
+    /// Like [`Self::validate`], but counts the lookup as activity only when `proof_holds` accepts
+    /// the live session (the proxy's channel-binding proof, checked in constant time by the
+    /// caller). A session id presented with a wrong proof is answered `Ok(None)` and its idle
+    /// timer is left alone, so a stolen id with a made-up MAC cannot keep a session alive.
+    pub fn validate_bound(
+        &self,
+        id_text: &str,
+        proof_holds: impl FnOnce(&Session) -> bool,
+    ) -> Result<Option<Arc<Session>>, Lookup> {
+        let id = SessionId::parse(id_text).ok_or(Lookup::Unknown)?;
+        let now = now_ms();
+        let s = {
+            let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+            map.get(&id).cloned().ok_or(Lookup::Unknown)?
+        };
+        if self.expired(&s, now) {
+            self.end(id_text, "expired");
+            return Err(Lookup::Expired);
+        }
+        if !proof_holds(&s) {
+            return Ok(None);
+        }
+        s.last_seen_ms.fetch_max(now, Ordering::Relaxed);
+        Ok(Some(s))
+    }
+
     /// Ends the session with this id text; returns it if it was live.
     pub fn end(&self, id_text: &str, reason: &str) -> Option<Arc<Session>> {
         let id = SessionId::parse(id_text)?;

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod ha;
+pub mod link;
 pub mod stack;
 
 pub use stack::{Stack, StackOptions};

@@ -214,6 +214,10 @@ pub struct StackOptions {
     pub proxy_args: Vec<String>,
     /// Security URLs the proxy tries before the real one (fail-over tests).
     pub security_urls_before: Vec<String>,
+    /// Extra `scm-security serve` flags.
+    pub security_args: Vec<String>,
+    /// Put a cuttable [`crate::link::Link`] between the proxy and the proxies' API.
+    pub cuttable_link: bool,
 }
 
 impl Default for StackOptions {
@@ -224,6 +228,8 @@ impl Default for StackOptions {
             idle_timeout: "60s".into(),
             proxy_args: Vec::new(),
             security_urls_before: Vec::new(),
+            security_args: Vec::new(),
+            cuttable_link: false,
         }
     }
 }
@@ -258,6 +264,8 @@ pub struct Stack {
     pub http: SocketAddr,
     /// An address nothing listens on (the `dead` resource).
     pub dead: SocketAddr,
+    /// The cuttable link to the proxies' API, with [`StackOptions::cuttable_link`].
+    pub link: Option<crate::link::Link>,
     opts: StackOptions,
     security: Option<Proc>,
     proxy: Option<Proc>,
@@ -298,6 +306,7 @@ impl Stack {
             dead: local(free_port()),
             echo,
             http,
+            link: None,
             opts,
             security: None,
             proxy: None,
@@ -380,6 +389,9 @@ impl Stack {
         stack.admin(&["sites", "set", "main", "--proxy-url", &p])?;
         stack.publish("1.0.0", b"mail package 1.0.0")?;
         stack.publish("1.1.0", b"mail package 1.1.0, newer")?;
+        if stack.opts.cuttable_link {
+            stack.link = Some(crate::link::Link::start(stack.proxy_api).await?);
+        }
         stack.start_proxy().await?;
         Ok(stack)
     }
@@ -409,7 +421,8 @@ impl Stack {
             .arg("--admin-listen")
             .arg(self.admin_api.to_string())
             .arg("--heartbeat-interval")
-            .arg("1s");
+            .arg("1s")
+            .args(&self.opts.security_args);
         let proc = Proc::spawn("scm-security", &mut cmd, self.path("security.log"))?;
         self.security = Some(proc);
         let addrs = [self.device_api, self.proxy_api, self.admin_api];
@@ -441,7 +454,10 @@ impl Stack {
             .arg("--tls-key")
             .arg(self.certs.join("proxy.key"))
             .arg("--security-url")
-            .arg(format!("https://{}", self.proxy_api))
+            .arg(format!(
+                "https://{}",
+                self.link.as_ref().map_or(self.proxy_api, |l| l.addr())
+            ))
             .arg("--security-ca")
             .arg(self.certs.join("ca.pem"))
             .arg("--client-cert")

@@ -52,10 +52,15 @@ impl SessionInfo {
 
     /// Whether the absolute expiry has passed.
     pub fn expired(&self) -> bool {
+        self.time_left().is_zero()
+    }
+
+    /// Time until the absolute expiry (zero once it has passed), by this host's clock.
+    pub fn time_left(&self) -> Duration {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        now >= self.absolute_expires_at
+            .unwrap_or(Duration::ZERO);
+        Duration::from_secs(self.absolute_expires_at).saturating_sub(now)
     }
 }
 
@@ -123,6 +128,14 @@ impl SessionCache {
             },
         );
         true
+    }
+
+    /// Forgets every cached session (revocation tombstones stay); returns how many there were.
+    pub fn clear(&self) -> usize {
+        let mut inner = self.lock();
+        let n = inner.by_id.len();
+        inner.by_id.clear();
+        n
     }
 
     /// Forgets the session with this tag and refuses to cache it again for one TTL.
@@ -278,6 +291,25 @@ mod tests {
         assert!(!cache.insert(a.clone(), info("ta")));
         assert!(cache.get(&a).is_none());
         assert!(!cache.revoke(&SessionTag("unknown".into())));
+        // Clearing forgets b but not a's tombstone.
+        assert_eq!(cache.clear(), 1);
+        assert!(cache.get(&b).is_none());
+        assert!(!cache.insert(a, info("ta")));
+        assert!(cache.insert(b.clone(), info("tb")));
+    }
+
+    #[test]
+    fn time_left_counts_down_to_the_absolute_expiry() {
+        let mut i = (*info("t1")).clone();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        i.absolute_expires_at = now + 100;
+        assert!(i.time_left() > Duration::from_secs(98) && !i.expired());
+        i.absolute_expires_at = now.saturating_sub(1);
+        assert_eq!(i.time_left(), Duration::ZERO);
+        assert!(i.expired());
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::limiter::FailurePolicy;
+
 /// How the proxy encrypts the device side after the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TlsPath {
@@ -114,6 +116,20 @@ pub struct ServeArgs {
     /// Most device connections open at once; further ones wait in the kernel's accept queue.
     #[arg(long, env = "SCM_PROXY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+
+    /// Close a session's open connections after this many revalidations in a row found no
+    /// Security server to answer (fail closed; about one --cache-ttl apart, so the default 10
+    /// keeps tunnels through a Security outage of about 5 minutes at the default TTL). 0: never
+    /// close for that reason (fail open: tunnels live on until the absolute expiry, which is
+    /// always enforced locally).
+    #[arg(long, env = "SCM_PROXY_FAIL_CLOSED_AFTER", default_value_t = 10)]
+    pub fail_closed_after: u32,
+
+    /// The per-source failure limit of a single-process proxy (from the shared --block-after,
+    /// --block-window, --block-for and --ipv6-source-prefix flags); `None` under a supervisor,
+    /// whose workers feed the XDP blocklist instead.
+    #[arg(skip)]
+    pub source_limit: Option<FailurePolicy>,
 }
 
 /// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.

@@ -1,7 +1,8 @@
 //! http mode: an HTTP/1.1 reverse proxy on the device's TLS stream. Each request is checked
 //! again (session still live, group rule under the current catalog), stripped of hop-by-hop
-//! headers and of any `x-scm-*` header the device sent, given the identity headers, and sent to
-//! the back end. Nothing of the session (id, key, MAC) is in what the back end receives.
+//! headers, of any `x-scm-*` / `x_scm_*` header and of the forwarding headers (`forwarded`,
+//! `x-real-ip`, `x-forwarded-*`) the device sent, given the identity headers, and sent to the
+//! back end. Nothing of the session (id, key, MAC) is in what the back end receives.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -127,6 +128,29 @@ pub fn strip_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes what a device could use to pass itself off to the back end as someone or somewhere
+/// else: every header that is `x-scm-*` once `_` is read as `-` (servers such as nginx, and CGI
+/// or WSGI back ends, treat `x_scm_user` as `x-scm-user`), and every client-supplied forwarding
+/// header (`forwarded`, `x-real-ip`, `x-forwarded-*`, also in their `_` spellings), which only
+/// the proxy may set.
+pub fn strip_device_supplied(headers: &mut HeaderMap) {
+    let spoofable = |name: &str| {
+        let n = name.replace('_', "-");
+        n.starts_with("x-scm-")
+            || n.starts_with("x-forwarded-")
+            || n == "forwarded"
+            || n == "x-real-ip"
+    };
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| spoofable(k.as_str()))
+        .cloned()
+        .collect();
+    for k in names {
+        headers.remove(k);
+    }
+}
+
 /// Adds the identity headers.
 pub fn add_identity(headers: &mut HeaderMap, id: &Identity, peer: SocketAddr) {
     let pairs = [
@@ -168,6 +192,7 @@ async fn forward(ctx: Arc<HttpContext>, mut req: Request<Incoming>) -> Response<
     *req.uri_mut() = uri;
     let headers = req.headers_mut();
     strip_headers(headers);
+    strip_device_supplied(headers);
     add_identity(headers, &ctx.identity, ctx.peer);
     if let Ok(host) = HeaderValue::from_str(&ctx.backend) {
         headers.insert(HOST, host);
@@ -255,5 +280,31 @@ mod tests {
         assert_eq!(h[HEADER_USER], "alice");
         assert_eq!(h[HEADER_GROUPS], "staff,eng");
         assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    }
+
+    #[test]
+    fn strips_underscore_spellings_and_client_forwarding_headers() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "x_scm_user",
+            "X_Scm-Groups",
+            "forwarded",
+            "x-real-ip",
+            "x_real_ip",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x_forwarded_proto",
+        ] {
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("spoofed"),
+            );
+        }
+        h.insert("x-scmish", HeaderValue::from_static("kept"));
+        h.insert("accept", HeaderValue::from_static("*/*"));
+        strip_device_supplied(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(h.contains_key("accept") && h.contains_key("x-scmish"));
     }
 }

@@ -2,12 +2,13 @@
 //!
 //! A connection goes through [`server`]: TLS 1.3 handshake ([`tls`], kTLS where the kernel has it),
 //! the preamble ([`preamble`]), the session ([`security_client`] behind [`cache`]), the binding MAC
-//! and the app and resource policy ([`policy`]), then [`relay`] (tcp mode) or [`http`] (http mode).
+//! and the app and resource policy ([`policy`]), repeated failures per source ([`limiter`]), then [`relay`] (tcp mode) or [`http`] (http mode).
 //! `docs/proxy-and-device.md` describes it in prose.
 
 pub mod cache;
 pub mod config;
 pub mod http;
+pub mod limiter;
 pub mod metrics;
 pub mod policy;
 pub mod preamble;

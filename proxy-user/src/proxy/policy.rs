@@ -74,8 +74,9 @@ pub fn check_binding(
     }
 }
 
-/// Checks the app context: the same device and app as at login (so an app the Security server
-/// knows), a well-formed version at or above the app's minimum and not revoked.
+/// Checks the app context: the same device, app and app version as at login (so the version the
+/// policy is checked against is the one the Security server saw; a device that updated its app
+/// logs in again), a well-formed version at or above the app's minimum and not revoked.
 pub fn check_app(
     apps: &HashMap<String, AppPolicy>,
     session: &SessionInfo,
@@ -92,6 +93,13 @@ pub fn check_app(
         return refuse(format!(
             "app {:?} is not the app this session logged in with",
             preamble.app_id
+        ));
+    }
+    if preamble.app_version != session.app_version {
+        return refuse(format!(
+            "app version {:?} is not the version this session logged in with ({:?}): log in \
+             again after an app update",
+            preamble.app_version, session.app_version
         ));
     }
     let version = match AppVersion::parse(&preamble.app_version) {
@@ -249,9 +257,15 @@ mod tests {
         let mut q = p.clone();
         q.app_id = "chat".into();
         assert!(check_app(&apps(None, &[]), &s, &q).is_err());
-        let mut q = p;
+        let mut q = p.clone();
         q.app_version = "1.x".into();
         assert!(check_app(&apps(None, &[]), &s, &q).is_err());
+        // Another version than the login's, even an allowed one, is refused with a reason.
+        let mut q = p;
+        q.app_version = "1.5".into();
+        let e = check_app(&apps(None, &[]), &s, &q).unwrap_err();
+        assert_eq!(e.status, Status::AppRefused);
+        assert!(e.reason.contains("logged in with"), "{}", e.reason);
     }
 
     #[test]

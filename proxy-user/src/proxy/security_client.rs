@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use scm_proto::api::{
-    AppPolicy, ErrorBody, PATH_PROXY_APPS, PATH_PROXY_RESOURCES, PATH_PROXY_REVOCATIONS,
-    PATH_PROXY_VALIDATE, Resource, ValidateRequest, ValidateResponse,
+    AppPolicy, BindingProof, ErrorBody, PATH_PROXY_APPS, PATH_PROXY_RESOURCES,
+    PATH_PROXY_REVOCATIONS, PATH_PROXY_VALIDATE, Resource, ValidateRequest, ValidateResponse,
 };
 use scm_proto::crypto::SessionId;
 use scm_proto::failover::{Failover, Switch, SwitchKind};
@@ -204,10 +204,18 @@ impl SecurityClient {
         })
     }
 
-    /// Asks whether a session is live.
-    pub async fn validate(&self, id: &SessionId) -> Result<Validation, SecurityError> {
+    /// Asks whether a session is live. With `binding` (a new connection being admitted) the
+    /// Security server checks the device's binding MAC before the validation counts as activity,
+    /// and answers `binding_failed` if it does not hold; without it (a revalidation of a session
+    /// whose connections are already bound) the validation counts as activity.
+    pub async fn validate(
+        &self,
+        id: &SessionId,
+        binding: Option<BindingProof>,
+    ) -> Result<Validation, SecurityError> {
         let body = ValidateRequest {
             session_id: id.expose().to_owned(),
+            binding,
         };
         let (_, url, resp) = self
             .call(

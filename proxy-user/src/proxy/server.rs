@@ -1,25 +1,29 @@
 //! The proxy itself: start-up (TLS, kTLS detection, Security client, catalog, revocation stream,
 //! metrics), the accept loop, and the life of one device connection from handshake to relay.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use scm_proto::api::{ProxyEvent, Resource, ResourceMode};
-use scm_proto::crypto::SessionId;
+use futures_util::StreamExt as _;
+use scm_proto::api::{BindingProof, ProxyEvent, Resource, ResourceMode};
+use scm_proto::crypto::{SessionId, SessionTag};
 use scm_proto::preamble::{Preamble, Status};
 use scm_proto::{BINDING_EXPORTER_LABEL, BINDING_EXPORTER_LEN};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::cache::{Connections, SessionCache, SessionInfo};
 use super::config::{ServeArgs, TlsPath};
 use super::http::{BackendClient, HttpContext, Identity, backend_client, serve_http};
+use super::limiter::{Counted, MAX_SOURCES, SourceLimiter};
 use super::metrics::{Metrics, serve_metrics};
 use super::policy::{Catalog, Refusal, check_app, check_binding, check_resource};
-use super::preamble::{read_preamble, write_reply};
+use super::preamble::{ReadError, read_preamble, write_reply};
 use super::relay::{RelayEnd, RelayOptions, relay};
 use super::security_client::{
     LineBuffer, RevocationStream, SecurityClient, SecurityError, Validation,
@@ -69,7 +73,15 @@ pub struct Proxy {
     last_refresh: Mutex<Option<Instant>>,
     metrics: Arc<Metrics>,
     http_client: BackendClient,
+    /// Repeated failures per source (single-process mode only).
+    limiter: Option<SourceLimiter>,
+    /// Consecutive revalidations of each session with open connections that no Security server
+    /// answered (for --fail-closed-after).
+    unanswered: Mutex<HashMap<SessionTag, u32>>,
 }
+
+/// Sessions revalidated at once after a revocation stream reopens.
+const REVALIDATE_CONCURRENCY: usize = 16;
 
 /// Runs [`serve`] on a new multi-threaded runtime (for a synchronous `main`).
 pub fn run(args: ServeArgs) -> Result<(), ServeError> {
@@ -144,9 +156,23 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         catalog: RwLock::default(),
         last_refresh: Mutex::new(None),
         http_client: backend_client(args.connect_timeout),
+        limiter: args
+            .source_limit
+            .map(|p| SourceLimiter::new(p, MAX_SOURCES)),
+        unanswered: Mutex::default(),
         metrics,
         args,
     });
+    if let Some(l) = &proxy.limiter {
+        let p = l.policy();
+        tracing::info!(
+            threshold = p.threshold,
+            window = ?p.window,
+            block_for = ?p.block_for,
+            ipv6_prefix = p.ipv6_prefix,
+            "repeated failures per source answered rate_limited"
+        );
+    }
     proxy.refresh_catalog().await;
     tokio::spawn(proxy.clone().revocation_loop());
     tokio::spawn(proxy.clone().catalog_loop());
@@ -261,39 +287,98 @@ impl Proxy {
     /// Validates again, about once a cache TTL, every session that has open connections: this
     /// keeps the session alive at the Security server while its tunnels are in use, and closes
     /// them if the session ended there without a revocation reaching this proxy (a missed event,
-    /// a restarted server). While no server answers, connections are left alone.
+    /// a restarted server). While no server answers, connections are left alone, up to
+    /// `--fail-closed-after` unanswered revalidations in a row.
     async fn revalidate_loop(self: Arc<Self>) {
         let period = self.args.cache_ttl.max(Duration::from_secs(1));
         loop {
             tokio::time::sleep(period).await;
-            for (tag, id) in self.conns.sessions() {
-                if self.cache.get(&id).is_some() {
-                    continue;
-                }
-                match self.security.validate(&id).await {
-                    Ok(Validation::Valid(s)) => {
-                        self.metrics.validations.with_label_values(&["valid"]).inc();
-                        self.cache.insert(id, s);
-                    }
-                    Ok(Validation::Invalid(body)) => {
-                        self.metrics
-                            .validations
-                            .with_label_values(&["invalid"])
-                            .inc();
-                        self.cache.revoke(&tag);
-                        let cut = self.conns.cut(&tag);
-                        tracing::info!(session = %tag, code = %body.code, connections_closed = cut, "session no longer valid at the Security server");
-                    }
-                    Err(e) => {
-                        self.metrics
-                            .validations
-                            .with_label_values(&["unavailable"])
-                            .inc();
-                        tracing::debug!(session = %tag, error = %e, "revalidation failed; keeping the connections");
-                    }
+            self.revalidate_open(false).await;
+        }
+    }
+
+    /// Revalidates the sessions with open connections (`all`: even those fresh in the cache),
+    /// a few at a time, cutting those the Security server no longer knows.
+    async fn revalidate_open(&self, all: bool) {
+        let open = self.conns.sessions();
+        {
+            // Counts of sessions whose connections have all closed are not needed any more.
+            let mut unanswered = self.unanswered.lock().unwrap_or_else(|e| e.into_inner());
+            unanswered.retain(|tag, _| open.iter().any(|(t, _)| t == tag));
+        }
+        futures_util::stream::iter(open)
+            .filter(|(_, id)| std::future::ready(all || self.cache.get(id).is_none()))
+            .for_each_concurrent(REVALIDATE_CONCURRENCY, |(tag, id)| async move {
+                self.revalidate(tag, id).await;
+            })
+            .await;
+    }
+
+    async fn revalidate(&self, tag: SessionTag, id: SessionId) {
+        match self.security.validate(&id, None).await {
+            Ok(Validation::Valid(s)) => {
+                self.metrics.validations.with_label_values(&["valid"]).inc();
+                self.unanswered_reset(&tag);
+                self.cache.insert(id, s);
+            }
+            Ok(Validation::Invalid(body)) => {
+                self.metrics
+                    .validations
+                    .with_label_values(&["invalid"])
+                    .inc();
+                self.unanswered_reset(&tag);
+                self.cache.revoke(&tag);
+                let cut = self.conns.cut(&tag);
+                tracing::info!(session = %tag, code = %body.code, connections_closed = cut, "session no longer valid at the Security server");
+            }
+            Err(e) => {
+                self.metrics
+                    .validations
+                    .with_label_values(&["unavailable"])
+                    .inc();
+                let limit = self.args.fail_closed_after;
+                let n = {
+                    let mut unanswered = self.unanswered.lock().unwrap_or_else(|e| e.into_inner());
+                    let n = unanswered.entry(tag.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                if limit > 0 && n >= limit {
+                    self.unanswered_reset(&tag);
+                    self.metrics.error("fail_closed");
+                    let cut = self.conns.cut(&tag);
+                    tracing::warn!(session = %tag, unanswered = n, connections_closed = cut, error = %e, "no Security server answered --fail-closed-after revalidations in a row; closing the session's connections");
+                } else {
+                    tracing::debug!(session = %tag, unanswered = n, error = %e, "revalidation failed; keeping the connections");
                 }
             }
         }
+    }
+
+    fn unanswered_reset(&self, tag: &SessionTag) {
+        self.unanswered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(tag);
+    }
+
+    /// What a newly opened revocation stream cannot tell: revocations published while no stream
+    /// was open (a cut link, a restarted or another server) are lost, so every cached session is
+    /// forgotten (the next preamble validates it again) and every session with open connections
+    /// is validated again at once, its connections cut if it has ended.
+    fn reconcile_after_reopen(self: &Arc<Self>) {
+        let forgotten = self.cache.clear();
+        let open = self.conns.sessions().len();
+        if forgotten == 0 && open == 0 {
+            return;
+        }
+        tracing::info!(
+            forgotten,
+            open_sessions = open,
+            "revocation stream (re)opened: cache emptied, open sessions revalidated"
+        );
+        let me = self.clone();
+        tokio::spawn(async move { me.revalidate_open(true).await });
     }
 
     async fn catalog_loop(self: Arc<Self>) {
@@ -330,6 +415,7 @@ impl Proxy {
         self.metrics.revocation_stream_up.set(1);
         tracing::info!(security = %stream.url, "revocation stream open");
         // Events may have been missed while the stream was down.
+        self.reconcile_after_reopen();
         self.refresh_catalog().await;
         let mut lines = LineBuffer::default();
         let mut last_data = tokio::time::Instant::now();
@@ -375,11 +461,15 @@ impl Proxy {
                             // short overlap, so whatever its server published just before the
                             // switch is applied too. An event seen on both is harmless (revoking
                             // twice is a no-op). Then the catalog is fetched again, as on every
-                            // (re)open, for changes made while the stream was elsewhere.
+                            // (re)open, for changes made while the stream was elsewhere. The
+                            // first server may not know sessions validated at the other one, and
+                            // revocations made there from now on never reach this stream: the
+                            // cache is emptied and open sessions revalidated here.
                             let old = std::mem::replace(&mut stream, first);
                             let old_lines = std::mem::take(&mut lines);
                             last_data = tokio::time::Instant::now();
                             tokio::spawn(self.clone().drain_revocations(old, old_lines));
+                            self.reconcile_after_reopen();
                             self.refresh_catalog().await;
                         }
                         Err(e) => {
@@ -512,6 +602,10 @@ impl Proxy {
             .with_label_values(&[r.status.code()])
             .inc();
         tracing::info!(%peer, status = %r.status, reason = %r.reason, "connection refused");
+        // The refusals a device with a live session never causes (as the supervisor counts them).
+        if matches!(r.status, Status::SessionInvalid | Status::BindingFailed) {
+            self.count_failure(peer);
+        }
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             let _ = write_reply(stream, r.status, &r.reason).await;
             let _ = stream.shutdown().await;
@@ -519,14 +613,50 @@ impl Proxy {
         .await;
     }
 
+    /// Counts a failure against the peer's source (single-process mode), saying so when it
+    /// blocks the source.
+    fn count_failure(&self, peer: SocketAddr) {
+        let Some(l) = &self.limiter else { return };
+        match l.failure(peer.ip()) {
+            Counted::Blocked => {
+                let p = l.policy();
+                tracing::warn!(source = %l.key(peer.ip()), failures = p.threshold, window = ?p.window, block_for = ?p.block_for, "source blocked after repeated failures; its connections get rate_limited");
+            }
+            Counted::TableFull => {
+                self.metrics.error("source_table_full");
+                tracing::debug!(%peer, "failure table full; failure not counted");
+            }
+            Counted::Counted | Counted::Off => {}
+        }
+    }
+
     async fn session<S>(self: &Arc<Self>, mut stream: S, exporter: [u8; 32], peer: SocketAddr)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let preamble = match read_preamble(&mut stream, self.args.preamble_timeout).await {
+        let preamble = read_preamble(&mut stream, self.args.preamble_timeout).await;
+        // A blocked source is answered before anything is checked or asked of the Security
+        // server (its preamble is read first so the device reads the reply, not a reset).
+        if let Some(left) = self.limiter.as_ref().and_then(|l| l.blocked(peer.ip())) {
+            self.metrics.error("rate_limited");
+            let r = Refusal::new(
+                Status::RateLimited,
+                format!(
+                    "too many failed attempts from this address; try again in {} s",
+                    left.as_secs().max(1)
+                ),
+            );
+            self.refuse(&mut stream, peer, r).await;
+            return;
+        }
+        let preamble = match preamble {
             Ok(p) => p,
             Err(e) => {
                 self.metrics.error(e.class());
+                // Garbled bytes count; a device that closed early or was slow does not.
+                if matches!(e, ReadError::Invalid(_)) {
+                    self.count_failure(peer);
+                }
                 let r = Refusal::new(Status::BadPreamble, e.to_string());
                 self.refuse(&mut stream, peer, r).await;
                 return;
@@ -555,6 +685,8 @@ impl Proxy {
             self.refuse(&mut stream, peer, r).await;
             return;
         }
+        // The absolute expiry is enforced here, whether or not a Security server answers then.
+        let _expiry = cut_at_expiry(&session, guard.token.clone());
         let span = tracing::info_span!(
             "conn",
             session = %session.tag,
@@ -613,6 +745,10 @@ impl Proxy {
                     )
                     .await;
                     match end {
+                        RelayEnd::Revoked if session.expired() => {
+                            self.metrics.revoked_connections.inc();
+                            tracing::info!("closed: the session reached its absolute expiry");
+                        }
                         RelayEnd::Revoked => {
                             self.metrics.revoked_connections.inc();
                             tracing::info!("closed: session revoked");
@@ -638,7 +774,11 @@ impl Proxy {
                     }
                     if guard.token.is_cancelled() {
                         self.metrics.revoked_connections.inc();
-                        tracing::info!("closed: session revoked");
+                        if session.expired() {
+                            tracing::info!("closed: the session reached its absolute expiry");
+                        } else {
+                            tracing::info!("closed: session revoked");
+                        }
                     }
                 }
             }
@@ -706,7 +846,17 @@ impl Proxy {
             }
             None => {
                 self.metrics.cache_misses.inc();
-                match self.security.validate(id).await {
+                // The Security server checks the binding itself before it counts this
+                // validation as the session's activity.
+                let proof = BindingProof {
+                    exporter: scm_proto::crypto::b64(exporter),
+                    app_id: p.app_id.clone(),
+                    app_version: p.app_version.clone(),
+                    device_id: p.device_id.clone(),
+                    resource: p.resource.clone(),
+                    mac: scm_proto::crypto::b64(&p.mac),
+                };
+                match self.security.validate(id, Some(proof)).await {
                     Ok(Validation::Valid(s)) => {
                         self.metrics.validations.with_label_values(&["valid"]).inc();
                         if !self.cache.insert(id.clone(), s.clone()) {
@@ -722,8 +872,13 @@ impl Proxy {
                             .validations
                             .with_label_values(&["invalid"])
                             .inc();
+                        let status = if body.code == "binding_failed" {
+                            Status::BindingFailed
+                        } else {
+                            Status::SessionInvalid
+                        };
                         return Err(Refusal::new(
-                            Status::SessionInvalid,
+                            status,
                             format!("session refused: {}: {}", body.code, body.message),
                         ));
                     }
@@ -753,4 +908,24 @@ impl Proxy {
         let resource = check_resource(&catalog.resources, &session, &p.resource)?.clone();
         Ok((session, resource))
     }
+}
+
+/// Aborts its task when dropped (when the connection it watches ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Cancels `token` (closing the connection) when the session reaches its absolute expiry.
+fn cut_at_expiry(session: &SessionInfo, token: CancellationToken) -> AbortOnDrop {
+    let left = session.time_left();
+    AbortOnDrop(tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(left) => token.cancel(),
+            _ = token.cancelled() => {}
+        }
+    }))
 }

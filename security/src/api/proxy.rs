@@ -14,9 +14,10 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
+use scm_proto::BINDING_EXPORTER_LEN;
 use scm_proto::api::{
-    AppPolicy, PATH_PROXY_APPS, PATH_PROXY_RESOURCES, PATH_PROXY_REVOCATIONS, PATH_PROXY_VALIDATE,
-    ProxyEvent, Resource, ValidateRequest, ValidateResponse,
+    AppPolicy, BindingProof, PATH_PROXY_APPS, PATH_PROXY_RESOURCES, PATH_PROXY_REVOCATIONS,
+    PATH_PROXY_VALIDATE, ProxyEvent, Resource, ValidateRequest, ValidateResponse,
 };
 use scm_proto::crypto;
 use tokio::sync::broadcast::error::RecvError;
@@ -25,7 +26,7 @@ use super::{ApiJson, method_not_allowed, not_found};
 use crate::error::ApiError;
 use crate::proxyauth::{AdmittedProxy, AllowList};
 use crate::server::Shared;
-use crate::sessions::{Lookup, now_ms};
+use crate::sessions::{Lookup, Session, now_ms};
 
 /// The proxies' API routes, open to any certificate from `--client-ca`.
 pub fn router(state: Shared) -> Router {
@@ -69,10 +70,31 @@ async fn validate(
             ),
         ));
     }
-    let s = st.sessions.validate(&req.session_id).map_err(|l| match l {
+    let lookup_error = |l| match l {
         Lookup::Unknown => ApiError::not_found("unknown_session", "no such live session"),
         Lookup::Expired => ApiError::not_found("session_expired", "the session has expired"),
-    })?;
+    };
+    let s = match &req.binding {
+        // A proxy admitting a new connection: the validation counts as activity only once the
+        // device's binding MAC verifies, so a session id with a wrong MAC cannot keep it alive.
+        Some(proof) => {
+            let proof = DecodedProof::new(proof)?;
+            st.sessions
+                .validate_bound(&req.session_id, |s| proof.holds(s, &req.session_id))
+                .map_err(lookup_error)?
+                .ok_or_else(|| {
+                    ApiError::forbidden(
+                        "binding_failed",
+                        "the binding MAC does not match this session and connection",
+                    )
+                })?
+        }
+        // A revalidation of a session whose connections the proxy already bound.
+        None => st
+            .sessions
+            .validate(&req.session_id)
+            .map_err(lookup_error)?,
+    };
     let allowed_resources = st
         .resources()
         .iter()
@@ -92,6 +114,38 @@ async fn validate(
         absolute_expires_at: s.absolute_expires_ms / 1000,
         allowed_resources,
     }))
+}
+
+/// A [`BindingProof`] with its binary fields decoded (so a malformed one is refused before the
+/// session is looked up).
+struct DecodedProof<'a> {
+    exporter: [u8; BINDING_EXPORTER_LEN],
+    mac: [u8; 32],
+    fields: &'a BindingProof,
+}
+
+impl<'a> DecodedProof<'a> {
+    fn new(p: &'a BindingProof) -> Result<Self, ApiError> {
+        let bad = |e: crypto::KeyError| ApiError::bad_request("bad_binding_proof", e.to_string());
+        Ok(Self {
+            exporter: crypto::decode_fixed("binding.exporter", &p.exporter).map_err(bad)?,
+            mac: crypto::decode_fixed("binding.mac", &p.mac).map_err(bad)?,
+            fields: p,
+        })
+    }
+
+    /// Whether the MAC was made with this session's key over this transcript (constant time).
+    fn holds(&self, s: &Session, session_id: &str) -> bool {
+        let t = crypto::BindingTranscript {
+            exporter: &self.exporter,
+            session_id,
+            app_id: &self.fields.app_id,
+            app_version: &self.fields.app_version,
+            device_id: &self.fields.device_id,
+            resource: &self.fields.resource,
+        };
+        crypto::verify_binding_mac(&s.key, &t, &self.mac)
+    }
 }
 
 fn line(ev: &ProxyEvent) -> Bytes {
