@@ -676,7 +676,10 @@ mod tests {
 
         let v6 = PacketBuilder::ipv6(V6, V6).tcp(1, 443, TCP_SYN);
         assert!(!judge(v6.clone()));
-        assert!(!judge(v6.clone().ipv6_ext(IPPROTO_DSTOPTS, 8)), "short chain");
+        assert!(
+            !judge(v6.clone().ipv6_ext(IPPROTO_DSTOPTS, 8)),
+            "short chain"
+        );
         assert!(judge(v6.clone().fragment(0, true)), "IPv6 first fragment");
         let mut long = v6.clone();
         for _ in 0..=MAX_IPV6_EXT_HEADERS {

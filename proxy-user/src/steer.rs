@@ -538,7 +538,9 @@ pub fn flow_key(src: SocketAddr, dst: SocketAddr) -> FlowKey {
 
 /// The configuration map pinned in `dir`, for the workers (which never load the programs).
 pub(crate) fn open_pinned_config(dir: &Path) -> Result<Array<MapData, SteerConfig>, MapError> {
-    Array::try_from(aya::maps::Map::Array(MapData::from_pin(dir.join(CONFIG_MAP))?))
+    Array::try_from(aya::maps::Map::Array(MapData::from_pin(
+        dir.join(CONFIG_MAP),
+    )?))
 }
 
 /// `bpf_ktime_get_ns`'s clock.

@@ -21,9 +21,7 @@ use std::{
 
 use proxy_common::{
     PacketClass,
-    steer::{
-        DEFAULT_V6_PREFIX, MAX_WORKERS, MIN_V6_PREFIX, SteerConfig, SteerStat, WorkerState,
-    },
+    steer::{DEFAULT_V6_PREFIX, MAX_WORKERS, MIN_V6_PREFIX, SteerConfig, SteerStat, WorkerState},
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -77,8 +75,8 @@ pub struct SupervisorArgs {
     /// NAT, where hundreds of phones share one public IPv4 address: about 250 phones (a CGNAT
     /// address split into port blocks of 256) each opening a tunnel every 5 s at the busiest
     /// is 50 per second; 100 leaves twice that. A single host flooding handshakes is still
-    /// held to a few percent of a worker's TLS capacity. Lower it where no device sits behind
-    /// carrier NAT; raise it for a larger NAT pool (docs/data-plane.md).
+    /// held to about 3% of the handshakes one proxy process does on two CPUs. Lower it where
+    /// no device sits behind carrier NAT; raise it for a larger NAT pool (docs/data-plane.md).
     #[arg(long, env = "SCM_PROXY_CONN_RATE", default_value_t = 100)]
     pub conn_rate: u32,
 

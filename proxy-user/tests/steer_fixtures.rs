@@ -533,7 +533,9 @@ fn v6(net: u16, host: u16) -> [u8; 16] {
     a
 }
 
-const PROXY6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const PROXY6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+];
 
 fn syn6(s: [u8; 16], port: u16) -> Vec<u8> {
     PacketBuilder::ipv6(s, PROXY6)
@@ -763,8 +765,8 @@ fn tcp_the_shield_cannot_judge_is_dropped() {
     if !support::require_root("steer_fixtures::tcp_the_shield_cannot_judge_is_dropped") {
         return;
     }
-    use proxy_common::parse::{IPPROTO_DSTOPTS, MAX_IPV6_EXT_HEADERS};
     use SteerStat::*;
+    use proxy_common::parse::{IPPROTO_DSTOPTS, MAX_IPV6_EXT_HEADERS};
     let mut st = loaded(&SteerOptions::default());
     let a = src(40);
     step(
