@@ -366,6 +366,10 @@ impl ScmSut {
                 "1",
                 "--steer-iface",
                 "d0",
+                // The load generator is one address opening thousands of connections per
+                // second: the per-source limit (on by default) would measure itself.
+                "--conn-rate",
+                "0",
                 "--pin-dir",
             ])
             .arg(pin);

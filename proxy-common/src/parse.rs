@@ -360,8 +360,11 @@ fn parse_ipv4<P: PacketBytes + ?Sized>(
     })
 }
 
+/// Whether `next` names an IPv6 extension header the parser skips (hop-by-hop, routing,
+/// destination options, fragment, AH). A `L4::Unparsed` with such a protocol means the chain
+/// was longer than the parser follows.
 #[inline(always)]
-const fn is_ipv6_ext(next: u8) -> bool {
+pub const fn is_ipv6_ext(next: u8) -> bool {
     matches!(
         next,
         IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT | IPPROTO_AH

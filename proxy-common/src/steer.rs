@@ -2,7 +2,16 @@
 //! names, the `repr(C)` key and value types, the flow hash, and the counters' layout.
 //!
 //! The flow hash lives here so that the XDP program, the sk_lookup program and the host tests
-//! compute the very same value for a connection.
+//! compute the very same value for a connection; so does the source key (an IPv6 source
+//! aggregated to its prefix, [`SourceKey::new`]), so that what user space writes into the
+//! shield's maps and what XDP looks up agree bit for bit.
+
+use core::net::{IpAddr, Ipv6Addr};
+
+use crate::{
+    L3, L4, Malformed, Packet,
+    parse::{Fragment, is_ipv6_ext},
+};
 
 /// Array (1 entry) of [`SteerConfig`], written by the supervisor.
 pub const CONFIG_MAP: &str = "SCM_STEER_CONFIG";
@@ -20,7 +29,8 @@ pub const RATE_MAP: &str = "SCM_RATE";
 /// sources the proxy blocked after repeated authentication failures.
 pub const BLOCK_MAP: &str = "SCM_BLOCK";
 /// LRU hash [`SourceKey`] -> `u64` last time (ns) the source completed a TCP handshake: the
-/// sources still admitted while SYN-flood mode is on.
+/// sources still admitted while SYN-flood mode is on. Written by user space only (a worker,
+/// after the kernel completed the handshake and handed it the socket); XDP only reads it.
 pub const VERIFIED_MAP: &str = "SCM_VERIFIED";
 /// Per-CPU array (1 entry) of [`SynWindow`]: SYNs seen in the current one-second window.
 pub const SYN_WINDOW_MAP: &str = "SCM_SYN_WINDOW";
@@ -68,6 +78,13 @@ pub const SOURCE_TABLE_SIZE: u32 = 65_536;
 /// Default size of [`BLOCK_MAP`].
 pub const BLOCKLIST_SIZE: u32 = 16_384;
 
+/// Default prefix length IPv6 sources are aggregated to ([`SteerConfig::v6_prefix_len`]): a
+/// /64 is what one subscriber (a phone on a mobile network, a household) is given, and every
+/// address in it is the same attacker's for free.
+pub const DEFAULT_V6_PREFIX: u32 = 64;
+/// Shortest IPv6 source prefix user space accepts: shorter ones lump whole providers together.
+pub const MIN_V6_PREFIX: u32 = 32;
+
 /// Address family values used in keys.
 pub const FAMILY_V4: u32 = 4;
 /// See [`FAMILY_V4`].
@@ -88,6 +105,24 @@ pub struct SteerConfig {
     pub conn_burst_ns: u64,
     /// How long a completed handshake keeps a source "verified" for SYN-flood mode.
     pub verified_ttl_ns: u64,
+    /// Prefix length IPv6 sources are aggregated to by every per-source map (rate, blocklist,
+    /// verified, authentication failures); 0 reads as [`DEFAULT_V6_PREFIX`], above 128 as 128.
+    /// IPv4 sources are always whole addresses (/32). Read it through [`Self::v6_prefix`].
+    pub v6_prefix_len: u32,
+    /// Unused, zero: keeps the struct free of padding.
+    pub reserved: u32,
+}
+
+impl SteerConfig {
+    /// The IPv6 source prefix length in effect, 1..=128 (see [`Self::v6_prefix_len`]).
+    #[inline(always)]
+    pub const fn v6_prefix(&self) -> u32 {
+        match self.v6_prefix_len {
+            0 => DEFAULT_V6_PREFIX,
+            n if n > 128 => 128,
+            n => n,
+        }
+    }
 }
 
 /// The state of a worker slot.
@@ -149,21 +184,89 @@ pub struct FlowKey {
 pub struct FlowEntry {
     /// Worker index.
     pub worker: u32,
-    /// [`FLOW_ACKED`] once a non-SYN segment of the flow was seen.
+    /// Unused, zero. (It once marked a flow whose first ACK had been seen; an ACK proves
+    /// nothing without a sequence check, so nothing is derived from it any more.)
     pub flags: u32,
 }
 
-/// [`FlowEntry::flags`]: the device answered our SYN+ACK, so its address is not spoofed.
-pub const FLOW_ACKED: u32 = 1;
-
-/// A source address, key of the shield's maps.
+/// A source, key of the shield's maps: an IPv4 address, or an IPv6 address cut to its prefix.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SourceKey {
-    /// Address; IPv4 in the first four bytes.
+    /// Address; IPv4 in the first four bytes (rest zero); IPv6 with the bits past the prefix
+    /// zero.
     pub addr: [u8; 16],
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u32,
+}
+
+/// `addr` with every bit after the first `prefix` cleared (`prefix` ≥ 128: unchanged).
+///
+/// Byte by byte with constant bounds, so the eBPF verifier sees a fixed, unrolled loop.
+#[inline(always)]
+pub const fn mask_v6(addr: [u8; 16], prefix: u32) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        let start = (i as u32) * 8;
+        let keep: u32 = if prefix >= start + 8 {
+            0xff
+        } else if prefix <= start {
+            0
+        } else {
+            // 1..=7 leading bits of this byte.
+            (0xff00u32 >> (prefix - start)) & 0xff
+        };
+        out[i] = addr[i] & keep as u8;
+        i += 1;
+    }
+    out
+}
+
+impl SourceKey {
+    /// The key of a source: IPv4 (`addr` in the first four bytes) as is, IPv6 cut to
+    /// `v6_prefix` bits ([`SteerConfig::v6_prefix`]). The kernel programs and user space both
+    /// build keys only through here.
+    #[inline(always)]
+    pub const fn new(addr: [u8; 16], family: u32, v6_prefix: u32) -> Self {
+        let addr = if family == FAMILY_V6 {
+            mask_v6(addr, v6_prefix)
+        } else {
+            addr
+        };
+        Self { addr, family }
+    }
+
+    /// The key of a source address as user space sees it. An IPv4-mapped IPv6 address
+    /// (`::ffff:a.b.c.d`, what a dual-stack socket reports for an IPv4 peer) is the IPv4
+    /// address: that is what XDP sees on the wire.
+    pub const fn from_ip(ip: IpAddr, v6_prefix: u32) -> Self {
+        match canonical_ip(ip) {
+            IpAddr::V4(a) => Self::new(v4_key(a.octets()), FAMILY_V4, v6_prefix),
+            IpAddr::V6(a) => Self::new(a.octets(), FAMILY_V6, v6_prefix),
+        }
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it stands for; any other address as is.
+pub const fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(a),
+        },
+        v4 => v4,
+    }
+}
+
+/// The source a per-source control should count `ip` as: an IPv4 address as itself, an IPv6
+/// address cut to its first `v6_prefix` bits (so `2001:db8:1:2::7` at /64 is `2001:db8:1:2::`).
+/// For user-space limiters keyed by `IpAddr` that must agree with the data plane's maps.
+pub const fn source_prefix(ip: IpAddr, v6_prefix: u32) -> IpAddr {
+    match canonical_ip(ip) {
+        IpAddr::V4(a) => IpAddr::V4(a),
+        IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from_octets(mask_v6(a.octets(), v6_prefix))),
+    }
 }
 
 /// SYNs counted in the current window, per CPU.
@@ -243,11 +346,15 @@ pub enum SteerStat {
     LookupFallback = 13,
     /// sk_lookup: no worker socket at all; the kernel's own lookup goes on.
     LookupNoSocket = 14,
+    /// XDP: dropped, possibly TCP to the service port that the shield cannot judge: a first
+    /// fragment, a cut-short TCP header, an IPv6 header chain longer than the parser follows
+    /// ([`hides_service_tcp`]).
+    DropUnparsed = 15,
 }
 
 impl SteerStat {
     /// Number of counters.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Every counter in index order.
     pub const ALL: [SteerStat; Self::COUNT as usize] = [
@@ -266,6 +373,7 @@ impl SteerStat {
         Self::LookupComputed,
         Self::LookupFallback,
         Self::LookupNoSocket,
+        Self::DropUnparsed,
     ];
 
     /// Index into [`STEER_STATS_MAP`].
@@ -292,6 +400,7 @@ impl SteerStat {
             Self::LookupComputed => "lookup_computed",
             Self::LookupFallback => "lookup_fallback",
             Self::LookupNoSocket => "lookup_no_socket",
+            Self::DropUnparsed => "drop_unparsed",
         }
     }
 }
@@ -343,13 +452,10 @@ impl FlowKey {
         self.hash() % MAGLEV_SIZE
     }
 
-    /// The source of the flow, key of the shield's maps.
+    /// The source of the flow, key of the shield's maps, IPv6 cut to `v6_prefix` bits.
     #[inline(always)]
-    pub const fn source(&self) -> SourceKey {
-        SourceKey {
-            addr: self.src,
-            family: self.family,
-        }
+    pub const fn source(&self, v6_prefix: u32) -> SourceKey {
+        SourceKey::new(self.src, self.family, v6_prefix)
     }
 }
 
@@ -357,6 +463,44 @@ impl FlowKey {
 #[inline(always)]
 pub const fn v4_key(a: [u8; 4]) -> [u8; 16] {
     [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+/// Whether a frame the parser read (or gave up on) may be TCP to `service_port` that the
+/// shield cannot judge, so XDP drops it instead of letting it around the shield:
+///
+/// - a TCP header cut short or with a bad data offset (`tcp-truncated`, `tcp-bad-data-offset`):
+///   its port cannot be trusted, and in a first fragment the kernel would reassemble it into a
+///   whole segment the shield never saw (RFC 1858). Whole datagrams like that the kernel drops
+///   anyway, so dropping them here costs nothing;
+/// - the first fragment of a TCP datagram to `service_port`: TCP never needs IP fragments
+///   (IPv4 sets DF and TCP sizes segments by the MSS; IPv6 routers never fragment), so a
+///   fragmented one is an evasion attempt. Later fragments carry no port and pass: without
+///   their first fragment the kernel can never reassemble them;
+/// - an IPv6 datagram whose extension-header chain is longer than the parser follows
+///   ([`crate::parse::MAX_IPV6_EXT_HEADERS`]), unless it is a later fragment: what it carries
+///   (and to which port) is unknown, and no legitimate device sends such chains.
+#[inline(always)]
+pub fn hides_service_tcp(parsed: &Result<Packet, Malformed>, service_port: u32) -> bool {
+    let packet = match parsed {
+        Err(Malformed::TcpTruncated | Malformed::TcpBadDataOffset) => return true,
+        Err(_) => return false,
+        Ok(p) => p,
+    };
+    let fragment = match packet.l3 {
+        L3::Ipv4 { fragment, .. } | L3::Ipv6 { fragment, .. } => fragment,
+        L3::NotIp { .. } => return false,
+    };
+    match packet.l4 {
+        L4::Tcp { dst_port, .. } => {
+            matches!(fragment, Fragment::First) && u32::from(dst_port) == service_port
+        }
+        L4::Unparsed { protocol } => {
+            matches!(packet.l3, L3::Ipv6 { .. })
+                && !matches!(fragment, Fragment::Later)
+                && is_ipv6_ext(protocol)
+        }
+        L4::None | L4::Udp { .. } => false,
+    }
 }
 
 /// The shield's decision for a new connection (a SYN) from one source, given its GCRA state:
@@ -379,7 +523,7 @@ mod tests {
     #[test]
     fn layouts_have_no_padding() {
         use core::mem::size_of;
-        assert_eq!(size_of::<SteerConfig>(), 32);
+        assert_eq!(size_of::<SteerConfig>(), 40);
         assert_eq!(size_of::<WorkerSlot>(), 8);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<FlowEntry>(), 8);
@@ -427,6 +571,127 @@ mod tests {
         for b in buckets {
             assert!((1800..=2200).contains(&b), "{buckets:?}");
         }
+    }
+
+    const V6: [u8; 16] = [
+        0x20, 0x01, 0x0d, 0xb8, 0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x11, 0x22, 0x33,
+        0x44,
+    ];
+
+    #[test]
+    fn mask_v6_keeps_exactly_the_prefix() {
+        assert_eq!(mask_v6(V6, 128), V6);
+        assert_eq!(mask_v6(V6, 200), V6);
+        assert_eq!(mask_v6(V6, 0), [0; 16]);
+        let mut want = [0u8; 16];
+        want[..8].copy_from_slice(&V6[..8]);
+        assert_eq!(mask_v6(V6, 64), want);
+        // A prefix inside a byte: /60 keeps the high nibble of byte 7 (0x78 -> 0x70).
+        want[7] = 0x70;
+        assert_eq!(mask_v6(V6, 60), want);
+        // /57: one bit of byte 7 (0x78 = 0b0111_1000 -> 0).
+        want[7] = 0;
+        assert_eq!(mask_v6(V6, 57), want);
+        // Every length: the first n bits equal the address's, the rest are zero.
+        for n in 0..=128u32 {
+            let m = mask_v6(V6, n);
+            let (a, b) = (u128::from_be_bytes(V6), u128::from_be_bytes(m));
+            let keep = if n == 0 { 0 } else { u128::MAX << (128 - n) };
+            assert_eq!(b, a & keep, "/{n}");
+        }
+    }
+
+    #[test]
+    fn source_keys_aggregate_ipv6_only() {
+        let mut same = V6;
+        same[15] = 0x99;
+        same[8] = 0;
+        let mut other = V6;
+        other[7] ^= 1;
+        let k = |a| SourceKey::new(a, FAMILY_V6, 64);
+        assert_eq!(k(V6), k(same), "two addresses in one /64 share a key");
+        assert_ne!(k(V6), k(other), "another /64 has its own key");
+        assert_ne!(
+            SourceKey::new(V6, FAMILY_V6, 128),
+            SourceKey::new(same, FAMILY_V6, 128)
+        );
+        // IPv4 stays a whole address whatever the IPv6 prefix.
+        let a = SourceKey::new(v4_key([198, 51, 100, 1]), FAMILY_V4, 1);
+        let b = SourceKey::new(v4_key([198, 51, 100, 2]), FAMILY_V4, 1);
+        assert_ne!(a, b);
+        // The flow's source and the user-space key agree.
+        let flow = FlowKey {
+            src: same,
+            dst: V6,
+            src_port: 1,
+            dst_port: 443,
+            family: FAMILY_V6,
+        };
+        let ip = IpAddr::V6(Ipv6Addr::from(V6));
+        assert_eq!(flow.source(64), SourceKey::from_ip(ip, 64));
+        assert_eq!(
+            source_prefix(ip, 64),
+            "2001:db8:1234:5678::".parse::<IpAddr>().unwrap()
+        );
+        // A v4-mapped address is the IPv4 source XDP sees.
+        let mapped: IpAddr = "::ffff:198.51.100.1".parse().unwrap();
+        assert_eq!(SourceKey::from_ip(mapped, 64), a);
+        assert_eq!(
+            source_prefix(mapped, 64),
+            "198.51.100.1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn the_config_prefix_defaults_to_64_and_is_clamped() {
+        let mut c = SteerConfig::default();
+        assert_eq!(c.v6_prefix(), DEFAULT_V6_PREFIX);
+        c.v6_prefix_len = 48;
+        assert_eq!(c.v6_prefix(), 48);
+        c.v6_prefix_len = 1000;
+        assert_eq!(c.v6_prefix(), 128);
+    }
+
+    #[test]
+    fn what_the_shield_cannot_judge_is_dropped() {
+        use crate::{
+            parse,
+            parse::{IPPROTO_DSTOPTS, MAX_IPV6_EXT_HEADERS, TCP_SYN},
+            testing::PacketBuilder,
+        };
+        let a = [198, 51, 100, 1];
+        let p = [192, 0, 2, 1];
+        let judge = |b: PacketBuilder| hides_service_tcp(&parse(&b.build()[..]), 443);
+        let syn = PacketBuilder::ipv4(a, p).tcp(1, 443, TCP_SYN);
+        assert!(!judge(syn.clone()), "a whole SYN is judged");
+        assert!(judge(syn.clone().fragment(0, true)), "first fragment");
+        assert!(!judge(syn.clone().fragment(8, false)), "later fragment");
+        assert!(judge(syn.clone().fragment(0, true).cut_l4(8)), "RFC 1858");
+        assert!(judge(syn.clone().cut_l4(12)), "cut-short TCP header");
+        assert!(judge(syn.clone().tcp_data_offset(4)), "bad data offset");
+        let ssh = PacketBuilder::ipv4(a, p).tcp(1, 22, TCP_SYN);
+        assert!(!judge(ssh.fragment(0, true)), "another port's fragment");
+        let udp = PacketBuilder::ipv4(a, p).udp(1, 443).fragment(0, true);
+        assert!(!judge(udp), "UDP");
+
+        let v6 = PacketBuilder::ipv6(V6, V6).tcp(1, 443, TCP_SYN);
+        assert!(!judge(v6.clone()));
+        assert!(
+            !judge(v6.clone().ipv6_ext(IPPROTO_DSTOPTS, 8)),
+            "short chain"
+        );
+        assert!(judge(v6.clone().fragment(0, true)), "IPv6 first fragment");
+        let mut long = v6.clone();
+        for _ in 0..=MAX_IPV6_EXT_HEADERS {
+            long = long.ipv6_ext(IPPROTO_DSTOPTS, 8);
+        }
+        assert!(judge(long), "a chain longer than the parser follows");
+        let mut long_udp = PacketBuilder::ipv6(V6, V6).udp(1, 53);
+        for _ in 0..=MAX_IPV6_EXT_HEADERS {
+            long_udp = long_udp.ipv6_ext(IPPROTO_DSTOPTS, 8);
+        }
+        assert!(judge(long_udp), "its transport is unknown too");
+        assert!(!judge(v6.fragment(3, false)), "IPv6 later fragment");
     }
 
     #[test]

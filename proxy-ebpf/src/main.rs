@@ -54,7 +54,8 @@ fn try_ingress(ctx: &XdpContext) -> Result<u32, ()> {
             len
         );
     }
-    // Malformed frames pass: the kernel stack drops them itself, and counting them is the job.
+    // Malformed frames pass (the kernel stack drops them itself, and counting them is the
+    // job), except TCP the shield cannot judge, which `steer::verdict` drops.
     Ok(steer::verdict(ctx, &parsed))
 }
 

@@ -18,11 +18,11 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use proxy_common::{
     L3, L4, Malformed, Packet,
-    parse::{IPPROTO_TCP, TCP_ACK, TCP_RST, TCP_SYN},
+    parse::{IPPROTO_TCP, TCP_ACK, TCP_SYN},
     steer::{
-        BLOCKLIST_SIZE, FAMILY_V4, FAMILY_V6, FLOW_ACKED, FLOW_TABLE_SIZE, FailureWindow,
-        FlowEntry, FlowKey, MAGLEV_SIZE, MAX_WORKERS, NO_WORKER, SOURCE_TABLE_SIZE, SYN_WINDOW_NS,
-        SourceKey, SteerConfig, SteerStat, SynWindow, WorkerSlot, gcra_admit, v4_key,
+        BLOCKLIST_SIZE, FAMILY_V4, FAMILY_V6, FLOW_TABLE_SIZE, FailureWindow, FlowEntry, FlowKey,
+        MAGLEV_SIZE, MAX_WORKERS, NO_WORKER, SOURCE_TABLE_SIZE, SYN_WINDOW_NS, SourceKey,
+        SteerConfig, SteerStat, SynWindow, WorkerSlot, gcra_admit, hides_service_tcp, v4_key,
     },
 };
 
@@ -38,6 +38,8 @@ static SCM_FLOWS: LruHashMap<FlowKey, FlowEntry> = LruHashMap::with_max_entries(
 static SCM_RATE: LruHashMap<SourceKey, u64> = LruHashMap::with_max_entries(SOURCE_TABLE_SIZE, 0);
 #[map]
 static SCM_BLOCK: LruHashMap<SourceKey, u64> = LruHashMap::with_max_entries(BLOCKLIST_SIZE, 0);
+/// Written by the workers after the kernel completed a handshake (see docs/data-plane.md);
+/// XDP only reads it.
 #[map]
 static SCM_VERIFIED: LruHashMap<SourceKey, u64> =
     LruHashMap::with_max_entries(SOURCE_TABLE_SIZE, 0);
@@ -121,10 +123,20 @@ fn record_new_flow(key: &FlowKey, w: u32) {
     bump(&SCM_WORKER_FLOWS, w);
 }
 
-/// The XDP verdict on a parsed frame. Only TCP to the configured service port is looked at;
-/// everything else passes as before.
+/// The XDP verdict on a parsed frame. Only TCP to the configured service port is looked at,
+/// and what might be such TCP but cannot be judged (fragments, cut-short TCP headers, IPv6
+/// chains too long to follow) is dropped; everything else passes as before.
 #[inline(always)]
 pub fn verdict(ctx: &XdpContext, parsed: &Result<Packet, Malformed>) -> u32 {
+    let cfg = config();
+    if cfg.service_port == 0 {
+        return xdp_action::XDP_PASS;
+    }
+    if hides_service_tcp(parsed, cfg.service_port) {
+        stat(SteerStat::DropUnparsed);
+        debug!(ctx, "scm steer: drop_unparsed");
+        return xdp_action::XDP_DROP;
+    }
     let Ok(packet) = parsed else {
         return xdp_action::XDP_PASS;
     };
@@ -136,8 +148,7 @@ pub fn verdict(ctx: &XdpContext, parsed: &Result<Packet, Malformed>) -> u32 {
     else {
         return xdp_action::XDP_PASS;
     };
-    let cfg = config();
-    if cfg.service_port == 0 || u32::from(dst_port) != cfg.service_port {
+    if u32::from(dst_port) != cfg.service_port {
         return xdp_action::XDP_PASS;
     }
     let (src, dst, family) = match packet.l3 {
@@ -173,7 +184,9 @@ fn note<C: EbpfContext>(ctx: &C, s: SteerStat, key: &FlowKey, worker: u32) {
 #[inline(always)]
 fn tcp_verdict(ctx: &XdpContext, cfg: &SteerConfig, key: &FlowKey, flags: u8) -> u32 {
     let now = now();
-    let source = key.source();
+    // One /64 (by default) is one source for every per-source map: a device given a /64 has
+    // 2^64 addresses to walk around per-address limits with.
+    let source = key.source(cfg.v6_prefix());
     if let Some(expiry) = lru_get(&SCM_BLOCK, &source) {
         if expiry > now {
             note(ctx, SteerStat::DropBlocklist, key, NO_WORKER);
@@ -182,7 +195,7 @@ fn tcp_verdict(ctx: &XdpContext, cfg: &SteerConfig, key: &FlowKey, flags: u8) ->
         let _ = SCM_BLOCK.remove(source);
     }
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        established(key, &source, flags, now);
+        established(key);
         return xdp_action::XDP_PASS;
     }
     if let Some(entry) = lru_get(&SCM_FLOWS, key) {
@@ -226,27 +239,23 @@ fn tcp_verdict(ctx: &XdpContext, cfg: &SteerConfig, key: &FlowKey, flags: u8) ->
     xdp_action::XDP_PASS
 }
 
-/// A non-SYN segment: keep the flow's record, note that its source answered our SYN+ACK.
+/// A non-SYN segment: keep the flow's record (or drop it when its worker is gone).
+///
+/// An ACK here proves nothing about its source: XDP sees no sequence numbers of ours, so an
+/// off-path spoofer can send one for any address. Sources become verified only when a worker
+/// accepted a connection the kernel completed (user space writes `SCM_VERIFIED`).
 #[inline(always)]
-fn established(key: &FlowKey, source: &SourceKey, flags: u8, now: u64) {
-    let Some(entry) = SCM_FLOWS.get_ptr_mut(key) else {
+fn established(key: &FlowKey) {
+    let Some(entry) = lru_get(&SCM_FLOWS, key) else {
         stat(SteerStat::UnknownFlow);
         return;
     };
-    // SAFETY: a pointer from a successful lookup in a hash map value; the fields are plain
-    // integers, and a racing update from another CPU can only set the same flag.
-    let (w, acked) = unsafe { ((*entry).worker, (*entry).flags & FLOW_ACKED != 0) };
-    if !worker(w).is_alive() {
+    if !worker(entry.worker).is_alive() {
         stat(SteerStat::DeadWorkerFlow);
         let _ = SCM_FLOWS.remove(key);
         return;
     }
     stat(SteerStat::Established);
-    if !acked && flags & (TCP_ACK | TCP_RST) == TCP_ACK {
-        // SAFETY: as above.
-        unsafe { (*entry).flags |= FLOW_ACKED };
-        let _ = SCM_VERIFIED.insert(source, now, 0);
-    }
 }
 
 /// Counts this SYN in the CPU's one-second window; whether the window is over the threshold.
@@ -340,7 +349,7 @@ fn lookup(ctx: &SkLookupContext) -> Lookup {
         return Lookup::Pass;
     }
 
-    let source = key.source();
+    let source = key.source(cfg.v6_prefix());
     if let Some(expiry) = lru_get(&SCM_BLOCK, &source)
         && expiry > now()
     {

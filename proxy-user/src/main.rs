@@ -101,6 +101,10 @@ async fn main() -> anyhow::Result<()> {
             }))
             .init();
     }
+    if let Command::Serve(cmd) = &cli.command {
+        // A worker marks the sources of the connections it accepts verified (SYN-flood mode).
+        scm_proxy::supervisor::install_verified_hook(&cmd.workers);
+    }
     match cli.command {
         Command::Serve(cmd) => serve(*cmd).await,
         Command::Xdp(XdpCommand::Attach(args)) => xdp_attach(args).await,

@@ -6,10 +6,11 @@
 
 pub mod auth_failures;
 pub mod maglev;
+pub mod verified;
 
 use std::{
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     time::Duration,
@@ -24,7 +25,7 @@ use proxy_common::steer::{
     BLOCK_MAP, CONFIG_MAP, FAMILY_V4, FAMILY_V6, FLOWS_MAP, FlowEntry, FlowKey, LOOKUP_PROGRAM,
     MAGLEV_MAP, MAGLEV_SIZE, MAX_WORKERS, PINNED_MAPS, RATE_MAP, SOCKETS_MAP, STEER_STATS_MAP,
     SourceKey, SteerConfig, SteerStat, VERIFIED_MAP, WORKER_FLOWS_MAP, WORKERS_MAP, WorkerSlot,
-    WorkerState, v4_key,
+    WorkerState, canonical_ip, v4_key,
 };
 
 use crate::xdp::{AttachMode, AttachedMode, LoadOptions, TestRunOutput, XdpError, XdpIngress};
@@ -358,19 +359,26 @@ impl Steering {
         }
     }
 
-    /// Drops every packet from `addr` to the service port for `duration` (the proxy calls this
-    /// after repeated authentication failures).
+    /// The key the shield's maps use for `addr` under the configuration in the map (IPv6 cut
+    /// to its prefix).
+    pub fn source_key(&self, addr: IpAddr) -> Result<SourceKey, XdpError> {
+        Ok(source_key(addr, self.config()?.v6_prefix()))
+    }
+
+    /// Drops every packet from `addr` (with an IPv6 address: from its whole prefix) to the
+    /// service port for `duration`.
     pub fn block(&mut self, addr: IpAddr, duration: Duration) -> Result<(), XdpError> {
         let expiry = monotonic_ns().saturating_add(duration.as_nanos() as u64);
+        let key = self.source_key(addr)?;
         let mut map: HashMap<&mut MapData, SourceKey, u64> = self.map_mut(BLOCK_MAP)?;
-        map.insert(source_key(addr), expiry, 0)
-            .map_err(map_error(BLOCK_MAP))
+        map.insert(key, expiry, 0).map_err(map_error(BLOCK_MAP))
     }
 
     /// Lifts a block.
     pub fn unblock(&mut self, addr: IpAddr) -> Result<(), XdpError> {
+        let key = self.source_key(addr)?;
         let mut map: HashMap<&mut MapData, SourceKey, u64> = self.map_mut(BLOCK_MAP)?;
-        match map.remove(&source_key(addr)) {
+        match map.remove(&key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(map_error(BLOCK_MAP)(e)),
         }
@@ -392,10 +400,21 @@ impl Steering {
         Ok(map.keys().filter(Result::is_ok).count())
     }
 
+    /// Marks `addr` (its prefix) verified now: a connection from it completed the TCP
+    /// handshake in the kernel. Workers do this for every connection they accept
+    /// ([`verified::VerifiedSources`]); this is the same write for a caller holding the maps.
+    pub fn mark_verified(&mut self, addr: IpAddr) -> Result<(), XdpError> {
+        let key = self.source_key(addr)?;
+        let mut map: HashMap<&mut MapData, SourceKey, u64> = self.map_mut(VERIFIED_MAP)?;
+        map.insert(key, monotonic_ns(), 0)
+            .map_err(map_error(VERIFIED_MAP))
+    }
+
     /// Whether the shield counts `addr` as verified (it completed a handshake).
     pub fn is_verified(&self, addr: IpAddr) -> Result<bool, XdpError> {
+        let key = self.source_key(addr)?;
         let map: HashMap<&MapData, SourceKey, u64> = self.map(VERIFIED_MAP)?;
-        match map.get(&source_key(addr), 0) {
+        match map.get(&key, 0) {
             Ok(_) => Ok(true),
             Err(MapError::KeyNotFound) => Ok(false),
             Err(e) => Err(map_error(VERIFIED_MAP)(e)),
@@ -491,30 +510,37 @@ fn lookup_program(ebpf: &mut Ebpf) -> Result<&mut SkLookup, XdpError> {
         })
 }
 
-/// The key the shield's maps use for `addr`.
-pub fn source_key(addr: IpAddr) -> SourceKey {
-    match addr {
-        IpAddr::V4(a) => SourceKey {
-            addr: v4_key(a.octets()),
-            family: FAMILY_V4,
-        },
-        IpAddr::V6(a) => SourceKey {
-            addr: a.octets(),
-            family: FAMILY_V6,
-        },
+/// The key the shield's maps use for `addr` with IPv6 sources cut to `v6_prefix` bits
+/// ([`SteerConfig::v6_prefix`]); the same function the kernel programs key by.
+pub fn source_key(addr: IpAddr, v6_prefix: u32) -> SourceKey {
+    SourceKey::from_ip(addr, v6_prefix)
+}
+
+/// An address in the flow table's 16-byte form, whole (flows are never aggregated).
+fn address(addr: IpAddr) -> ([u8; 16], u32) {
+    match canonical_ip(addr) {
+        IpAddr::V4(a) => (v4_key(a.octets()), FAMILY_V4),
+        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
     }
 }
 
 /// The key the flow table uses for a connection from `src` to `dst`.
-pub fn flow_key(src: std::net::SocketAddr, dst: std::net::SocketAddr) -> FlowKey {
-    let (s, d) = (source_key(src.ip()), source_key(dst.ip()));
+pub fn flow_key(src: SocketAddr, dst: SocketAddr) -> FlowKey {
+    let ((s, family), (d, _)) = (address(src.ip()), address(dst.ip()));
     FlowKey {
-        src: s.addr,
-        dst: d.addr,
+        src: s,
+        dst: d,
         src_port: src.port(),
         dst_port: dst.port(),
-        family: s.family,
+        family,
     }
+}
+
+/// The configuration map pinned in `dir`, for the workers (which never load the programs).
+pub(crate) fn open_pinned_config(dir: &Path) -> Result<Array<MapData, SteerConfig>, MapError> {
+    Array::try_from(aya::maps::Map::Array(MapData::from_pin(
+        dir.join(CONFIG_MAP),
+    )?))
 }
 
 /// `bpf_ktime_get_ns`'s clock.

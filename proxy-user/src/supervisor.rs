@@ -21,7 +21,7 @@ use std::{
 
 use proxy_common::{
     PacketClass,
-    steer::{MAX_WORKERS, SteerConfig, SteerStat, WorkerState},
+    steer::{DEFAULT_V6_PREFIX, MAX_WORKERS, MIN_V6_PREFIX, SteerConfig, SteerStat, WorkerState},
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -35,6 +35,7 @@ use crate::{
     steer::{
         SteerOptions, Steering,
         auth_failures::{AuthFailureLayer, BlockPolicy},
+        verified::{self, VerifiedSources},
     },
     xdp::{AttachMode, XdpError},
 };
@@ -69,16 +70,35 @@ pub struct SupervisorArgs {
     #[arg(long, env = "SCM_PROXY_PIN_DIR", default_value = "/sys/fs/bpf/scm")]
     pub pin_dir: PathBuf,
 
-    /// New connections per second allowed per source address (token bucket in XDP); 0: off.
-    #[arg(long, env = "SCM_PROXY_CONN_RATE", default_value_t = 0)]
+    /// New connections per second allowed per source (an IPv4 address, or an IPv6 prefix of
+    /// --ipv6-prefix bits), a token bucket in XDP; 0: off. The default is sized for carrier
+    /// NAT, where hundreds of phones share one public IPv4 address: about 250 phones (a CGNAT
+    /// address split into port blocks of 256) each opening a tunnel every 5 s at the busiest
+    /// is 50 per second; 100 leaves twice that. A single host flooding handshakes is still
+    /// held to about 3% of the handshakes one proxy process does on two CPUs. Lower it where
+    /// no device sits behind carrier NAT; raise it for a larger NAT pool (docs/data-plane.md).
+    #[arg(long, env = "SCM_PROXY_CONN_RATE", default_value_t = 100)]
     pub conn_rate: u32,
 
-    /// Burst of new connections a source may open at once before --conn-rate applies.
-    #[arg(long, env = "SCM_PROXY_CONN_BURST", default_value_t = 20)]
+    /// Burst of new connections a source may open at once before --conn-rate applies. The
+    /// default lets most of a 250-phone carrier address reconnect at once after a network
+    /// flap (200 at once, then --conn-rate per second).
+    #[arg(long, env = "SCM_PROXY_CONN_BURST", default_value_t = 200)]
     pub conn_burst: u32,
 
-    /// SYNs per second per CPU above which only sources that completed a handshake recently
-    /// may open connections (SYN-flood mode); 0: off.
+    /// Prefix length (32 to 128) an IPv6 source is counted as by every per-source control of
+    /// the data plane: the XDP rate limit, the blocklist, the authentication-failure counts
+    /// and the SYN-flood verified sources. A subscriber (a phone, a household) is given a
+    /// whole /64, so counting single addresses would let one device walk around every limit
+    /// by changing its address; 128 counts single addresses. IPv4 sources are always single
+    /// addresses (/32).
+    #[arg(long, env = "SCM_PROXY_IPV6_PREFIX", default_value_t = DEFAULT_V6_PREFIX,
+          value_parser = clap::value_parser!(u32).range(i64::from(MIN_V6_PREFIX)..=128))]
+    pub ipv6_prefix: u32,
+
+    /// SYNs per second per CPU above which only verified sources may open connections
+    /// (SYN-flood mode); 0: off. A source is verified when a worker accepted a connection from
+    /// it (the kernel completed the TCP handshake) within --verified-ttl.
     #[arg(long, env = "SCM_PROXY_SYN_THRESHOLD", default_value_t = 0)]
     pub syn_threshold: u32,
 
@@ -86,10 +106,11 @@ pub struct SupervisorArgs {
     #[arg(long, env = "SCM_PROXY_VERIFIED_TTL", value_parser = parse_duration, default_value = "10m")]
     pub verified_ttl: Duration,
 
-    /// Authentication failures (invalid session, failed channel binding) from one source
-    /// address within --block-window that block it for --block-for: under a supervisor, counted
-    /// over all workers, onto the XDP blocklist; a single-process proxy (no --workers) counts
-    /// garbled preambles too and answers the source's connections `rate_limited`. 0: never.
+    /// Authentication failures (invalid session, failed channel binding) from one source (an
+    /// IPv4 address or an IPv6 prefix, see --ipv6-prefix) within --block-window that block it
+    /// for --block-for: under a supervisor, counted over all workers, onto the XDP blocklist; a
+    /// single-process proxy (no --workers) counts garbled preambles too and answers the source's
+    /// connections `rate_limited`. 0: never.
     #[arg(long, env = "SCM_PROXY_BLOCK_AFTER", default_value_t = 10)]
     pub block_after: u32,
 
@@ -100,12 +121,6 @@ pub struct SupervisorArgs {
     /// How long a blocked source stays blocked.
     #[arg(long, env = "SCM_PROXY_BLOCK_FOR", value_parser = parse_duration, default_value = "10m")]
     pub block_for: Duration,
-
-    /// IPv6 sources are counted for --block-after per prefix of this many bits (one /64 is
-    /// usually one subscriber, who can pick any address in it); IPv4 sources per address.
-    #[arg(long, env = "SCM_PROXY_IPV6_SOURCE_PREFIX", default_value_t = 64,
-          value_parser = clap::value_parser!(u8).range(0..=128))]
-    pub ipv6_source_prefix: u8,
 
     /// On SIGHUP, how long a draining worker may take to finish its connections before it is
     /// stopped anyway.
@@ -208,7 +223,7 @@ pub fn single_process_limit(args: &SupervisorArgs) -> Option<crate::proxy::limit
         threshold: args.block_after,
         window: args.block_window,
         block_for: args.block_for,
-        ipv6_prefix: args.ipv6_source_prefix,
+        ipv6_prefix: u8::try_from(args.ipv6_prefix).unwrap_or(128),
     })
 }
 
@@ -237,6 +252,24 @@ pub fn auth_failure_layer(args: &SupervisorArgs) -> Option<AuthFailureLayer> {
     }
 }
 
+/// In a worker, makes every accepted connection mark its source verified for the SYN-flood
+/// mode (see [`crate::steer::verified`]). Elsewhere nothing. A failure to open the pinned maps
+/// is said on stderr (logging is not up yet) and the worker serves on.
+pub fn install_verified_hook(args: &SupervisorArgs) {
+    if std::env::var_os(WORKER_INDEX_ENV).is_none() {
+        return;
+    }
+    match VerifiedSources::open(&args.pin_dir) {
+        Ok(v) => {
+            verified::install(v);
+        }
+        Err(e) => eprintln!(
+            "scm-proxy worker: cannot open the verified-sources map in {} ({e}); in SYN-flood              mode this worker's devices will not be recognised",
+            args.pin_dir.display()
+        ),
+    }
+}
+
 fn steer_config(serve: &ServeArgs, args: &SupervisorArgs) -> SteerConfig {
     let interval = if args.conn_rate == 0 {
         0
@@ -249,6 +282,8 @@ fn steer_config(serve: &ServeArgs, args: &SupervisorArgs) -> SteerConfig {
         conn_interval_ns: interval,
         conn_burst_ns: interval.saturating_mul(u64::from(args.conn_burst.max(1))),
         verified_ttl_ns: args.verified_ttl.as_nanos() as u64,
+        v6_prefix_len: args.ipv6_prefix,
+        reserved: 0,
     }
 }
 

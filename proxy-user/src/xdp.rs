@@ -320,7 +320,9 @@ impl XdpIngress {
                 io_error,
                 verifier_log,
             }) => {
-                if is_permission_error(&io_error) {
+                // The verifier also answers EACCES when it rejects a program (with a log);
+                // only an empty log means the caller lacks the privilege.
+                if is_permission_error(&io_error) && verifier_log.to_string().trim().is_empty() {
                     return Err(XdpError::PermissionDenied {
                         action: "loading the XDP program".into(),
                         uid: effective_uid(),

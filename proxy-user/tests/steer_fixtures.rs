@@ -135,15 +135,17 @@ fn steering_and_shield_branches() {
         XDP_PASS,
         &[],
     );
+    // Was XDP_PASS: a cut-short TCP header is TCP the shield cannot judge, and in a first
+    // fragment the kernel would reassemble it behind the shield's back (issue 10, item 13).
     step(
         &st,
-        "malformed TCP to the service port: passes uncounted by steering",
+        "malformed TCP to the service port: dropped, the shield cannot judge it",
         &PacketBuilder::ipv4(a, PROXY)
             .tcp(1, SERVICE, TCP_SYN)
             .cut_l4(12)
             .build(),
-        XDP_PASS,
-        &[],
+        XDP_DROP,
+        &[(DropUnparsed, 1)],
     );
 
     // New flow: the worker is Maglev's choice and the flow table records it.
@@ -170,10 +172,15 @@ fn steering_and_shield_branches() {
         XDP_PASS,
         &[(Inspected, 1), (Established, 1)],
     );
+    // Was "an answered SYN+ACK verifies the source": XDP cannot see whether the ACK
+    // acknowledges our SYN+ACK, so an ACK no longer verifies anything (issue 10, item 7).
     assert!(
-        st.is_verified(a.into()).unwrap(),
-        "an answered SYN+ACK verifies the source"
+        !st.is_verified(a.into()).unwrap(),
+        "an ACK seen in XDP proves nothing about its source"
     );
+    // What a worker does when it accepts the connection the kernel completed.
+    st.mark_verified(a.into()).unwrap();
+    assert!(st.is_verified(a.into()).unwrap());
     step(
         &st,
         "SYN retransmission keeps its worker",
@@ -514,5 +521,347 @@ fn loads_and_steers_with_the_kernel_log_on() {
         &syn(src(1), 1234),
         XDP_PASS,
         &[(SteerStat::Inspected, 1), (SteerStat::NewFlow, 1)],
+    );
+}
+
+fn v6(net: u16, host: u16) -> [u8; 16] {
+    // 2001:db8:0:<net>::<host>: `net` picks the /64, `host` the address in it.
+    let mut a = [0u8; 16];
+    a[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+    a[6..8].copy_from_slice(&net.to_be_bytes());
+    a[14..].copy_from_slice(&host.to_be_bytes());
+    a
+}
+
+const PROXY6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+];
+
+fn syn6(s: [u8; 16], port: u16) -> Vec<u8> {
+    PacketBuilder::ipv6(s, PROXY6)
+        .tcp(port, SERVICE, TCP_SYN)
+        .build()
+}
+
+fn ip6(a: [u8; 16]) -> IpAddr {
+    IpAddr::V6(a.into())
+}
+
+#[test]
+fn ipv6_sources_count_as_their_prefix() {
+    if !support::require_root("steer_fixtures::ipv6_sources_count_as_their_prefix") {
+        return;
+    }
+    pin_to_one_cpu();
+    use SteerStat::*;
+    let mut st = loaded(&SteerOptions::default());
+    let cfg = st.config().unwrap();
+    assert_eq!(cfg.v6_prefix(), 64, "the default prefix");
+    // A burst of 3 new connections per source, then 1 per second.
+    let limited = SteerConfig {
+        conn_interval_ns: 1_000_000_000,
+        conn_burst_ns: 3_000_000_000,
+        ..cfg
+    };
+    st.set_config(&limited).unwrap();
+
+    // Three addresses of one /64 share one bucket: the fourth SYN is over it, whichever
+    // address it comes from.
+    for (host, port) in [(1, 1), (2, 2), (3, 3)] {
+        step(
+            &st,
+            "within the /64's burst",
+            &syn6(v6(1, host), port),
+            XDP_PASS,
+            &[(Inspected, 1), (NewFlow, 1)],
+        );
+    }
+    step(
+        &st,
+        "a fourth address of the same /64: over the shared bucket",
+        &syn6(v6(1, 0xbeef), 4),
+        XDP_DROP,
+        &[(Inspected, 1), (DropRateLimit, 1)],
+    );
+    step(
+        &st,
+        "another /64 has its own bucket",
+        &syn6(v6(2, 1), 5),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+
+    // The prefix length comes from the config map: at /128 every address is its own source.
+    st.set_config(&SteerConfig {
+        v6_prefix_len: 128,
+        ..limited
+    })
+    .unwrap();
+    step(
+        &st,
+        "/128: a fresh address of the exhausted /64 has its own bucket",
+        &syn6(v6(1, 0xbeef), 6),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+    // At /48 the /64s of one /48 are one source: three of them spend its burst together.
+    st.set_config(&SteerConfig {
+        v6_prefix_len: 48,
+        ..limited
+    })
+    .unwrap();
+    for net in [7, 8, 9] {
+        step(
+            &st,
+            "/48: one /64 after another, one shared bucket",
+            &syn6(v6(net, 1), 7),
+            XDP_PASS,
+            &[(Inspected, 1), (NewFlow, 1)],
+        );
+    }
+    step(
+        &st,
+        "/48: a fourth /64 of the same /48 finds the bucket spent",
+        &syn6(v6(10, 1), 7),
+        XDP_DROP,
+        &[(Inspected, 1), (DropRateLimit, 1)],
+    );
+
+    // Blocklist: user space blocks one address; XDP drops its whole /64, not the next one.
+    st.set_config(&cfg).unwrap();
+    st.block(ip6(v6(3, 1)), Duration::from_secs(60)).unwrap();
+    step(
+        &st,
+        "blocked address",
+        &syn6(v6(3, 1), 1),
+        XDP_DROP,
+        &[(Inspected, 1), (DropBlocklist, 1)],
+    );
+    step(
+        &st,
+        "another address of the blocked /64",
+        &syn6(v6(3, 0x1234), 1),
+        XDP_DROP,
+        &[(Inspected, 1), (DropBlocklist, 1)],
+    );
+    step(
+        &st,
+        "an address of the next /64",
+        &syn6(v6(4, 1), 1),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+    assert!(
+        st.is_verified(ip6(v6(5, 1))).is_ok_and(|v| !v),
+        "nothing verified yet"
+    );
+    // Unblocking any address of the /64 lifts the /64's block.
+    st.unblock(ip6(v6(3, 0x9999))).unwrap();
+    step(
+        &st,
+        "unblocked /64",
+        &syn6(v6(3, 1), 2),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+    // At /128 the block is the single address again.
+    st.set_config(&SteerConfig {
+        v6_prefix_len: 128,
+        ..cfg
+    })
+    .unwrap();
+    st.block(ip6(v6(6, 1)), Duration::from_secs(60)).unwrap();
+    step(
+        &st,
+        "/128: the blocked address",
+        &syn6(v6(6, 1), 1),
+        XDP_DROP,
+        &[(Inspected, 1), (DropBlocklist, 1)],
+    );
+    step(
+        &st,
+        "/128: its neighbour is not blocked",
+        &syn6(v6(6, 2), 1),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+
+    // SYN-flood mode: a /64 verified by one address is verified for all of them.
+    st.set_config(&SteerConfig {
+        syn_threshold: 1,
+        ..cfg
+    })
+    .unwrap();
+    st.mark_verified(ip6(v6(5, 1))).unwrap();
+    let _ = st.test_run(&syn6(v6(10, 1), 1)).unwrap();
+    let _ = st.test_run(&syn6(v6(10, 1), 2)).unwrap();
+    step(
+        &st,
+        "SYN flood: another address of a verified /64",
+        &syn6(v6(5, 0x77), 1),
+        XDP_PASS,
+        &[(Inspected, 1), (SynFloodAdmitted, 1), (NewFlow, 1)],
+    );
+    step(
+        &st,
+        "SYN flood: an unverified /64",
+        &syn6(v6(11, 1), 1),
+        XDP_DROP,
+        &[(Inspected, 1), (DropSynFlood, 1)],
+    );
+}
+
+#[test]
+fn a_bare_ack_does_not_verify_a_source() {
+    if !support::require_root("steer_fixtures::a_bare_ack_does_not_verify_a_source") {
+        return;
+    }
+    pin_to_one_cpu();
+    use SteerStat::*;
+    let mut st = loaded(&SteerOptions::default());
+    let cfg = st.config().unwrap();
+    // An off-path spoofer: a SYN with a forged source, then the ACK it would send if it could
+    // see our SYN+ACK (it cannot, so its acknowledgement number is a guess; XDP cannot tell).
+    let forged = src(77);
+    step(
+        &st,
+        "forged SYN",
+        &syn(forged, 5555),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+    step(
+        &st,
+        "forged bare ACK",
+        &PacketBuilder::ipv4(forged, PROXY)
+            .tcp(5555, SERVICE, TCP_ACK)
+            .build(),
+        XDP_PASS,
+        &[(Inspected, 1), (Established, 1)],
+    );
+    assert!(
+        !st.is_verified(forged.into()).unwrap(),
+        "a bare ACK verified a source that never completed a handshake"
+    );
+    // In SYN-flood mode the forged address is refused like any unverified one.
+    st.set_config(&SteerConfig {
+        syn_threshold: 1,
+        ..cfg
+    })
+    .unwrap();
+    let _ = st.test_run(&syn(src(78), 1)).unwrap();
+    let _ = st.test_run(&syn(src(78), 2)).unwrap();
+    step(
+        &st,
+        "SYN flood: the pre-'verified' forged source",
+        &syn(forged, 5556),
+        XDP_DROP,
+        &[(Inspected, 1), (DropSynFlood, 1)],
+    );
+}
+
+#[test]
+fn tcp_the_shield_cannot_judge_is_dropped() {
+    if !support::require_root("steer_fixtures::tcp_the_shield_cannot_judge_is_dropped") {
+        return;
+    }
+    use SteerStat::*;
+    use proxy_common::parse::{IPPROTO_DSTOPTS, MAX_IPV6_EXT_HEADERS};
+    let mut st = loaded(&SteerOptions::default());
+    let a = src(40);
+    step(
+        &st,
+        "first fragment of a SYN to the service port",
+        &PacketBuilder::ipv4(a, PROXY)
+            .tcp(1, SERVICE, TCP_SYN)
+            .fragment(0, true)
+            .build(),
+        XDP_DROP,
+        &[(DropUnparsed, 1)],
+    );
+    step(
+        &st,
+        "tiny first fragment (RFC 1858): TCP header cut after the ports",
+        &PacketBuilder::ipv4(a, PROXY)
+            .tcp(1, SERVICE, TCP_SYN)
+            .fragment(0, true)
+            .cut_l4(8)
+            .build(),
+        XDP_DROP,
+        &[(DropUnparsed, 1)],
+    );
+    step(
+        &st,
+        "later fragment: no port, passes (its first fragment never does)",
+        &PacketBuilder::ipv4(a, PROXY)
+            .tcp(1, SERVICE, TCP_SYN)
+            .fragment(8, false)
+            .build(),
+        XDP_PASS,
+        &[],
+    );
+    step(
+        &st,
+        "first fragment to another port: not ours",
+        &PacketBuilder::ipv4(a, PROXY)
+            .tcp(1, 22, TCP_SYN)
+            .fragment(0, true)
+            .build(),
+        XDP_PASS,
+        &[],
+    );
+    step(
+        &st,
+        "IPv6 first fragment of a SYN to the service port",
+        &PacketBuilder::ipv6(v6(1, 1), PROXY6)
+            .fragment(0, true)
+            .tcp(1, SERVICE, TCP_SYN)
+            .build(),
+        XDP_DROP,
+        &[(DropUnparsed, 1)],
+    );
+    let mut long = PacketBuilder::ipv6(v6(1, 1), PROXY6).tcp(1, SERVICE, TCP_SYN);
+    for _ in 0..=MAX_IPV6_EXT_HEADERS {
+        long = long.ipv6_ext(IPPROTO_DSTOPTS, 8);
+    }
+    step(
+        &st,
+        "IPv6 extension chain longer than the parser follows",
+        &long.build(),
+        XDP_DROP,
+        &[(DropUnparsed, 1)],
+    );
+    let mut short = PacketBuilder::ipv6(v6(1, 1), PROXY6).tcp(1, SERVICE, TCP_SYN);
+    for _ in 0..MAX_IPV6_EXT_HEADERS - 1 {
+        short = short.ipv6_ext(IPPROTO_DSTOPTS, 8);
+    }
+    step(
+        &st,
+        "IPv6 chain the parser follows: judged as usual",
+        &short.build(),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+    step(
+        &st,
+        "UDP fragment: not TCP",
+        &PacketBuilder::ipv4(a, PROXY)
+            .udp(1, SERVICE)
+            .fragment(0, true)
+            .build(),
+        XDP_PASS,
+        &[],
+    );
+    // Steering off: nothing is dropped, as before steering existed.
+    st.set_config(&SteerConfig::default()).unwrap();
+    step(
+        &st,
+        "steering off: a fragment passes",
+        &PacketBuilder::ipv4(a, PROXY)
+            .tcp(1, SERVICE, TCP_SYN)
+            .fragment(0, true)
+            .build(),
+        XDP_PASS,
+        &[],
     );
 }

@@ -139,6 +139,9 @@ impl Harness {
                 "native",
             ])
             .args(["--drain-timeout", "60s"])
+            // Every client here is one address opening connections by the thousand (a load
+            // generator, not a carrier NAT): the per-source rate limit, on by default, is off.
+            .args(["--conn-rate", "0"])
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .env("RUST_LOG", "info")
@@ -701,4 +704,31 @@ fn a_worker_that_cannot_start_stops_the_supervisor_with_the_reason() {
     assert!(!out.status.success());
     assert!(stderr.contains("exited before listening"), "{stderr}");
     assert!(!Steering::is_pinned(&pin_dir), "pins left behind");
+}
+
+#[test]
+fn a_completed_handshake_verifies_its_source() {
+    if !require_root("supervisor_netns::a_completed_handshake_verifies_its_source") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Harness::new();
+    h.wait_ready();
+    let device: std::net::IpAddr = support::A_V4.parse().unwrap();
+    let maps = h.maps();
+    assert!(
+        !maps.is_verified(device).unwrap(),
+        "verified before any connection"
+    );
+    // A real connection: the kernel completes the TCP handshake, the worker accepts it and
+    // marks the source verified (XDP itself no longer does, from an ACK it cannot check).
+    let (tls, w) = h.tls_connect().unwrap_or_else(|e| panic!("{e}"));
+    wait_for(
+        "the accepting worker marking the source verified",
+        &h,
+        Duration::from_secs(5),
+        || maps.is_verified(device).unwrap(),
+    );
+    eprintln!("verified after a handshake accepted by worker {w}");
+    drop(tls);
 }

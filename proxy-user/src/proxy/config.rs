@@ -126,7 +126,7 @@ pub struct ServeArgs {
     pub fail_closed_after: u32,
 
     /// The per-source failure limit of a single-process proxy (from the shared --block-after,
-    /// --block-window, --block-for and --ipv6-source-prefix flags); `None` under a supervisor,
+    /// --block-window, --block-for and --ipv6-prefix flags); `None` under a supervisor,
     /// whose workers feed the XDP blocklist instead.
     #[arg(skip)]
     pub source_limit: Option<FailurePolicy>,

@@ -38,17 +38,10 @@ pub struct SourceKey(IpAddr);
 impl SourceKey {
     /// The key of `addr` under a `/ipv6_prefix` aggregation (IPv4-mapped IPv6 counts as IPv4).
     pub fn new(addr: IpAddr, ipv6_prefix: u8) -> Self {
-        match addr {
-            IpAddr::V4(_) => Self(addr),
-            IpAddr::V6(a) => {
-                if let Some(v4) = a.to_ipv4_mapped() {
-                    return Self(IpAddr::V4(v4));
-                }
-                let bits = u32::from(ipv6_prefix.min(128));
-                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
-                Self(IpAddr::V6((u128::from(a) & mask).into()))
-            }
-        }
+        Self(proxy_common::steer::source_prefix(
+            addr,
+            u32::from(ipv6_prefix),
+        ))
     }
 }
 

@@ -204,6 +204,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
             },
             _ = &mut stop => break,
         };
+        crate::steer::verified::accepted(peer); // the kernel completed its handshake
         let proxy = proxy.clone();
         tokio::spawn(async move {
             proxy.handle(tcp, peer).await;

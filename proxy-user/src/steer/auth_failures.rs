@@ -1,7 +1,9 @@
 //! Feeds the XDP blocklist from the proxy's authentication failures: a `tracing` layer in each
 //! worker that sees the proxy's "connection refused" events, counts the authentication failures
 //! per source address in a map shared by all workers (pinned), and blocks a source in the
-//! pinned blocklist once it reaches the threshold within the window.
+//! pinned blocklist once it reaches the threshold within the window. An IPv6 source counts as
+//! its prefix (`--ipv6-prefix`, read from the pinned configuration so the key is the one XDP
+//! computes): one /64 is one source.
 //!
 //! Authentication failures are the refusals a device with valid credentials never causes:
 //! `session_invalid` (an unknown, expired, revoked or malformed session id) and
@@ -17,15 +19,15 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, Map, MapData, MapError};
-use proxy_common::steer::{AUTH_FAILS_MAP, BLOCK_MAP, FailureWindow, SourceKey};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use proxy_common::steer::{AUTH_FAILS_MAP, BLOCK_MAP, FailureWindow, SourceKey, SteerConfig};
 use tracing::{
     Event, Subscriber,
     field::{Field, Visit},
 };
 use tracing_subscriber::layer::{Context, Layer};
 
-use super::{monotonic_ns, source_key};
+use super::{monotonic_ns, open_pinned_config, source_key};
 
 /// The refusal codes that count as authentication failures.
 pub const AUTH_FAILURE_STATUSES: [&str; 2] = ["session_invalid", "binding_failed"];
@@ -48,6 +50,7 @@ pub struct BlockPolicy {
 pub struct AuthFailures {
     fails: HashMap<MapData, SourceKey, FailureWindow>,
     block: HashMap<MapData, SourceKey, u64>,
+    config: Array<MapData, SteerConfig>,
     policy: BlockPolicy,
 }
 
@@ -72,6 +75,7 @@ impl AuthFailures {
         Ok(Self {
             fails,
             block: open(pin_dir, BLOCK_MAP)?,
+            config: open_pinned_config(pin_dir)?,
             policy,
         })
     }
@@ -80,7 +84,8 @@ impl AuthFailures {
     /// threshold. Returns whether it is now blocked. Workers update the count without a lock
     /// between them: two racing failures may count as one, which only delays a block by one.
     pub fn failure(&mut self, addr: IpAddr) -> Result<bool, MapError> {
-        let key = source_key(addr);
+        // Read each time: a new supervisor adopting these workers may have changed the prefix.
+        let key = source_key(addr, self.config.get(&0, 0)?.v6_prefix());
         let now = monotonic_ns();
         let window = self.policy.window.as_nanos() as u64;
         let mut w = match self.fails.get(&key, 0) {
