@@ -256,6 +256,29 @@ pub struct ServeArgs {
     /// LDAP directory settings (optional).
     #[command(flatten)]
     pub ldap: LdapArgs,
+
+    /// Identity assertions (signed JWTs for http back ends).
+    #[command(flatten)]
+    pub assertion: AssertionArgs,
+}
+
+/// Identity assertion flags: the ES256 JWTs proxies pass to http back ends in `x-scm-assertion`,
+/// verified with the JWK Set at `GET /.well-known/jwks.json` on the device listener.
+#[derive(Debug, Clone, Args)]
+pub struct AssertionArgs {
+    /// Lifetime of an identity assertion (its `exp` - `iat`), 1s to 1h; never past the session's
+    /// absolute expiry. Proxies reuse one per (session, resource) until shortly before it ends.
+    #[arg(long, env = "SCM_ASSERTION_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub assertion_ttl: Duration,
+
+    /// How long one signing key (P-256) signs before a new one takes over. A retired key stays in
+    /// the JWK Set until every token it signed has expired, then it is deleted. At least 2s.
+    #[arg(long, env = "SCM_ASSERTION_KEY_ROTATION", default_value = "24h", value_parser = parse_duration)]
+    pub assertion_key_rotation: Duration,
+
+    /// The `iss` claim of every identity assertion; back ends check it.
+    #[arg(long, env = "SCM_ASSERTION_ISSUER", default_value = "scm-security")]
+    pub assertion_issuer: String,
 }
 
 /// LDAP flags: users authenticate by binding; users and groups are synced periodically.

@@ -5,6 +5,7 @@
 
 pub mod admin_types;
 pub mod api;
+pub mod assertion;
 pub mod apps;
 pub mod backup;
 pub mod cli;

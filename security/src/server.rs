@@ -66,6 +66,8 @@ pub struct State {
     pub ha: Arc<crate::ha::HaStatus>,
     /// The backup scheduler's figures.
     pub backup_stats: Arc<crate::backup::BackupStats>,
+    /// Identity assertion signing keys.
+    pub assertions: crate::assertion::Assertions,
 }
 
 /// Shared state handle.
@@ -223,6 +225,11 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     let ldap = LdapConfig::from_args(&args.ldap)?;
     let directory = Directory::new(store.clone(), ldap, args.default_site.clone())?;
     let resources = RwLock::new(Arc::new(store.resources().await?));
+    let assertions = crate::assertion::Assertions::new(
+        crate::assertion::Settings::from_args(&args.assertion)?,
+        master.clone(),
+    );
+    assertions.refresh(&store).await?;
 
     let state: Shared = Arc::new(State {
         master,
@@ -249,6 +256,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         store,
         ha: Arc::new(crate::ha::HaStatus::default()),
         backup_stats: Arc::new(crate::backup::BackupStats::default()),
+        assertions,
     });
     std::fs::create_dir_all(crate::apps::dir(&state.settings.data_dir))
         .map_err(|e| Error::io(&state.settings.data_dir, e))?;
@@ -300,6 +308,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         stop.clone(),
     ));
     tasks.spawn(sweeper(state.clone(), stop.clone()));
+    tasks.spawn(crate::assertion::rotator(state.clone(), stop.clone()));
     if let Some(interval) = state.directory.ldap().map(|l| l.sync_interval) {
         tasks.spawn(ldap_syncer(state.clone(), interval, stop.clone()));
     }

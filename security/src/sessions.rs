@@ -184,6 +184,20 @@ impl Sessions {
         Ok(s)
     }
 
+    /// The live session with this id text, without counting as activity: identity assertions
+    /// are asked for on behalf of requests whose validation already counted.
+    pub fn peek(&self, id_text: &str) -> Result<Arc<Session>, Lookup> {
+        let id = SessionId::parse(id_text).ok_or(Lookup::Unknown)?;
+        let s = {
+            let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+            map.get(&id).cloned().ok_or(Lookup::Unknown)?
+        };
+        if self.expired(&s, now_ms()) {
+            return Err(Lookup::Expired);
+        }
+        Ok(s)
+    }
+
     /// Ends the session with this id text; returns it if it was live.
     pub fn end(&self, id_text: &str, reason: &str) -> Option<Arc<Session>> {
         let id = SessionId::parse(id_text)?;

@@ -114,6 +114,12 @@ pub struct ServeArgs {
     /// Most device connections open at once; further ones wait in the kernel's accept queue.
     #[arg(long, env = "SCM_PROXY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+
+    /// Do not send http back ends the signed identity assertion (`x-scm-assertion`, an ES256
+    /// JWT from the Security server), only the bare identity headers. By default every request
+    /// carries one, and a request gets 503 when none can be had (no Security server answers).
+    #[arg(long, env = "SCM_PROXY_NO_IDENTITY_ASSERTION")]
+    pub no_identity_assertion: bool,
 }
 
 /// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.

@@ -69,6 +69,7 @@ pub struct Proxy {
     last_refresh: Mutex<Option<Instant>>,
     metrics: Arc<Metrics>,
     http_client: BackendClient,
+    assertions: super::assertion::AssertionCache,
 }
 
 /// Runs [`serve`] on a new multi-threaded runtime (for a synchronous `main`).
@@ -144,6 +145,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         catalog: RwLock::default(),
         last_refresh: Mutex::new(None),
         http_client: backend_client(args.connect_timeout),
+        assertions: Default::default(),
         metrics,
         args,
     });
@@ -423,6 +425,7 @@ impl Proxy {
                 let tag = scm_proto::crypto::SessionTag(session_tag);
                 self.metrics.revocations.inc();
                 let cached = self.cache.revoke(&tag);
+                self.assertions.forget(&tag);
                 let cut = self.conns.cut(&tag);
                 tracing::info!(session = %tag, %reason, cached, connections_closed = cut, "session revoked");
             }
@@ -630,7 +633,9 @@ impl Proxy {
                         return;
                     }
                     tracing::info!(mode = "http", "proxying");
-                    let ctx = Arc::new(self.http_context(&session, &resource, app, peer, &guard));
+                    let mut ctx = self.http_context(&session, &resource, app, peer, &guard);
+                    ctx.assertion = self.assertion_source(&id, &session.tag, &resource.name);
+                    let ctx = Arc::new(ctx);
                     if let Err(e) =
                         serve_http(stream, ctx, &guard.token, self.args.idle_timeout).await
                     {
@@ -688,7 +693,32 @@ impl Proxy {
                 check_resource(&proxy.catalog().resources, &s, &name).map(|_| ())
             }),
             metrics: self.metrics.clone(),
+            assertion: None,
         }
+    }
+
+    /// Where this connection's requests get their identity assertion: the cache in front of the
+    /// Security server (`None` with `--no-identity-assertion`).
+    fn assertion_source(
+        self: &Arc<Self>,
+        id: &SessionId,
+        tag: &scm_proto::crypto::SessionTag,
+        resource: &str,
+    ) -> Option<super::assertion::AssertionFn> {
+        if self.args.no_identity_assertion {
+            return None;
+        }
+        let (proxy, id, tag, resource) = (self.clone(), id.clone(), tag.clone(), resource.to_owned());
+        Some(Box::new(move || {
+            let (proxy, id, tag, resource) =
+                (proxy.clone(), id.clone(), tag.clone(), resource.clone());
+            Box::pin(async move {
+                proxy
+                    .assertions
+                    .get(&proxy.security, &id, &tag, &resource)
+                    .await
+            })
+        }))
     }
 
     /// Everything between a well-formed preamble and the back end: session, binding, app policy,

@@ -41,6 +41,7 @@ pub fn router(state: Shared) -> Router {
         )
         .route(PATH_NGINX_AUTH, get(nginx_auth))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(scm_proto::api::PATH_JWKS, get(crate::assertion::jwks))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

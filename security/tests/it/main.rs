@@ -3,6 +3,7 @@
 //! real binary for the admin CLI.
 
 mod admin_cli;
+mod assertion;
 mod backup;
 mod bad_input;
 mod flows;
