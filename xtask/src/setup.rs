@@ -26,6 +26,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("slapd", "a real OpenLDAP directory for the LDAP tests"),
     ("ldap-utils", "loading the test directory into slapd"),
+    (
+        "python3-jwt",
+        "PyJWT: the end-to-end test runs the documented back-end snippet that verifies assertions",
+    ),
+    ("python3-cryptography", "ES256 for PyJWT"),
 ];
 
 /// The bpf-linker release known to build against the nightly toolchain's LLVM here.
