@@ -5,8 +5,8 @@
 
 pub mod admin_types;
 pub mod api;
-pub mod assertion;
 pub mod apps;
+pub mod assertion;
 pub mod backup;
 pub mod cli;
 pub mod config;

@@ -825,7 +825,10 @@ async fn http_back_ends_verify_the_signed_identity() {
     .await
     .expect("the proxy serves the new resource");
     let body = String::from_utf8_lossy(&resp.body).into_owned();
-    assert_eq!(resp.status, 200, "the back end verified the assertion: {body}");
+    assert_eq!(
+        resp.status, 200,
+        "the back end verified the assertion: {body}"
+    );
     let claims: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(claims["sub"], "alice");
     assert_eq!(claims["aud"], "wiki");
@@ -844,7 +847,10 @@ async fn http_back_ends_verify_the_signed_identity() {
     assert_eq!(second.headers[scm_proto::api::HEADER_ASSERTION], web_token);
     assert!(!web_token.contains(alice.id().expose()));
     let set: jsonwebtoken::jwk::JwkSet = reqwest_jwks(&stack).await;
-    assert_eq!(verify_assertion(&web_token, &set, "web").unwrap()["sub"], "alice");
+    assert_eq!(
+        verify_assertion(&web_token, &set, "web").unwrap()["sub"],
+        "alice"
+    );
     // A back end of another resource refuses it.
     assert_eq!(
         verify_assertion(&web_token, &set, "wiki").unwrap_err(),
@@ -858,7 +864,10 @@ async fn http_back_ends_verify_the_signed_identity() {
         stream,
         "/forged",
         &[
-            ("x-scm-assertion", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJyb290In0."),
+            (
+                "x-scm-assertion",
+                "eyJhbGciOiJub25lIn0.eyJzdWIiOiJyb290In0.",
+            ),
             ("authorization", "Bearer the-device-s-own"),
         ],
     )
@@ -873,7 +882,10 @@ async fn http_back_ends_verify_the_signed_identity() {
     let body = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(status, 200, "{body}");
     let claims: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(claims["aud"], "wiki", "the proxy's own assertion reached the back end");
+    assert_eq!(
+        claims["aud"], "wiki",
+        "the proxy's own assertion reached the back end"
+    );
 
     // The documented Python back end (PyJWT) accepts the same token.
     python_snippet_verifies(&stack, &web_token, "web");
@@ -903,24 +915,24 @@ async fn reqwest_jwks(stack: &Stack) -> jsonwebtoken::jwk::JwkSet {
 /// Runs the Python snippet of docs/proxy-and-device.md, as printed there, on `token`: it must
 /// return the claims for `audience` and refuse the token for any other audience.
 fn python_snippet_verifies(stack: &Stack, token: &str, audience: &str) {
-    let doc = std::fs::read_to_string(scm_e2e::stack::workspace_root().join("docs/proxy-and-device.md"))
-        .unwrap();
+    let doc =
+        std::fs::read_to_string(scm_e2e::stack::workspace_root().join("docs/proxy-and-device.md"))
+            .unwrap();
     let start = doc
         .find("<!-- verify-assertion.py -->")
         .expect("the snippet's marker in docs/proxy-and-device.md");
     let code = &doc[start..];
     let code = &code[code.find("```python\n").expect("a python block") + 10..];
     let snippet = &code[..code.find("```").expect("the block's end")];
-    let python = ["/usr/bin/python3", "python3"]
-        .into_iter()
-        .find(|p| {
-            std::process::Command::new(p)
-                .args(["-c", "import jwt, cryptography"])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
+    let python = ["/usr/bin/python3", "python3"].into_iter().find(|p| {
+        std::process::Command::new(p)
+            .args(["-c", "import jwt, cryptography"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
     let Some(python) = python else {
-        let why = "no python3 with PyJWT and cryptography (Debian: python3-jwt python3-cryptography)";
+        let why =
+            "no python3 with PyJWT and cryptography (Debian: python3-jwt python3-cryptography)";
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("the documented PyJWT snippet must be tested when CI=true: {why}");
         }
@@ -956,7 +968,10 @@ fn python_snippet_verifies(stack: &Stack, token: &str, audience: &str) {
     assert_eq!(claims["sub"], "alice");
     assert_eq!(claims["aud"], audience);
     let wrong = run("payroll");
-    assert!(!wrong.status.success(), "the snippet took another resource's token");
+    assert!(
+        !wrong.status.success(),
+        "the snippet took another resource's token"
+    );
     assert!(
         String::from_utf8_lossy(&wrong.stderr).contains("InvalidAudienceError"),
         "{}",

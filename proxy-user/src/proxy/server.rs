@@ -708,7 +708,8 @@ impl Proxy {
         if self.args.no_identity_assertion {
             return None;
         }
-        let (proxy, id, tag, resource) = (self.clone(), id.clone(), tag.clone(), resource.to_owned());
+        let (proxy, id, tag, resource) =
+            (self.clone(), id.clone(), tag.clone(), resource.to_owned());
         Some(Box::new(move || {
             let (proxy, id, tag, resource) =
                 (proxy.clone(), id.clone(), tag.clone(), resource.clone());

@@ -118,7 +118,10 @@ async fn assertions_verify_against_the_jwks(db: Db) {
     assert_eq!(exp - iat, 60, "the default lifetime");
     assert_eq!(exp as u64, a.expires_at);
     assert_eq!(a.expires_in, 60);
-    assert!((iat - scm_security::store::unix_now()).abs() <= 2, "fresh iat");
+    assert!(
+        (iat - scm_security::store::unix_now()).abs() <= 2,
+        "fresh iat"
+    );
     let jti = c["jti"].as_str().unwrap().to_owned();
     assert_eq!(jti.len(), 32);
     // Nothing of the session's secrets is in it.
@@ -128,7 +131,10 @@ async fn assertions_verify_against_the_jwks(db: Db) {
     assert!(!payload.contains(&STANDARD.encode(login.session_key.as_bytes())));
     // Each token is new.
     let b = sign(&srv, &login, "intranet").await;
-    assert_ne!(verify(&b.token, &set, "intranet").unwrap()["jti"], json!(jti));
+    assert_ne!(
+        verify(&b.token, &set, "intranet").unwrap()["jti"],
+        json!(jti)
+    );
 
     // A back end of another resource refuses it.
     assert_eq!(
@@ -143,7 +149,12 @@ async fn assertions_verify_against_the_jwks(db: Db) {
         verify(&forged, &set, "intranet").unwrap_err(),
         ErrorKind::InvalidSignature
     );
-    let other = format!("{}.{}.{}", parts[0], parts[1], b.token.split('.').nth(2).unwrap());
+    let other = format!(
+        "{}.{}.{}",
+        parts[0],
+        parts[1],
+        b.token.split('.').nth(2).unwrap()
+    );
     assert_eq!(
         verify(&other, &set, "intranet").unwrap_err(),
         ErrorKind::InvalidSignature
@@ -182,7 +193,10 @@ async fn assertions_verify_against_the_jwks(db: Db) {
     let pkcs8 = srv
         .state()
         .master
-        .open_bytes(&format!("assertion-key:{}", rows[0].kid), &rows[0].sealed_key)
+        .open_bytes(
+            &format!("assertion-key:{}", rows[0].kid),
+            &rows[0].sealed_key,
+        )
         .expect("the sealed key opens under the master key");
     let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8).unwrap();
     let point = pair.public_key().as_ref().to_vec();
@@ -206,7 +220,10 @@ async fn assertions_verify_against_the_jwks(db: Db) {
         Db::Postgres(url) => crate::pg::dump(url).into_bytes(),
     };
     let text = String::from_utf8_lossy(&dump).to_lowercase();
-    assert!(text.contains("assertion_keys"), "control: the table is in the dump");
+    assert!(
+        text.contains("assertion_keys"),
+        "control: the table is in the dump"
+    );
     assert!(
         text.contains(&a.kid.to_lowercase()),
         "control: the key's row is in the dump"
@@ -216,9 +233,15 @@ async fn assertions_verify_against_the_jwks(db: Db) {
             !dump.windows(secret.len()).any(|w| w == secret.as_slice()),
             "raw {what} in the dump"
         );
-        assert!(!text.contains(&hex::encode(secret)), "hex {what} in the dump");
+        assert!(
+            !text.contains(&hex::encode(secret)),
+            "hex {what} in the dump"
+        );
         for b64 in [STANDARD.encode(secret), URL_SAFE_NO_PAD.encode(secret)] {
-            assert!(!text.contains(&b64.to_lowercase()), "base64 {what} in the dump");
+            assert!(
+                !text.contains(&b64.to_lowercase()),
+                "base64 {what} in the dump"
+            );
         }
     }
 
@@ -291,7 +314,10 @@ async fn rotation_keeps_old_tokens_until_they_expire(db: Db) {
     // Right after the switch both keys are published, and both tokens verify.
     let set = jwks(&srv).await;
     let published = kids(&set);
-    assert!(published.contains(&first.kid) && published.contains(&new.kid), "{published:?}");
+    assert!(
+        published.contains(&first.kid) && published.contains(&new.kid),
+        "{published:?}"
+    );
     verify(&last_old.token, &set, "intranet").expect("the old key's token still verifies");
     verify(&new.token, &set, "intranet").expect("the new key's token verifies");
     // The old key leaves the JWK Set only once its last token has expired, and then it does.
@@ -310,7 +336,10 @@ async fn rotation_keeps_old_tokens_until_they_expire(db: Db) {
         if now < last_old.expires_at as i64 {
             verify(&last_old.token, &set, "intranet").expect("verifies until its exp");
         }
-        assert!(Instant::now() < deadline, "the retired key was never withdrawn");
+        assert!(
+            Instant::now() < deadline,
+            "the retired key was never withdrawn"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Its row is deleted too.
@@ -332,7 +361,10 @@ async fn bad_assertion_flags_are_refused() {
     for (flags, says) in [
         (&["--assertion-ttl", "0s"][..], "--assertion-ttl"),
         (&["--assertion-ttl", "2h"][..], "--assertion-ttl"),
-        (&["--assertion-key-rotation", "1s"][..], "--assertion-key-rotation"),
+        (
+            &["--assertion-key-rotation", "1s"][..],
+            "--assertion-key-rotation",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let certs = crate::support::certs(dir.path());
