@@ -259,3 +259,35 @@ pub enum ProxyEvent {
         at: u64,
     },
 }
+
+/// Proxies' API: a signed identity assertion (a short-lived ES256 JWT) for a live session and
+/// one resource it may reach, which the proxy passes to the resource's http back end.
+pub const PATH_PROXY_ASSERTION: &str = "/v1/proxy/assertion";
+/// Device API: the public keys that verify identity assertions, a JWK Set (RFC 7517).
+pub const PATH_JWKS: &str = "/.well-known/jwks.json";
+/// Header carrying the identity assertion to an http back end (`Authorization` is left to the
+/// device's own use).
+pub const HEADER_ASSERTION: &str = "x-scm-assertion";
+
+/// `POST /v1/proxy/assertion`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssertionRequest {
+    /// The session id from the device's preamble.
+    pub session_id: String,
+    /// The resource the assertion is for: its name becomes the token's audience (`aud`).
+    pub resource: String,
+}
+
+/// Answer to [`AssertionRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AssertionResponse {
+    /// The compact JWS (`header.claims.signature`, base64url without padding).
+    pub token: String,
+    /// Its `exp` claim: Unix seconds after which back ends refuse it.
+    pub expires_at: u64,
+    /// Seconds from signing to `exp`, so a proxy can cache it without trusting its own clock.
+    pub expires_in: u64,
+    /// Its `kid`: the JWK in the Security server's JWK Set that verifies it.
+    pub kid: String,
+}

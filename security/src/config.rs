@@ -315,6 +315,10 @@ pub struct ServeArgs {
     /// Forward authentication for a reverse proxy such as nginx (off by default).
     #[command(flatten)]
     pub forward_auth: ForwardAuthArgs,
+
+    /// Identity assertions (signed JWTs for http back ends).
+    #[command(flatten)]
+    pub assertion: AssertionArgs,
 }
 
 /// Forward-auth flags: a mutual-TLS listener where a reverse proxy (nginx `auth_request`) asks
@@ -356,6 +360,25 @@ pub struct ForwardAuthArgs {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub forward_auth_rate: u32,
+}
+
+/// Identity assertion flags: the ES256 JWTs proxies pass to http back ends in `x-scm-assertion`,
+/// verified with the JWK Set at `GET /.well-known/jwks.json` on the device listener.
+#[derive(Debug, Clone, Args)]
+pub struct AssertionArgs {
+    /// Lifetime of an identity assertion (its `exp` - `iat`), 1s to 1h; never past the session's
+    /// absolute expiry. Proxies reuse one per (session, resource) until shortly before it ends.
+    #[arg(long, env = "SCM_ASSERTION_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub assertion_ttl: Duration,
+
+    /// How long one signing key (P-256) signs before a new one takes over. A retired key stays in
+    /// the JWK Set until every token it signed has expired, then it is deleted. At least 2s.
+    #[arg(long, env = "SCM_ASSERTION_KEY_ROTATION", default_value = "24h", value_parser = parse_duration)]
+    pub assertion_key_rotation: Duration,
+
+    /// The `iss` claim of every identity assertion; back ends check it.
+    #[arg(long, env = "SCM_ASSERTION_ISSUER", default_value = "scm-security")]
+    pub assertion_issuer: String,
 }
 
 /// LDAP flags: users authenticate by binding; users and groups are synced periodically.

@@ -139,6 +139,48 @@ impl MasterKey {
     pub fn backup_key_id(&self) -> String {
         hex::encode(self.backup_key_id)
     }
+
+    /// Seals a secret of any length (an assertion signing key's PKCS#8) bound to `aad`, in the
+    /// same format as [`MasterKey::seal`]. Callers choose `aad`s that cannot equal a device key
+    /// id, so a sealed value cannot be moved between the two kinds of row.
+    pub fn seal_bytes(&self, aad: &str, secret: &[u8]) -> Result<Sealed, Error> {
+        let nonce_bytes: [u8; NONCE_LEN] = crypto::random_bytes();
+        let ct = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce_bytes),
+                Payload {
+                    msg: secret,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map_err(|_| Error::Crypto("sealing failed".into()))?;
+        let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
+        out.extend_from_slice(&nonce_bytes);
+        out.extend_from_slice(&ct);
+        Ok(Sealed(out))
+    }
+
+    /// Opens what [`MasterKey::seal_bytes`] sealed for `aad`.
+    pub fn open_bytes(&self, aad: &str, sealed: &[u8]) -> Result<Vec<u8>, Error> {
+        if sealed.len() < NONCE_LEN {
+            return Err(Error::Crypto(format!("sealed secret {aad} is truncated")));
+        }
+        let (nonce, ct) = sealed.split_at(NONCE_LEN);
+        self.cipher
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map_err(|_| {
+                Error::Crypto(format!(
+                    "sealed secret {aad} does not open under this master key"
+                ))
+            })
+    }
 }
 
 /// A secret string (admin token, LDAP bind password) whose `Debug` never shows it.

@@ -6,6 +6,7 @@
 pub mod admin_types;
 pub mod api;
 pub mod apps;
+pub mod assertion;
 pub mod audit_throttle;
 pub mod backup;
 pub mod cli;

@@ -79,6 +79,8 @@ pub struct State {
     pub ha: Arc<crate::ha::HaStatus>,
     /// The backup scheduler's figures.
     pub backup_stats: Arc<crate::backup::BackupStats>,
+    /// Identity assertion signing keys.
+    pub assertions: crate::assertion::Assertions,
 }
 
 /// Shared state handle.
@@ -294,6 +296,11 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     let directory = Directory::new(store.clone(), ldap, args.default_site.clone())?
         .with_hash_queue(args.max_hash_queue);
     let resources = RwLock::new(Arc::new(store.resources().await?));
+    let assertions = crate::assertion::Assertions::new(
+        crate::assertion::Settings::from_args(&args.assertion)?,
+        master.clone(),
+    );
+    assertions.refresh(&store).await?;
 
     let state: Shared = Arc::new(State {
         master,
@@ -347,6 +354,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         store,
         ha: Arc::new(crate::ha::HaStatus::default()),
         backup_stats: Arc::new(crate::backup::BackupStats::default()),
+        assertions,
     });
     crate::fsmode::create_private_dir(&crate::apps::dir(&state.settings.data_dir))?;
     crate::fsmode::warn_loose_paths(
@@ -418,6 +426,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         tasks.spawn(f.serve(limits, stop.clone()));
     }
     tasks.spawn(sweeper(state.clone(), stop.clone()));
+    tasks.spawn(crate::assertion::rotator(state.clone(), stop.clone()));
     if let Some(interval) = state.directory.ldap().map(|l| l.sync_interval) {
         tasks.spawn(ldap_syncer(state.clone(), interval, stop.clone()));
     }

@@ -30,6 +30,11 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "nginx",
         "a real nginx auth_request in front of the Security server's forward-auth tests",
     ),
+    (
+        "python3-jwt",
+        "PyJWT: the end-to-end test runs the documented back-end snippet that verifies assertions",
+    ),
+    ("python3-cryptography", "ES256 for PyJWT"),
 ];
 
 /// The bpf-linker release known to build against the nightly toolchain's LLVM here.

@@ -130,6 +130,12 @@ pub struct ServeArgs {
     /// whose workers feed the XDP blocklist instead.
     #[arg(skip)]
     pub source_limit: Option<FailurePolicy>,
+
+    /// Do not send http back ends the signed identity assertion (`x-scm-assertion`, an ES256
+    /// JWT from the Security server), only the bare identity headers. By default every request
+    /// carries one, and a request gets 503 when none can be had (no Security server answers).
+    #[arg(long, env = "SCM_PROXY_NO_IDENTITY_ASSERTION")]
+    pub no_identity_assertion: bool,
 }
 
 /// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.

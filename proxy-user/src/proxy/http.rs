@@ -19,6 +19,7 @@ use scm_proto::preamble::Status;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use super::assertion::{AssertionError, AssertionFn};
 use super::metrics::Metrics;
 use super::policy::Refusal;
 
@@ -75,6 +76,8 @@ pub struct HttpContext {
     pub check: Box<dyn Fn() -> Result<(), Refusal> + Send + Sync>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The signed identity assertion for each request (`None`: `--no-identity-assertion`).
+    pub assertion: Option<AssertionFn>,
 }
 
 fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
@@ -167,6 +170,36 @@ pub fn add_identity(headers: &mut HeaderMap, id: &Identity, peer: SocketAddr) {
     }
 }
 
+/// Adds the signed identity assertion (after [`strip_headers`], so whatever the device sent under
+/// that name is gone); without one the request is answered here, never sent unsigned.
+async fn add_assertion(
+    ctx: &HttpContext,
+    headers: &mut HeaderMap,
+) -> Option<Result<(), Response<ProxyBody>>> {
+    let get = ctx.assertion.as_ref()?;
+    Some(match get().await {
+        Ok(v) => {
+            headers.insert(scm_proto::api::HEADER_ASSERTION, v);
+            Ok(())
+        }
+        Err(e) => {
+            let status = match &e {
+                AssertionError::Unavailable(_) => {
+                    ctx.metrics.error("assertion_unavailable");
+                    tracing::warn!(resource = %ctx.resource, error = %e, "no identity assertion; request refused");
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                AssertionError::Refused { code, .. } if code == "resource_refused" => {
+                    StatusCode::FORBIDDEN
+                }
+                // The session ended at the Security server.
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            Err(text(status, format!("{e}\n")))
+        }
+    })
+}
+
 async fn forward(ctx: Arc<HttpContext>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     if let Err(refusal) = (ctx.check)() {
         let code = match refusal.status {
@@ -194,6 +227,10 @@ async fn forward(ctx: Arc<HttpContext>, mut req: Request<Incoming>) -> Response<
     strip_headers(headers);
     strip_device_supplied(headers);
     add_identity(headers, &ctx.identity, ctx.peer);
+    if let Some(Err(resp)) = add_assertion(&ctx, req.headers_mut()).await {
+        return resp;
+    }
+    let headers = req.headers_mut();
     if let Ok(host) = HeaderValue::from_str(&ctx.backend) {
         headers.insert(HOST, host);
     }

@@ -5,6 +5,7 @@
 //! and the app and resource policy ([`policy`]), repeated failures per source ([`limiter`]), then [`relay`] (tcp mode) or [`http`] (http mode).
 //! `docs/proxy-and-device.md` describes it in prose.
 
+pub mod assertion;
 pub mod cache;
 pub mod config;
 pub mod http;

@@ -247,6 +247,42 @@ impl SecurityClient {
         }
     }
 
+    /// Asks for a signed identity assertion of a session for one resource: `Ok(Err(_))` when
+    /// the Security server refuses (session ended, resource not allowed).
+    pub async fn assertion(
+        &self,
+        id: &SessionId,
+        resource: &str,
+    ) -> Result<Result<scm_proto::api::AssertionResponse, ErrorBody>, SecurityError> {
+        use scm_proto::api::{AssertionRequest, PATH_PROXY_ASSERTION};
+        let body = AssertionRequest {
+            session_id: id.expose().to_owned(),
+            resource: resource.to_owned(),
+        };
+        let (_, url, resp) = self
+            .call(
+                PATH_PROXY_ASSERTION,
+                |c, u| c.post(u).json(&body),
+                Some(self.timeout),
+            )
+            .await?;
+        let status = resp.status();
+        let bad = |why: String| SecurityError::BadAnswer {
+            url: url.clone(),
+            path: PATH_PROXY_ASSERTION,
+            why,
+        };
+        if status.is_success() {
+            return resp.json().await.map(Ok).map_err(|e| bad(e.to_string()));
+        }
+        let text = resp.text().await.unwrap_or_default();
+        match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(body) if matches!(status.as_u16(), 403 | 404) => Ok(Err(body)),
+            Ok(body) => Err(bad(format!("HTTP {status}: {}", body.message))),
+            Err(_) => Err(bad(format!("HTTP {status}"))),
+        }
+    }
+
     async fn list<T: serde::de::DeserializeOwned>(
         &self,
         path: &'static str,

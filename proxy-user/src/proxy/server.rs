@@ -78,6 +78,7 @@ pub struct Proxy {
     /// Consecutive revalidations of each session with open connections that no Security server
     /// answered (for --fail-closed-after).
     unanswered: Mutex<HashMap<SessionTag, u32>>,
+    assertions: super::assertion::AssertionCache,
 }
 
 /// Sessions revalidated at once after a revocation stream reopens.
@@ -160,6 +161,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
             .source_limit
             .map(|p| SourceLimiter::new(p, MAX_SOURCES)),
         unanswered: Mutex::default(),
+        assertions: Default::default(),
         metrics,
         args,
     });
@@ -514,6 +516,7 @@ impl Proxy {
                 let tag = scm_proto::crypto::SessionTag(session_tag);
                 self.metrics.revocations.inc();
                 let cached = self.cache.revoke(&tag);
+                self.assertions.forget(&tag);
                 let cut = self.conns.cut(&tag);
                 tracing::info!(session = %tag, %reason, cached, connections_closed = cut, "session revoked");
             }
@@ -767,7 +770,9 @@ impl Proxy {
                         return;
                     }
                     tracing::info!(mode = "http", "proxying");
-                    let ctx = Arc::new(self.http_context(&session, &resource, app, peer, &guard));
+                    let mut ctx = self.http_context(&session, &resource, app, peer, &guard);
+                    ctx.assertion = self.assertion_source(&id, &session.tag, &resource.name);
+                    let ctx = Arc::new(ctx);
                     if let Err(e) =
                         serve_http(stream, ctx, &guard.token, self.args.idle_timeout).await
                     {
@@ -829,7 +834,33 @@ impl Proxy {
                 check_resource(&proxy.catalog().resources, &s, &name).map(|_| ())
             }),
             metrics: self.metrics.clone(),
+            assertion: None,
         }
+    }
+
+    /// Where this connection's requests get their identity assertion: the cache in front of the
+    /// Security server (`None` with `--no-identity-assertion`).
+    fn assertion_source(
+        self: &Arc<Self>,
+        id: &SessionId,
+        tag: &scm_proto::crypto::SessionTag,
+        resource: &str,
+    ) -> Option<super::assertion::AssertionFn> {
+        if self.args.no_identity_assertion {
+            return None;
+        }
+        let (proxy, id, tag, resource) =
+            (self.clone(), id.clone(), tag.clone(), resource.to_owned());
+        Some(Box::new(move || {
+            let (proxy, id, tag, resource) =
+                (proxy.clone(), id.clone(), tag.clone(), resource.clone());
+            Box::pin(async move {
+                proxy
+                    .assertions
+                    .get(&proxy.security, &id, &tag, &resource)
+                    .await
+            })
+        }))
     }
 
     /// Everything between a well-formed preamble and the back end: session, binding, app policy,

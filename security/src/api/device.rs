@@ -40,6 +40,7 @@ pub fn router(state: Shared) -> Router {
             get(download),
         )
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(scm_proto::api::PATH_JWKS, get(crate::assertion::jwks))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -41,6 +41,7 @@ pub fn router_with(state: Shared, allow: Arc<AllowList>) -> Router {
         .route(PATH_PROXY_REVOCATIONS, get(revocations))
         .route(PATH_PROXY_RESOURCES, get(resources))
         .route(PATH_PROXY_APPS, get(apps))
+        .route(scm_proto::api::PATH_PROXY_ASSERTION, post(assertion))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -191,4 +192,42 @@ async fn resources(State(st): State<Shared>) -> Json<Vec<Resource>> {
 
 async fn apps(State(st): State<Shared>) -> Result<Json<Vec<AppPolicy>>, ApiError> {
     Ok(Json(st.store.policies().await?))
+}
+
+/// A signed identity assertion of a live session for one resource its groups allow; does not
+/// count as activity (the proxy asks on behalf of requests its validation already counted).
+async fn assertion(
+    State(st): State<Shared>,
+    ApiJson(req): ApiJson<scm_proto::api::AssertionRequest>,
+) -> Result<Json<scm_proto::api::AssertionResponse>, ApiError> {
+    let s = st.sessions.peek(&req.session_id).map_err(|l| match l {
+        Lookup::Unknown => ApiError::not_found("unknown_session", "no such live session"),
+        Lookup::Expired => ApiError::not_found("session_expired", "the session has expired"),
+    })?;
+    let catalog = st.resources();
+    let Some(r) = catalog.iter().find(|r| r.name == req.resource) else {
+        return Err(ApiError::not_found(
+            "unknown_resource",
+            "no resource of that name in the catalog",
+        ));
+    };
+    if !r.allowed_groups.iter().any(|g| s.groups.contains(g)) {
+        return Err(ApiError::forbidden(
+            "resource_refused",
+            format!("the session's groups do not allow resource {}", r.name),
+        ));
+    }
+    let signed = st.assertions.sign(&s, &r.name).map_err(|e| {
+        ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "assertion_unavailable",
+            e.to_string(),
+        )
+    })?;
+    Ok(Json(scm_proto::api::AssertionResponse {
+        token: signed.token,
+        expires_at: signed.expires_at.max(0) as u64,
+        expires_in: signed.expires_in.max(0) as u64,
+        kid: signed.kid,
+    }))
 }

@@ -3,6 +3,7 @@
 //! real binary for the admin CLI; a real nginx runs in front of forward-auth.
 
 mod admin_cli;
+mod assertion;
 mod backup;
 mod bad_input;
 mod flows;
