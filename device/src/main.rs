@@ -55,7 +55,7 @@ enum Command {
         user: String,
         /// The password (else SCM_DEVICE_PASSWORD, else standard input).
         #[arg(long, env = "SCM_DEVICE_PASSWORD", hide_env_values = true)]
-        password: Option<String>,
+        password: Option<SecretArg>,
         /// This device's id.
         #[arg(long, env = "SCM_DEVICE_ID")]
         device_id: String,
@@ -69,14 +69,14 @@ enum Command {
         #[arg(long, env = "SCM_DEVICE_PLATFORM", default_value = "android")]
         platform: String,
         /// Activation code, if the server requires one.
-        #[arg(long, env = "SCM_DEVICE_ACTIVATION_CODE")]
-        activation_code: Option<String>,
+        #[arg(long, env = "SCM_DEVICE_ACTIVATION_CODE", hide_env_values = true)]
+        activation_code: Option<SecretArg>,
     },
     /// Log in (credentials + proof of the shared key); the session is saved in the state file.
     Login {
         /// The password (else SCM_DEVICE_PASSWORD, else standard input).
         #[arg(long, env = "SCM_DEVICE_PASSWORD", hide_env_values = true)]
-        password: Option<String>,
+        password: Option<SecretArg>,
     },
     /// Forward local connections to a tcp resource through a proxy, like `ssh -L`.
     Tunnel {
@@ -115,9 +115,26 @@ enum UpdateCommand {
     },
 }
 
-fn password(given: Option<String>) -> Result<String> {
+/// A secret given as a flag or in the environment (password, activation code): its `Debug`
+/// prints `<redacted>`, so `{:?}` of the parsed command line shows none.
+#[derive(Clone)]
+struct SecretArg(String);
+
+impl From<String> for SecretArg {
+    fn from(text: String) -> Self {
+        Self(text)
+    }
+}
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&scm_proto::redact::Redacted, f)
+    }
+}
+
+fn password(given: Option<&SecretArg>) -> Result<String> {
     if let Some(p) = given {
-        return Ok(p);
+        return Ok(p.0.clone());
     }
     let mut line = String::new();
     std::io::stdin()
@@ -181,8 +198,9 @@ async fn main() -> Result<()> {
                 app_version: app_version.clone(),
                 platform: platform.clone(),
             };
-            let pw = password(pw.clone())?;
-            let device = Device::enroll(config, user, &pw, activation_code.clone()).await?;
+            let pw = password(pw.as_ref())?;
+            let code = activation_code.as_ref().map(|c| c.0.clone());
+            let device = Device::enroll(config, user, &pw, code).await?;
             State {
                 enrollment: device.enrollment().clone(),
                 session: None,
@@ -196,7 +214,7 @@ async fn main() -> Result<()> {
         }
         Command::Login { password: pw } => {
             let (mut state, device) = load(&cli)?;
-            let session = device.login(&password(pw.clone())?).await?;
+            let session = device.login(&password(pw.as_ref())?).await?;
             state.session = Some(session.saved().clone());
             state.save(&cli.state)?;
             let s = session.saved();
@@ -304,4 +322,42 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_the_command_line_hides_secrets() {
+        for args in [
+            &[
+                "scm-device",
+                "enroll",
+                "--security-url",
+                "https://127.0.0.1:8443",
+                "--ca",
+                "ca.pem",
+                "--user",
+                "alice",
+                "--password",
+                "s3cret-Zq9",
+                "--device-id",
+                "phone",
+                "--app-id",
+                "mail",
+                "--app-version",
+                "1.0",
+                "--activation-code",
+                "c0de-Zq9",
+            ][..],
+            &["scm-device", "login", "--password", "s3cret-Zq9"][..],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            let printed = format!("{cli:?}");
+            assert!(!printed.contains("s3cret-Zq9"), "{printed}");
+            assert!(!printed.contains("c0de-Zq9"), "{printed}");
+            assert!(printed.contains("<redacted>"), "{printed}");
+        }
+    }
 }

@@ -47,6 +47,26 @@ pub struct SavedSession {
     pub absolute_expires_at: u64,
 }
 
+impl std::fmt::Debug for SavedSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The id and the key are what a thief needs: the tag names the session instead.
+        f.debug_struct("SavedSession")
+            .field("session_id", &scm_proto::redact::Redacted)
+            .field(
+                "session_tag",
+                &scm_proto::crypto::session_tag(&self.session_id),
+            )
+            .field("session_key", &scm_proto::redact::Redacted)
+            .field("user", &self.user)
+            .field("groups", &self.groups)
+            .field("site", &self.site)
+            .field("proxy_urls", &self.proxy_urls)
+            .field("idle_timeout_secs", &self.idle_timeout_secs)
+            .field("absolute_expires_at", &self.absolute_expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A live session of an enrolled device.
 #[derive(Clone)]
 pub struct Session {

@@ -11,8 +11,9 @@ use crate::device::Enrollment;
 use crate::error::DeviceError;
 use crate::session::SavedSession;
 
-/// Everything the CLI keeps between commands.
-#[derive(Clone, Serialize, Deserialize)]
+/// Everything the CLI keeps between commands. Its `Debug` shows no secret: the enrolment hides
+/// the shared key and the session its id and key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct State {
     /// The enrolment.
     pub enrollment: Enrollment,
@@ -67,6 +68,43 @@ mod tests {
     use super::*;
     use crate::device::DeviceConfig;
     use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let key = scm_proto::crypto::SharedKey::generate();
+        let id = scm_proto::crypto::SessionId::generate();
+        let session_key = scm_proto::crypto::SessionKey::generate();
+        let state = State {
+            enrollment: Enrollment {
+                config: DeviceConfig {
+                    security_urls: vec!["https://127.0.0.1:8443".into()],
+                    ca_file: "ca.pem".into(),
+                    device_id: "phone".into(),
+                    app_id: "mail".into(),
+                    app_version: "1.0".into(),
+                    platform: "android".into(),
+                },
+                username: "alice".into(),
+                key_id: "k".into(),
+                shared_key: key.to_b64(),
+            },
+            session: Some(SavedSession {
+                session_id: id.expose().to_owned(),
+                session_key: session_key.to_b64(),
+                user: "alice".into(),
+                groups: vec!["staff".into()],
+                site: "main".into(),
+                proxy_urls: vec!["127.0.0.1:9443".into()],
+                idle_timeout_secs: 900,
+                absolute_expires_at: 1,
+            }),
+        };
+        let printed = format!("{state:?}");
+        for secret in [key.to_b64(), id.expose().to_owned(), session_key.to_b64()] {
+            assert!(!printed.contains(&secret), "{printed} shows {secret}");
+        }
+        assert!(printed.contains(&id.tag().0) && printed.contains("127.0.0.1:9443"));
+    }
 
     #[test]
     fn saved_owner_only_and_round_trips() {

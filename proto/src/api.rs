@@ -3,7 +3,12 @@
 //!
 //! Every error answer has the body [`ErrorBody`] with a stable snake_case [`ErrorBody::code`].
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
+
+use crate::crypto::session_tag;
+use crate::redact::{Redacted, optional};
 
 /// Device API: enrol a (device, app) for a user with valid credentials.
 pub const PATH_ENROLL: &str = "/v1/enroll";
@@ -36,7 +41,7 @@ pub struct ErrorBody {
 }
 
 /// `POST /v1/enroll`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
     /// `user` or `user@site`.
@@ -53,7 +58,7 @@ pub struct EnrollRequest {
 }
 
 /// Answer to [`EnrollRequest`]: the only time the shared key travels, inside TLS.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct EnrollResponse {
     /// Id of the new key, sent back at every login.
     pub key_id: String,
@@ -73,7 +78,7 @@ pub struct ChallengeResponse {
 }
 
 /// `POST /v1/login`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     /// `user` or `user@site`.
@@ -97,7 +102,7 @@ pub struct LoginRequest {
 }
 
 /// Answer to [`LoginRequest`]. The session key is not in it: the device derives it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct LoginResponse {
     /// The new session's id (secret).
     pub session_id: String,
@@ -146,7 +151,7 @@ pub struct AppRelease {
 }
 
 /// `POST /v1/proxy/validate`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ValidateRequest {
     /// The session id from the device's preamble.
@@ -180,7 +185,7 @@ pub struct BindingProof {
 }
 
 /// Answer to [`ValidateRequest`] for a live session.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct ValidateResponse {
     /// Non-secret tag of the session, for the proxy's logs and revocations.
     pub session_tag: String,
@@ -270,7 +275,7 @@ pub const PATH_JWKS: &str = "/.well-known/jwks.json";
 pub const HEADER_ASSERTION: &str = "x-scm-assertion";
 
 /// `POST /v1/proxy/assertion`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AssertionRequest {
     /// The session id from the device's preamble.
@@ -290,4 +295,183 @@ pub struct AssertionResponse {
     pub expires_in: u64,
     /// Its `kid`: the JWK in the Security server's JWK Set that verifies it.
     pub kid: String,
+}
+
+// `Debug` of the messages that carry a password, a key, a MAC or a session id: those fields print
+// `<redacted>` (a session id also shows its loggable tag), everything else as derived. Fields
+// added later stay hidden until listed here (`finish_non_exhaustive`).
+
+impl fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("username", &self.username)
+            .field("password", &Redacted)
+            .field("device_id", &self.device_id)
+            .field("app_id", &self.app_id)
+            .field("activation_code", &optional(&self.activation_code))
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for EnrollResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EnrollResponse")
+            .field("key_id", &self.key_id)
+            .field("shared_key", &Redacted)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for LoginRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoginRequest")
+            .field("username", &self.username)
+            .field("password", &Redacted)
+            .field("key_id", &self.key_id)
+            .field("device_id", &self.device_id)
+            .field("app_id", &self.app_id)
+            .field("app_version", &self.app_version)
+            .field("challenge_id", &self.challenge_id)
+            .field("client_nonce", &self.client_nonce)
+            .field("mac", &Redacted)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for LoginResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoginResponse")
+            .field("session_id", &Redacted)
+            .field("session_tag", &session_tag(&self.session_id))
+            .field("user", &self.user)
+            .field("groups", &self.groups)
+            .field("site", &self.site)
+            .field("proxy_urls", &self.proxy_urls)
+            .field("idle_timeout_secs", &self.idle_timeout_secs)
+            .field("absolute_expires_at", &self.absolute_expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for ValidateRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ValidateRequest")
+            .field("session_id", &Redacted)
+            .field("session_tag", &session_tag(&self.session_id))
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for ValidateResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ValidateResponse")
+            .field("session_tag", &self.session_tag)
+            .field("user", &self.user)
+            .field("groups", &self.groups)
+            .field("session_key", &Redacted)
+            .field("app_id", &self.app_id)
+            .field("app_version", &self.app_version)
+            .field("device_id", &self.device_id)
+            .field("site", &self.site)
+            .field("idle_timeout_secs", &self.idle_timeout_secs)
+            .field("absolute_expires_at", &self.absolute_expires_at)
+            .field("allowed_resources", &self.allowed_resources)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "s3cret-Zq9";
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let printed = [
+            format!(
+                "{:?}",
+                EnrollRequest {
+                    username: "alice".into(),
+                    password: SECRET.into(),
+                    device_id: "phone".into(),
+                    app_id: "mail".into(),
+                    activation_code: Some(format!("{SECRET}-code")),
+                }
+            ),
+            format!(
+                "{:?}",
+                EnrollResponse {
+                    key_id: "k_1".into(),
+                    shared_key: SECRET.into(),
+                }
+            ),
+            format!(
+                "{:?}",
+                LoginRequest {
+                    username: "alice".into(),
+                    password: SECRET.into(),
+                    key_id: "k_1".into(),
+                    device_id: "phone".into(),
+                    app_id: "mail".into(),
+                    app_version: "1.0".into(),
+                    challenge_id: "c".into(),
+                    client_nonce: "bm9uY2U=".into(),
+                    mac: format!("{SECRET}-mac"),
+                }
+            ),
+            format!(
+                "{:?}",
+                LoginResponse {
+                    session_id: SECRET.into(),
+                    user: "alice".into(),
+                    groups: vec!["staff".into()],
+                    site: "main".into(),
+                    proxy_urls: vec!["proxy:8443".into()],
+                    idle_timeout_secs: 60,
+                    absolute_expires_at: 1,
+                }
+            ),
+            format!(
+                "{:?}",
+                ValidateRequest {
+                    session_id: SECRET.into(),
+                    binding: None,
+                }
+            ),
+            format!(
+                "{:?}",
+                ValidateResponse {
+                    session_tag: "tag".into(),
+                    user: "alice".into(),
+                    groups: vec![],
+                    session_key: SECRET.into(),
+                    app_id: "mail".into(),
+                    app_version: "1.0".into(),
+                    device_id: "phone".into(),
+                    site: "main".into(),
+                    idle_timeout_secs: 60,
+                    absolute_expires_at: 1,
+                    allowed_resources: vec![],
+                }
+            ),
+        ];
+        for p in &printed {
+            assert!(!p.contains(SECRET), "{p}");
+            assert!(p.contains("<redacted>"), "{p}");
+        }
+        // What is not secret stays visible.
+        assert!(printed[0].contains("alice") && printed[2].contains("k_1"));
+        assert!(printed[3].contains(&session_tag(SECRET).0));
+    }
+}
+
+impl fmt::Debug for AssertionRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AssertionRequest")
+            .field("session_id", &Redacted)
+            .field("session_tag", &session_tag(&self.session_id))
+            .field("resource", &self.resource)
+            .finish_non_exhaustive()
+    }
 }

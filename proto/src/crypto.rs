@@ -273,7 +273,7 @@ pub fn derive_session_key(
 
 /// What the channel-binding MAC covers: the TLS exporter of the connection the preamble travels on
 /// and every field of the preamble, so nothing in it can be swapped.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BindingTranscript<'a> {
     /// `export_keying_material(BINDING_EXPORTER_LABEL, None)` of this TLS connection.
     pub exporter: &'a [u8],
@@ -308,6 +308,21 @@ pub fn binding_mac(key: &SessionKey, t: &BindingTranscript<'_>) -> MacBytes {
 /// Checks a binding MAC in constant time.
 pub fn verify_binding_mac(key: &SessionKey, t: &BindingTranscript<'_>, mac: &[u8]) -> bool {
     ct_eq(&binding_mac(key, t), mac)
+}
+
+impl fmt::Debug for BindingTranscript<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The session id is secret: its tag names the session instead.
+        f.debug_struct("BindingTranscript")
+            .field("exporter", &hex::encode(self.exporter))
+            .field("session_id", &crate::redact::Redacted)
+            .field("session_tag", &session_tag(self.session_id))
+            .field("app_id", &self.app_id)
+            .field("app_version", &self.app_version)
+            .field("device_id", &self.device_id)
+            .field("resource", &self.resource)
+            .finish()
+    }
 }
 
 #[cfg(test)]
@@ -414,6 +429,25 @@ mod tests {
         assert!(!format!("{a:?}").contains(a.expose()));
         assert_eq!(a.tag(), session_tag(a.expose()));
         assert_eq!(a.tag().0.len(), 32);
+    }
+
+    #[test]
+    fn binding_transcript_debug_hides_the_session_id() {
+        let sid = SessionId::generate();
+        let t = BindingTranscript {
+            exporter: &[1; 32],
+            session_id: sid.expose(),
+            app_id: "mail",
+            app_version: "1.0",
+            device_id: "phone",
+            resource: "intranet",
+        };
+        let printed = format!("{t:?}");
+        assert!(!printed.contains(sid.expose()), "{printed}");
+        assert!(printed.contains(&sid.tag().0) && printed.contains("intranet"));
+        let k = SessionKey::generate();
+        assert!(!format!("{k:?}").contains(&hex::encode(k.as_bytes())));
+        assert!(!format!("{k:?}").contains(&k.to_b64()));
     }
 
     #[test]

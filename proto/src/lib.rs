@@ -6,6 +6,7 @@
 //! - [`api`]: the JSON messages of the device API and the proxies' API on the Security server.
 //! - [`version`]: app version ordering used by the update and minimum-version policy.
 //! - [`failover`]: preferred order with failback over a list of Security servers.
+//! - [`redact`]: what `Debug` prints in place of a secret.
 //!
 //! `docs/protocol.md` describes the same contract in prose.
 
@@ -13,6 +14,7 @@ pub mod api;
 pub mod crypto;
 pub mod failover;
 pub mod preamble;
+pub mod redact;
 pub mod version;
 
 /// The TLS exporter label whose output the channel-binding MAC covers (RFC 8446 §7.5).

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 pub const ADMIN_PREFIX: &str = "/v1/admin";
 
 /// `POST /v1/admin/users`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
     /// User name.
@@ -22,7 +22,7 @@ pub struct NewUser {
 }
 
 /// `PATCH /v1/admin/users/{name}`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUser {
     /// New groups (local users).
@@ -45,7 +45,7 @@ pub struct ActivationCodeRequest {
 }
 
 /// An issued activation code (shown once).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct ActivationCode {
     /// User it is for.
     pub user: String,
@@ -137,4 +137,37 @@ pub struct ResourceBody {
 pub struct SiteBody {
     /// Proxies, host:port.
     pub proxy_urls: Vec<String>,
+}
+
+// The bodies that carry a password or an activation code print `<redacted>` in their place.
+
+impl std::fmt::Debug for NewUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewUser")
+            .field("name", &self.name)
+            .field("password", &scm_proto::redact::Redacted)
+            .field("groups", &self.groups)
+            .field("site", &self.site)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for UpdateUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpdateUser")
+            .field("groups", &self.groups)
+            .field("site", &self.site)
+            .field("password", &scm_proto::redact::optional(&self.password))
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ActivationCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActivationCode")
+            .field("user", &self.user)
+            .field("code", &scm_proto::redact::Redacted)
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }

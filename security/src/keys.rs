@@ -40,7 +40,7 @@ impl std::fmt::Debug for MasterKey {
 }
 
 /// A sealed shared key as stored: random nonce followed by ciphertext and tag.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Sealed(pub Vec<u8>);
 
 impl MasterKey {
@@ -239,6 +239,18 @@ pub fn read_token_file(path: &Path) -> Result<String, Error> {
         )));
     }
     Ok(token)
+}
+
+impl std::fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Only the length: the bytes are the shared key under the master key.
+        write!(
+            f,
+            "Sealed({} bytes, {})",
+            self.0.len(),
+            scm_proto::redact::REDACTED
+        )
+    }
 }
 
 #[cfg(test)]

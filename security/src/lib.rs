@@ -22,3 +22,8 @@ pub mod server;
 pub mod sessions;
 pub mod store;
 pub mod tls;
+
+#[cfg(test)]
+mod contract_tests;
+#[cfg(test)]
+mod redaction_tests;

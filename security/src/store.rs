@@ -34,7 +34,7 @@ pub struct Store {
 }
 
 /// A user of the directory.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRow {
     /// User name (without `@site`).
     pub name: String,
@@ -54,7 +54,7 @@ pub struct UserRow {
 }
 
 /// An enrolled (user, device, app) key; the key itself stays sealed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct KeyRow {
     /// Key id.
     pub key_id: String,
@@ -1079,6 +1079,40 @@ pub fn check_host_port(what: &str, text: &str) -> Result<(), Error> {
         return Err(bad());
     }
     Ok(())
+}
+
+// The password hash and the sealed key never reach a log through `{:?}`: an argon2 hash invites an
+// offline guessing attack, and a sealed key is one master-key leak away from the shared key.
+
+impl std::fmt::Debug for UserRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserRow")
+            .field("name", &self.name)
+            .field("source", &self.source)
+            .field(
+                "password_hash",
+                &scm_proto::redact::optional(&self.password_hash),
+            )
+            .field("ldap_dn", &self.ldap_dn)
+            .field("groups", &self.groups)
+            .field("site", &self.site)
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for KeyRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRow")
+            .field("key_id", &self.key_id)
+            .field("user_name", &self.user_name)
+            .field("device_id", &self.device_id)
+            .field("app_id", &self.app_id)
+            .field("sealed_key", &scm_proto::redact::Redacted)
+            .field("created_at", &self.created_at)
+            .field("revoked_at", &self.revoked_at)
+            .finish_non_exhaustive()
+    }
 }
 
 #[cfg(test)]

@@ -18,5 +18,8 @@ pub mod security_client;
 pub mod server;
 pub mod tls;
 
+#[cfg(test)]
+mod redaction_tests;
+
 pub use config::ServeArgs;
 pub use server::{ServeError, run, serve};
