@@ -380,6 +380,16 @@ impl fmt::Debug for ValidateResponse {
     }
 }
 
+impl fmt::Debug for AssertionRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AssertionRequest")
+            .field("session_id", &Redacted)
+            .field("session_tag", &session_tag(&self.session_id))
+            .field("resource", &self.resource)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -463,15 +473,5 @@ mod tests {
         // What is not secret stays visible.
         assert!(printed[0].contains("alice") && printed[2].contains("k_1"));
         assert!(printed[3].contains(&session_tag(SECRET).0));
-    }
-}
-
-impl fmt::Debug for AssertionRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AssertionRequest")
-            .field("session_id", &Redacted)
-            .field("session_tag", &session_tag(&self.session_id))
-            .field("resource", &self.resource)
-            .finish_non_exhaustive()
     }
 }
