@@ -36,6 +36,7 @@ fn session_state_hides_key_and_id() {
             "{:?}",
             ValidateRequest {
                 session_id: id.expose().to_owned(),
+                binding: None,
             }
         ),
     ];
