@@ -158,13 +158,20 @@ async fn an_open_tunnel_is_cut_at_the_absolute_expiry_with_no_security_server() 
         at >= Duration::from_secs(3) && at < Duration::from_secs(7),
         "{at:?}"
     );
-    assert!(
-        stack
-            .proxy_log()
-            .contains("closed: the session reached its absolute expiry"),
-        "{}",
-        stack.proxy_log()
-    );
+    // The close reaches the device before the proxy's log line is written: wait for the line.
+    let logged = async {
+        for _ in 0..50 {
+            if stack
+                .proxy_log()
+                .contains("closed: the session reached its absolute expiry")
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    };
+    assert!(logged.await, "{}", stack.proxy_log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
