@@ -172,23 +172,14 @@ impl Sessions {
 
     /// Looks a session up by its id text, counting it as activity.
     pub fn validate(&self, id_text: &str) -> Result<Arc<Session>, Lookup> {
-        let id = SessionId::parse(id_text).ok_or(Lookup::Unknown)?;
-        let now = now_ms();
-        let s = {
-            let map = self.map.read().unwrap_or_else(|e| e.into_inner());
-            map.get(&id).cloned().ok_or(Lookup::Unknown)?
-        };
-        if self.expired(&s, now) {
-            self.end(id_text, "expired");
-            return Err(Lookup::Expired);
-        }
-        s.last_seen_ms.fetch_max(now, Ordering::Relaxed);
+        let s = self.peek(id_text)?;
+        s.last_seen_ms.fetch_max(now_ms(), Ordering::Relaxed);
         Ok(s)
     }
 
-    /// Looks a session up by its id text WITHOUT counting it as activity: forward-auth asks who
-    /// a bearer token is on a reverse proxy's behalf, and that must not keep a session alive
-    /// past its idle timeout (only the device's own logins and validations do).
+    /// Looks a session up by its id text WITHOUT counting it as activity (ending it if it has
+    /// expired): forward-auth and assertions ask on behalf of requests that must not keep a
+    /// session alive past its idle timeout; only the device's own logins and validations do.
     pub fn peek(&self, id_text: &str) -> Result<Arc<Session>, Lookup> {
         let id = SessionId::parse(id_text).ok_or(Lookup::Unknown)?;
         let s = {
@@ -211,20 +202,11 @@ impl Sessions {
         id_text: &str,
         proof_holds: impl FnOnce(&Session) -> bool,
     ) -> Result<Option<Arc<Session>>, Lookup> {
-        let id = SessionId::parse(id_text).ok_or(Lookup::Unknown)?;
-        let now = now_ms();
-        let s = {
-            let map = self.map.read().unwrap_or_else(|e| e.into_inner());
-            map.get(&id).cloned().ok_or(Lookup::Unknown)?
-        };
-        if self.expired(&s, now) {
-            self.end(id_text, "expired");
-            return Err(Lookup::Expired);
-        }
+        let s = self.peek(id_text)?;
         if !proof_holds(&s) {
             return Ok(None);
         }
-        s.last_seen_ms.fetch_max(now, Ordering::Relaxed);
+        s.last_seen_ms.fetch_max(now_ms(), Ordering::Relaxed);
         Ok(Some(s))
     }
 

@@ -414,7 +414,11 @@ pub fn skip(what: &str, why: &str) {
     if ci() {
         panic!("{what} is required when CI=true: {why}");
     }
-    eprintln!("SKIPPED ({what} unavailable): {why}");
+    // The real stderr: libtest captures eprintln! of a passing test, which would hide the skip.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("SKIPPED ({what} unavailable): {why}\n").as_bytes(),
+    );
 }
 
 /// A free loopback port (bound then released).
