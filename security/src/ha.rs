@@ -110,7 +110,8 @@ pub async fn observe(store: &Store) -> Result<Observation, Error> {
 }
 
 impl HaStatus {
-    fn record(&self, o: &Observation) {
+    /// Records one whole observation (every gauge, not only the role).
+    pub(crate) fn record(&self, o: &Observation) {
         self.read_only
             .store(i64::from(o.read_only), Ordering::Relaxed);
         self.standbys.store(o.standbys, Ordering::Relaxed);

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -432,10 +431,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     }
     // The first look is synchronous so that metrics are right from the start.
     match crate::ha::observe(&state.store).await {
-        Ok(o) => state
-            .ha
-            .read_only
-            .store(i64::from(o.read_only), Ordering::Relaxed),
+        Ok(o) => state.ha.record(&o),
         Err(e) => tracing::warn!(error = %e, "database role check failed"),
     }
     tasks.spawn(crate::ha::watcher(
