@@ -14,6 +14,7 @@ mod ldap_tests;
 mod pg;
 mod proxy_mtls;
 mod replication;
+mod schema;
 mod support;
 
 /// Runs an `async fn(Db)` case once on SQLite and once on PostgreSQL.
