@@ -67,6 +67,14 @@ impl std::fmt::Debug for SavedSession {
     }
 }
 
+impl Device {
+    /// Logs in (see [`Session::login`]). Defined here rather than in `device.rs` so that the
+    /// device module does not depend on the session module that depends on it.
+    pub async fn login(&self, password: &str) -> Result<Session, DeviceError> {
+        Session::login(self, password).await
+    }
+}
+
 /// A live session of an enrolled device.
 #[derive(Clone)]
 pub struct Session {
