@@ -45,7 +45,7 @@ pub struct Head {
     pub body: BodyKind,
 }
 
-/// Most header lines accepted in a response head.
+/// Most header lines accepted in a response head (nginx and the bulk server send under ten).
 const MAX_HEADERS: usize = 64;
 
 /// Parses a response head at the start of `buf` (with `httparse`); `None` if the blank line has
@@ -54,9 +54,11 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     let len = match response.parse(buf).map_err(HttpError::Head)? {
-        httparse::Status::Complete(len) if len <= MAX_HEAD => len,
-        httparse::Status::Partial if buf.len() <= MAX_HEAD => return Ok(None),
-        _ => return Err(HttpError::Malformed("head too large")),
+        httparse::Status::Complete(len) => len,
+        httparse::Status::Partial if buf.len() > MAX_HEAD => {
+            return Err(HttpError::Malformed("head too large"));
+        }
+        httparse::Status::Partial => return Ok(None),
     };
     let status = response
         .code
@@ -240,6 +242,28 @@ mod tests {
         assert!(parse_head(b"SSH-2.0 x\r\n\r\n").is_err());
         assert!(parse_head(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
         assert!(parse_head(&[b'x'; MAX_HEAD + 1]).is_err());
+    }
+
+    #[test]
+    fn limits_and_httparse_refusals() {
+        let mut long = b"HTTP/1.1 200 OK\r\nX-Pad: ".to_vec();
+        long.resize(MAX_HEAD + 1, b'a');
+        assert!(matches!(
+            parse_head(&long),
+            Err(HttpError::Malformed("head too large"))
+        ));
+        assert!(matches!(
+            parse_head(b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n"),
+            Err(HttpError::Head(_))
+        ));
+        let many = format!(
+            "HTTP/1.1 200 OK\r\n{}Content-Length: 0\r\n\r\n",
+            "X: y\r\n".repeat(MAX_HEADERS)
+        );
+        assert!(matches!(
+            parse_head(many.as_bytes()),
+            Err(HttpError::Head(httparse::Error::TooManyHeaders))
+        ));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! which procfs 0.18 has no parser for and which the bench reads with `cat` inside the namespace
 //! under test (that file is per network namespace), so it is parsed here from that text.
 
-use procfs::{Current as _, FromRead as _};
 use procfs::process::{Process, SmapsRollup, Stat};
+use procfs::{Current as _, FromRead as _};
 use serde::{Deserialize, Serialize};
 
 /// A /proc file that could not be read or parsed.
