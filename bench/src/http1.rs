@@ -1,5 +1,6 @@
 //! The client half of HTTP/1.1 keep-alive, as small as the benchmark needs: write a request, read
-//! the response head, skip a `Content-Length` or chunked body. Parsing is pure and unit-tested.
+//! the response head (parsed by `httparse`), skip a `Content-Length` or chunked body. Parsing is
+//! pure and unit-tested.
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
@@ -19,6 +20,9 @@ pub enum HttpError {
     /// The response is not HTTP/1.1 as expected.
     #[error("malformed response: {0}")]
     Malformed(&'static str),
+    /// The response head does not parse as HTTP/1.x.
+    #[error("malformed response head: {0}")]
+    Head(httparse::Error),
 }
 
 /// How the body of a response ends.
@@ -41,38 +45,35 @@ pub struct Head {
     pub body: BodyKind,
 }
 
-/// Parses a response head at the start of `buf`; `None` if the blank line has not arrived yet.
+/// Most header lines accepted in a response head (nginx and the bulk server send under ten).
+const MAX_HEADERS: usize = 64;
+
+/// Parses a response head at the start of `buf` (with `httparse`); `None` if the blank line has
+/// not arrived yet.
 pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-        if buf.len() > MAX_HEAD {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut headers);
+    let len = match response.parse(buf).map_err(HttpError::Head)? {
+        httparse::Status::Complete(len) => len,
+        httparse::Status::Partial if buf.len() > MAX_HEAD => {
             return Err(HttpError::Malformed("head too large"));
         }
-        return Ok(None);
+        httparse::Status::Partial => return Ok(None),
     };
-    let text =
-        std::str::from_utf8(&buf[..end]).map_err(|_| HttpError::Malformed("head not UTF-8"))?;
-    let mut lines = text.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    if !parts.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
-        return Err(HttpError::Malformed("no HTTP/1.x status line"));
-    }
-    let status = parts
-        .next()
-        .and_then(|s| s.parse::<u16>().ok())
+    let status = response
+        .code
         .ok_or(HttpError::Malformed("bad status code"))?;
     let mut body = None;
-    for line in lines {
-        let (name, value) = line
-            .split_once(':')
-            .ok_or(HttpError::Malformed("header without ':'"))?;
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
+    for h in response.headers.iter() {
+        let value = std::str::from_utf8(h.value)
+            .map_err(|_| HttpError::Malformed("header value not UTF-8"))?
+            .trim();
+        if h.name.eq_ignore_ascii_case("content-length") {
             let n = value
                 .parse()
                 .map_err(|_| HttpError::Malformed("bad content-length"))?;
             body.get_or_insert(BodyKind::Length(n));
-        } else if name.eq_ignore_ascii_case("transfer-encoding")
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding")
             && value.eq_ignore_ascii_case("chunked")
         {
             body = Some(BodyKind::Chunked);
@@ -85,11 +86,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
         (_, Some(b)) => b,
         (_, None) => return Err(HttpError::Malformed("response without a framed body")),
     };
-    Ok(Some(Head {
-        status,
-        len: end + 4,
-        body,
-    }))
+    Ok(Some(Head { status, len, body }))
 }
 
 /// Parses a chunk-size line (without its CRLF), ignoring chunk extensions.
@@ -245,6 +242,28 @@ mod tests {
         assert!(parse_head(b"SSH-2.0 x\r\n\r\n").is_err());
         assert!(parse_head(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
         assert!(parse_head(&[b'x'; MAX_HEAD + 1]).is_err());
+    }
+
+    #[test]
+    fn limits_and_httparse_refusals() {
+        let mut long = b"HTTP/1.1 200 OK\r\nX-Pad: ".to_vec();
+        long.resize(MAX_HEAD + 1, b'a');
+        assert!(matches!(
+            parse_head(&long),
+            Err(HttpError::Malformed("head too large"))
+        ));
+        assert!(matches!(
+            parse_head(b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n"),
+            Err(HttpError::Head(_))
+        ));
+        let many = format!(
+            "HTTP/1.1 200 OK\r\n{}Content-Length: 0\r\n\r\n",
+            "X: y\r\n".repeat(MAX_HEADERS)
+        );
+        assert!(matches!(
+            parse_head(many.as_bytes()),
+            Err(HttpError::Head(httparse::Error::TooManyHeaders))
+        ));
     }
 
     #[test]

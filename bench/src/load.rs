@@ -15,7 +15,7 @@ use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
 use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider, kx_group};
 use rustls_pki_types::ServerName;
-use scm_proto::crypto::{BindingTranscript, SessionKey, binding_mac};
+use scm_proto::crypto::SessionKey;
 use scm_proto::preamble::{Preamble, REPLY_HEADER_LEN, Reply, Status};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -298,25 +298,15 @@ impl Client {
                 scm_proto::BINDING_EXPORTER_LABEL,
                 None,
             )?;
-            let mac = binding_mac(
-                key,
-                &BindingTranscript {
-                    exporter: &exporter,
-                    session_id: &creds.session_id,
-                    app_id: &creds.app_id,
-                    app_version: &creds.app_version,
-                    device_id: &creds.device_id,
-                    resource,
-                },
-            );
             let frame = Preamble {
                 session_id: creds.session_id.clone(),
                 app_id: creds.app_id.clone(),
                 app_version: creds.app_version.clone(),
                 device_id: creds.device_id.clone(),
                 resource: resource.clone(),
-                mac,
+                mac: [0; 32],
             }
+            .signed(key, &exporter)
             .encode()
             .map_err(|e| LoadError::Spec(e.to_string()))?;
             tls.write_all(&frame).await?;

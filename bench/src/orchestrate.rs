@@ -483,10 +483,7 @@ fn meta(args: &RunArgs) -> Meta {
     Meta {
         date: command_text(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M:%S UTC"])),
         quick: args.quick,
-        cpu_model: procfs::parse_cpu_model(
-            &fs::read_to_string("/proc/cpuinfo").unwrap_or_default(),
-        )
-        .unwrap_or_else(|| "unknown".into()),
+        cpu_model: procfs::cpu_model().unwrap_or_else(|| "unknown".into()),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         kernel: command_text(Command::new("uname").arg("-r")),
         nginx: command_text(Command::new("nginx").arg("-v")),
@@ -754,79 +751,9 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
         meta: meta(args),
         ..Report::default()
     };
-    let exe = std::env::current_exe()?;
-    let certs = sut::make_certs(work)?;
-    let topo = Topology::create()?;
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
-            .expect("constant template")
-            .progress_chars("=> "),
-    );
-    let mut bench = Bench {
-        topo,
-        exe: exe.clone(),
-        certs,
-        p,
-        bar,
-        notes: Vec::new(),
-        perf_out: args.perf.then(|| args.out.clone()),
-    };
-
-    // Back ends (CPU 1): nginx serving /1k and the bulk server.
-    fs::write(work.join("1k.bin"), vec![b'x'; 1024])?;
-    let be_dir = work.join("backend");
-    fs::create_dir_all(&be_dir)?;
-    fs::write(work.join("1k.bin"), vec![b'x'; 1024])?;
-    fs::copy(work.join("1k.bin"), be_dir.join("1k.bin"))?;
-    fs::write(be_dir.join("nginx.conf"), sut::nginx_backend_conf(&be_dir))?;
-    let mut be_http = Proc::spawn(
-        "back-end nginx",
-        bench
-            .topo
-            .pinned(&bench.topo.be, "1", "nginx")
-            .args(["-p", &be_dir.to_string_lossy(), "-c"])
-            .arg(be_dir.join("nginx.conf")),
-        work.join("backend-nginx.log"),
-    )?;
-    wait_listening(
-        &bench.topo.be,
-        port::BACKEND_HTTP,
-        &mut be_http,
-        Duration::from_secs(10),
-    )?;
-    let mut be_bulk = Proc::spawn(
-        "bulk back end",
-        bench
-            .topo
-            .pinned(&bench.topo.be, "1", &exe.to_string_lossy())
-            .args([
-                "backend",
-                "--listen",
-                &format!("{BE_ADDR}:{}", port::BACKEND_BULK),
-            ]),
-        work.join("backend-bulk.log"),
-    )?;
-    wait_listening(
-        &bench.topo.be,
-        port::BACKEND_BULK,
-        &mut be_bulk,
-        Duration::from_secs(10),
-    )?;
-
-    // The Security server and a logged-in device, when the scm binaries are there.
-    let scm_env = match &args.scm_bin_dir {
-        Some(dir) => {
-            let r = scm::Security::start(&bench.topo, dir, work);
-            note_err(&mut bench, "starting scm-security", r)
-        }
-        None => {
-            bench
-                .notes
-                .push("scm not measured: no --scm-bin-dir given".into());
-            None
-        }
-    };
+    let mut bench = Bench::new(args, p, work)?;
+    let backends = Backends::start(&bench, work)?;
+    let scm_env = start_security(&mut bench, args, work);
     let auth = scm_env.as_ref().and_then(|s| s.nginx_auth());
     if scm_env.is_some() && auth.is_none() {
         bench.notes.push(
@@ -834,26 +761,188 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
                 .into(),
         );
     }
-
-    // Plan: progress bar length.
-    let nginx_http_systems = if auth.is_some() { 3 } else { 1 };
-    let rates_n = bench.p.rate_fractions.len() as u64;
-    let cached_connects = if auth.is_some() { 2 } else { 0 };
-    let steps = 3 // ceilings: aes, ecdsa, raw TCP
-        + nginx_http_systems + 1 + rates_n * 2 // nginx max (http systems, stream), rates
-        + 2 + 2 + cached_connects + 1 + 1 // nginx bulk, connects, idle, wrk
-        + if scm_env.is_some() { 2 + rates_n * 2 + 2 + 2 + 1 + 3 } else { 0 };
-    bench.bar.set_length(steps);
+    plan_progress(&bench, auth.is_some(), scm_env.is_some());
 
     let r = ceilings(&mut bench, &mut report);
     note_err(&mut bench, "machine ceilings", r);
 
-    // nginx on CPU 0.
+    let nginx = measure_nginx(
+        &mut bench,
+        work,
+        scm_env.as_ref(),
+        auth.as_ref(),
+        &mut report,
+    )?;
+    let scm = match (&scm_env, &args.scm_bin_dir) {
+        (Some(sec), Some(dir)) => measure_scm(&mut bench, dir, work, sec, &nginx),
+        _ => ScmFigures::default(),
+    };
+    bench.bar.finish_and_clear();
+
+    let mib = bench.p.bulk_bytes >> 20;
+    let rows = &mut report.rows;
+    rows_figure1(rows, &nginx, &scm);
+    rows_bulk(rows, &nginx, &scm, mib);
+    rows_steering(rows, &nginx, &scm, mib);
+    rows_connects(rows, &nginx, &scm);
+    rows_idle(rows, &nginx, &scm, bench.p.idle_connections);
+    curves(&mut report.curves, &nginx, &scm);
+    utilisation_notes(&mut bench.notes, &nginx, &scm);
+    report.meta.notes = std::mem::take(&mut bench.notes);
+    // The back ends stop before the Security server (dropped after them) and the namespaces.
+    drop(backends);
+    Ok(report)
+}
+
+impl Bench {
+    /// The run's fixed parts: this binary (re-run in the namespaces), the certificates, the
+    /// namespaces and the progress bar.
+    fn new(args: &RunArgs, p: Params, work: &Path) -> Result<Self> {
+        let exe = std::env::current_exe()?;
+        let certs = sut::make_certs(work)?;
+        let topo = Topology::create()?;
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+                .expect("constant template")
+                .progress_chars("=> "),
+        );
+        Ok(Self {
+            topo,
+            exe,
+            certs,
+            p,
+            bar,
+            notes: Vec::new(),
+            perf_out: args.perf.then(|| args.out.clone()),
+        })
+    }
+}
+
+/// The back ends, on CPU 1: nginx serving /1k and the bulk server. Stopped on drop (the bulk
+/// server first).
+struct Backends {
+    _bulk: Proc,
+    _http: Proc,
+}
+
+impl Backends {
+    fn start(bench: &Bench, work: &Path) -> Result<Self> {
+        let be_dir = work.join("backend");
+        fs::create_dir_all(&be_dir)?;
+        fs::write(work.join("1k.bin"), vec![b'x'; 1024])?;
+        fs::copy(work.join("1k.bin"), be_dir.join("1k.bin"))?;
+        fs::write(be_dir.join("nginx.conf"), sut::nginx_backend_conf(&be_dir))?;
+        let mut http = Proc::spawn(
+            "back-end nginx",
+            bench
+                .topo
+                .pinned(&bench.topo.be, "1", "nginx")
+                .args(["-p", &be_dir.to_string_lossy(), "-c"])
+                .arg(be_dir.join("nginx.conf")),
+            work.join("backend-nginx.log"),
+        )?;
+        wait_listening(
+            &bench.topo.be,
+            port::BACKEND_HTTP,
+            &mut http,
+            Duration::from_secs(10),
+        )?;
+        let mut bulk = Proc::spawn(
+            "bulk back end",
+            bench
+                .topo
+                .pinned(&bench.topo.be, "1", &bench.exe.to_string_lossy())
+                .args([
+                    "backend",
+                    "--listen",
+                    &format!("{BE_ADDR}:{}", port::BACKEND_BULK),
+                ]),
+            work.join("backend-bulk.log"),
+        )?;
+        wait_listening(
+            &bench.topo.be,
+            port::BACKEND_BULK,
+            &mut bulk,
+            Duration::from_secs(10),
+        )?;
+        Ok(Self {
+            _bulk: bulk,
+            _http: http,
+        })
+    }
+}
+
+/// The Security server and a logged-in device, when the scm binaries are there; a failure is a
+/// note in the report (the nginx columns are still measured).
+fn start_security(bench: &mut Bench, args: &RunArgs, work: &Path) -> Option<scm::Security> {
+    match &args.scm_bin_dir {
+        Some(dir) => {
+            let r = scm::Security::start(&bench.topo, dir, work);
+            note_err(bench, "starting scm-security", r)
+        }
+        None => {
+            bench
+                .notes
+                .push("scm not measured: no --scm-bin-dir given".into());
+            None
+        }
+    }
+}
+
+/// Sets the progress bar's length to the number of steps this run will take.
+fn plan_progress(bench: &Bench, nginx_auth: bool, scm: bool) {
+    let nginx_http_systems = if nginx_auth { 3 } else { 1 };
+    let rates_n = bench.p.rate_fractions.len() as u64;
+    let cached_connects = if nginx_auth { 2 } else { 0 };
+    let steps = 3 // ceilings: aes, ecdsa, raw TCP
+        + nginx_http_systems + 1 + rates_n * 2 // nginx max (http systems, stream), rates
+        + 2 + 2 + cached_connects + 1 + 1 // nginx bulk, connects, idle, wrk
+        + if scm { 2 + rates_n * 2 + 2 + 2 + 1 + 3 } else { 0 };
+    bench.bar.set_length(steps);
+}
+
+/// Figure 1's offered rates: fractions of a measured max.
+fn offered_rates(p: &Params, max: Option<&Measured>) -> Vec<(f64, f64)> {
+    max.map(|m| {
+        p.rate_fractions
+            .iter()
+            .map(|f| (*f, (m.load.per_sec * f).round()))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// What nginx (the peer) measured, and the targets the scm rows are compared with.
+struct NginxFigures {
+    /// The http peer of scm-proxy's http mode (with auth_request when scm-security offers it).
+    http_peer: Target,
+    http: SystemFigures,
+    /// (fraction, rate) of figure 1, from `http`'s max; scm-proxy http is offered the same.
+    http_rates: Vec<(f64, f64)>,
+    /// auth_request with nginx's cache, when auth_request is measured.
+    cached: Option<(Target, SystemFigures)>,
+    /// nginx without auth, beside the auth_request peer.
+    plain: Option<(String, SystemFigures)>,
+    /// The stream (TCP) peer of scm-proxy's tunnel.
+    stream: Target,
+    stream_fig: SystemFigures,
+    stream_rates: Vec<(f64, f64)>,
+}
+
+/// nginx under test, on CPU 0: every figure for its http and stream listeners.
+fn measure_nginx(
+    bench: &mut Bench,
+    work: &Path,
+    scm_env: Option<&scm::Security>,
+    auth: Option<&sut::AuthUpstream>,
+    report: &mut Report,
+) -> Result<NginxFigures> {
     let ng_dir = work.join("nginx");
     fs::create_dir_all(&ng_dir)?;
     fs::write(
         ng_dir.join("nginx.conf"),
-        sut::nginx_sut_conf(&ng_dir, &bench.certs, auth.as_ref()),
+        sut::nginx_sut_conf(&ng_dir, &bench.certs, auth),
     )?;
     let mut nginx = Proc::spawn(
         "nginx under test",
@@ -871,9 +960,7 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
         Duration::from_secs(10),
     )?;
     let npid = nginx.pid();
-    let bearer = scm_env
-        .as_ref()
-        .map(|s| format!("Bearer {}", s.session_id()));
+    let bearer = scm_env.map(|s| format!("Bearer {}", s.session_id()));
     let target = |name: &str, port: u16, auth: bool| Target {
         name: name.into(),
         port,
@@ -902,273 +989,309 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
         bulk_proto: None,
         ..target("nginx stream", port::NGINX_STREAM_HTTP, false)
     };
-    let stream_bulk = Target {
-        port: port::NGINX_STREAM_BULK,
-        ..stream.clone()
-    };
 
-    // Figure 1's rates come from nginx's max.
-    let r = bench.max(&http_peer);
-    let http_max = note_err(&mut bench, "nginx http max", r);
-    let http_rates: Vec<(f64, f64)> = http_max
-        .as_ref()
-        .map(|m| {
-            bench
-                .p
-                .rate_fractions
-                .iter()
-                .map(|f| (*f, (m.load.per_sec * f).round()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut http_fig = SystemFigures {
+    let (http, http_rates) = measure_nginx_http(bench, &http_peer, report);
+    let cached = http_cached.map(|t| {
+        let f = measure_system(bench, &t, None, false, true, false);
+        (t, f)
+    });
+    let plain = auth.is_some().then(|| {
+        let f = measure_system(bench, &plain, None, false, false, false);
+        (plain.name, f)
+    });
+    let (stream_fig, stream_rates) = measure_nginx_stream(bench, &stream);
+    drop(nginx);
+    Ok(NginxFigures {
+        http_peer,
+        http,
+        http_rates,
+        cached,
+        plain,
+        stream,
+        stream_fig,
+        stream_rates,
+    })
+}
+
+/// nginx's http peer: its max (which sets figure 1's rates), wrk's cross-check of that max,
+/// the rates, and new connections.
+fn measure_nginx_http(
+    bench: &mut Bench,
+    http_peer: &Target,
+    report: &mut Report,
+) -> (SystemFigures, Vec<(f64, f64)>) {
+    let r = bench.max(http_peer);
+    let http_max = note_err(bench, "nginx http max", r);
+    let http_rates = offered_rates(&bench.p, http_max.as_ref());
+    let mut fig = SystemFigures {
         max: http_max,
         ..SystemFigures::default()
     };
     // Cross-check nginx's max with wrk (OpenSSL client, same connections, duration and CPU),
     // right after our own measurement so both see the same machine.
-    let r = wrk_cross_check(&bench, &http_peer, http_fig.max.as_ref());
-    if let Some(c) = note_err(&mut bench, "wrk cross-check", r) {
+    let r = wrk_cross_check(bench, http_peer, fig.max.as_ref());
+    if let Some(c) = note_err(bench, "wrk cross-check", r) {
         report.cross_checks.push(c);
     }
     for &(_, rate) in &http_rates {
-        let r = bench.at_rate(&http_peer, rate);
-        if let Some(m) = note_err(&mut bench, &format!("{}: rate", http_peer.name), r) {
-            http_fig.rates.insert(rate as u64, m);
+        let r = bench.at_rate(http_peer, rate);
+        if let Some(m) = note_err(bench, &format!("{}: rate", http_peer.name), r) {
+            fig.rates.insert(rate as u64, m);
         }
     }
-    let r = bench.connects(&http_peer, false);
-    http_fig.connect_full = note_err(&mut bench, "nginx connect", r);
-    let r = bench.connects(&http_peer, true);
-    http_fig.connect_resumed = note_err(&mut bench, "nginx connect resumed", r);
-    let cached_fig = http_cached
-        .as_ref()
-        .map(|t| measure_system(&mut bench, t, None, false, true, false));
-    let plain_fig =
-        (auth.is_some()).then(|| measure_system(&mut bench, &plain, None, false, false, false));
+    let r = bench.connects(http_peer, false);
+    fig.connect_full = note_err(bench, "nginx connect", r);
+    let r = bench.connects(http_peer, true);
+    fig.connect_resumed = note_err(bench, "nginx connect resumed", r);
+    (fig, http_rates)
+}
 
-    let r = bench.max(&stream);
-    let stream_max = note_err(&mut bench, "nginx stream max", r);
-    let stream_rates: Vec<(f64, f64)> = stream_max
-        .as_ref()
-        .map(|m| {
-            bench
-                .p
-                .rate_fractions
-                .iter()
-                .map(|f| (*f, (m.load.per_sec * f).round()))
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut stream_fig = SystemFigures {
+/// nginx's stream peer: its max and rates, the bulk transfers and the idle connections.
+fn measure_nginx_stream(bench: &mut Bench, stream: &Target) -> (SystemFigures, Vec<(f64, f64)>) {
+    let stream_bulk = Target {
+        port: port::NGINX_STREAM_BULK,
+        ..stream.clone()
+    };
+    let r = bench.max(stream);
+    let stream_max = note_err(bench, "nginx stream max", r);
+    let stream_rates = offered_rates(&bench.p, stream_max.as_ref());
+    let mut fig = SystemFigures {
         max: stream_max,
         ..SystemFigures::default()
     };
     for &(_, rate) in &stream_rates {
-        let r = bench.at_rate(&stream, rate);
-        if let Some(m) = note_err(&mut bench, "nginx stream: rate", r) {
-            stream_fig.rates.insert(rate as u64, m);
+        let r = bench.at_rate(stream, rate);
+        if let Some(m) = note_err(bench, "nginx stream: rate", r) {
+            fig.rates.insert(rate as u64, m);
         }
     }
     let r = bench.bulk(&stream_bulk, false);
-    stream_fig.bulk_down = note_err(&mut bench, "nginx stream bulk down", r);
+    fig.bulk_down = note_err(bench, "nginx stream bulk down", r);
     let r = bench.bulk(&stream_bulk, true);
-    stream_fig.bulk_up = note_err(&mut bench, "nginx stream bulk up", r);
+    fig.bulk_up = note_err(bench, "nginx stream bulk up", r);
     let r = bench.idle(&stream_bulk);
-    stream_fig.idle = note_err(&mut bench, "nginx stream idle", r);
+    fig.idle = note_err(bench, "nginx stream idle", r);
+    (fig, stream_rates)
+}
 
-    drop(nginx);
+/// What scm-proxy measured, by mode (`None` where it was not run or did not start).
+#[derive(Default)]
+struct ScmFigures {
+    http: Option<SystemFigures>,
+    tunnel: Option<SystemFigures>,
+    steered: Option<SystemFigures>,
+}
 
-    // scm-proxy on CPU 0.
-    let mut scm_http_fig = None;
-    let mut scm_tunnel_fig = None;
-    let mut scm_steer_fig: Option<SystemFigures> = None;
-    if let (Some(sec), Some(dir)) = (&scm_env, &args.scm_bin_dir) {
-        let r = ScmSut::start(&bench.topo, dir, work, &bench.certs, sec, None);
-        if let Some(proxy) = note_err(&mut bench, "starting scm-proxy", r) {
-            let rates: Vec<f64> = http_rates.iter().map(|r| r.1).collect();
-            let t = proxy.http_target();
-            let t = Target {
-                name: t.0,
-                port: port::SCM,
-                proto: t.1,
-                authorization: None,
-                bulk_proto: None,
-                pid: proxy.pid(),
-            };
-            scm_http_fig = Some(measure_system(
-                &mut bench,
-                &t,
-                Some(&rates),
-                false,
-                true,
-                false,
-            ));
-            let rates: Vec<f64> = stream_rates.iter().map(|r| r.1).collect();
-            let (name, proto, bulk_proto) = proxy.tunnel_targets();
-            let t = Target {
-                name,
-                port: port::SCM,
-                proto,
-                authorization: None,
-                bulk_proto: Some(bulk_proto),
-                pid: proxy.pid(),
-            };
-            scm_tunnel_fig = Some(measure_system(
-                &mut bench,
-                &t,
-                Some(&rates),
-                true,
-                false,
-                true,
-            ));
-            drop(proxy);
-            // The same tunnel behind the XDP and sk_lookup steering (one worker, same CPU).
-            let pin = PathBuf::from(format!("/sys/fs/bpf/scmb-{}", std::process::id()));
-            let r = ScmSut::start(&bench.topo, dir, work, &bench.certs, sec, Some(pin));
-            if let Some(steered) = note_err(&mut bench, "starting scm-proxy with steering", r) {
-                let t = Target {
-                    name: "scm-proxy tunnel + XDP steering".into(),
-                    pid: steered.pid(),
-                    ..t
-                };
-                scm_steer_fig = Some(measure_system(&mut bench, &t, None, true, false, false));
-            }
-        }
-    }
-    bench.bar.finish_and_clear();
-
-    // The table.
-    let scm_http = "scm-proxy http";
-    let scm_tunnel = "scm-proxy tunnel";
-    let rows = &mut report.rows;
-    rows_small(
-        rows,
-        scm_http,
-        scm_http_fig.as_ref(),
-        &http_peer.name,
-        &http_fig,
-        &http_rates,
-    );
-    if let (Some(t), Some(f)) = (&http_cached, &cached_fig) {
-        rows_small(rows, scm_http, scm_http_fig.as_ref(), &t.name, f, &[]);
-    }
-    if let Some(f) = &plain_fig {
-        rows_small(rows, scm_http, scm_http_fig.as_ref(), &plain.name, f, &[]);
-    }
-    rows_small(
-        rows,
-        scm_tunnel,
-        scm_tunnel_fig.as_ref(),
-        &stream.name,
-        &stream_fig,
-        &stream_rates,
-    );
-    let row = |figure: u8,
-               metric: &str,
-               unit: &str,
-               s: &str,
-               n: &str,
-               sv: Option<f64>,
-               nv: Option<f64>,
-               higher: bool| Row {
-        figure,
-        metric: metric.into(),
-        unit: unit.into(),
-        scm_system: s.into(),
-        nginx_system: n.into(),
-        scm: sv,
-        nginx: nv,
-        higher_is_better: higher,
+/// scm-proxy on CPU 0: http mode and the tunnel at nginx's rates, then the tunnel behind the XDP
+/// and sk_lookup steering (one worker, same CPU).
+fn measure_scm(
+    bench: &mut Bench,
+    dir: &Path,
+    work: &Path,
+    sec: &scm::Security,
+    nginx: &NginxFigures,
+) -> ScmFigures {
+    let mut out = ScmFigures::default();
+    let r = ScmSut::start(&bench.topo, dir, work, &bench.certs, sec, None);
+    let Some(proxy) = note_err(bench, "starting scm-proxy", r) else {
+        return out;
     };
-    let gb = |m: &Measured| m.load.bytes as f64 / 1e9;
-    let tf = scm_tunnel_fig.as_ref();
-    let mib = bench.p.bulk_bytes >> 20;
+    let rates: Vec<f64> = nginx.http_rates.iter().map(|r| r.1).collect();
+    let (name, proto) = proxy.http_target();
+    let t = Target {
+        name,
+        port: port::SCM,
+        proto,
+        authorization: None,
+        bulk_proto: None,
+        pid: proxy.pid(),
+    };
+    out.http = Some(measure_system(bench, &t, Some(&rates), false, true, false));
+    let rates: Vec<f64> = nginx.stream_rates.iter().map(|r| r.1).collect();
+    let (name, proto, bulk_proto) = proxy.tunnel_targets();
+    let t = Target {
+        name,
+        port: port::SCM,
+        proto,
+        authorization: None,
+        bulk_proto: Some(bulk_proto),
+        pid: proxy.pid(),
+    };
+    out.tunnel = Some(measure_system(bench, &t, Some(&rates), true, false, true));
+    drop(proxy);
+    let pin = PathBuf::from(format!("/sys/fs/bpf/scmb-{}", std::process::id()));
+    let r = ScmSut::start(&bench.topo, dir, work, &bench.certs, sec, Some(pin));
+    if let Some(steered) = note_err(bench, "starting scm-proxy with steering", r) {
+        let t = Target {
+            name: STEERED.into(),
+            pid: steered.pid(),
+            ..t
+        };
+        out.steered = Some(measure_system(bench, &t, None, true, false, false));
+    }
+    out
+}
+
+/// The scm systems' names in the table.
+const SCM_HTTP: &str = "scm-proxy http";
+const SCM_TUNNEL: &str = "scm-proxy tunnel";
+const STEERED: &str = "scm-proxy tunnel + XDP steering";
+
+/// One row of the table: `systems` is (scm, nginx), `values` their figures.
+fn row(
+    figure: u8,
+    metric: String,
+    unit: &str,
+    systems: (&str, &str),
+    values: (Option<f64>, Option<f64>),
+    higher_is_better: bool,
+) -> Row {
+    Row {
+        figure,
+        metric,
+        unit: unit.into(),
+        scm_system: systems.0.into(),
+        nginx_system: systems.1.into(),
+        scm: values.0,
+        nginx: values.1,
+        higher_is_better,
+    }
+}
+
+/// Figure 1 (requests and latency at nginx's rates) for each http pair and the tunnel.
+fn rows_figure1(rows: &mut Vec<Row>, nginx: &NginxFigures, scm: &ScmFigures) {
+    let hf = scm.http.as_ref();
+    rows_small(
+        rows,
+        SCM_HTTP,
+        hf,
+        &nginx.http_peer.name,
+        &nginx.http,
+        &nginx.http_rates,
+    );
+    if let Some((t, f)) = &nginx.cached {
+        rows_small(rows, SCM_HTTP, hf, &t.name, f, &[]);
+    }
+    if let Some((name, f)) = &nginx.plain {
+        rows_small(rows, SCM_HTTP, hf, name, f, &[]);
+    }
+    rows_small(
+        rows,
+        SCM_TUNNEL,
+        scm.tunnel.as_ref(),
+        &nginx.stream.name,
+        &nginx.stream_fig,
+        &nginx.stream_rates,
+    );
+}
+
+fn gb(m: &Measured) -> f64 {
+    m.load.bytes as f64 / 1e9
+}
+
+/// Figure 2: bulk throughput through the tunnel and the proxy's CPU per GB, each direction.
+fn rows_bulk(rows: &mut Vec<Row>, nginx: &NginxFigures, scm: &ScmFigures, mib: u64) {
+    let tf = scm.tunnel.as_ref();
+    let systems = (SCM_TUNNEL, nginx.stream.name.as_str());
     for (dir, sget, nget) in [
         (
             "down (back end to device)",
             tf.and_then(|f| f.bulk_down.as_ref()),
-            stream_fig.bulk_down.as_ref(),
+            nginx.stream_fig.bulk_down.as_ref(),
         ),
         (
             "up (device to back end)",
             tf.and_then(|f| f.bulk_up.as_ref()),
-            stream_fig.bulk_up.as_ref(),
+            nginx.stream_fig.bulk_up.as_ref(),
         ),
     ] {
         rows.push(row(
             2,
-            &format!("bulk {mib} MiB {dir}"),
+            format!("bulk {mib} MiB {dir}"),
             "MB/s",
-            scm_tunnel,
-            &stream.name,
-            sget.map(|m| m.load.per_sec / 1e6),
-            nget.map(|m| m.load.per_sec / 1e6),
+            systems,
+            (
+                sget.map(|m| m.load.per_sec / 1e6),
+                nget.map(|m| m.load.per_sec / 1e6),
+            ),
             true,
         ));
         rows.push(row(
             2,
-            &format!("proxy CPU per GB, {dir}"),
+            format!("proxy CPU per GB, {dir}"),
             "CPU-s/GB",
-            scm_tunnel,
-            &stream.name,
-            sget.map(|m| m.cpu_secs / gb(m)),
-            nget.map(|m| m.cpu_secs / gb(m)),
+            systems,
+            (
+                sget.map(|m| m.cpu_secs / gb(m)),
+                nget.map(|m| m.cpu_secs / gb(m)),
+            ),
             false,
         ));
     }
-    let steer = "scm-proxy tunnel + XDP steering";
-    let sf = scm_steer_fig.as_ref();
+}
+
+/// The tunnel behind the XDP steering against nginx stream: max rate and bulk.
+fn rows_steering(rows: &mut Vec<Row>, nginx: &NginxFigures, scm: &ScmFigures, mib: u64) {
+    let sf = scm.steered.as_ref();
+    let stream = &nginx.stream_fig;
+    let systems = (STEERED, nginx.stream.name.as_str());
     rows.push(row(
         1,
-        "max requests/s through the tunnel, 1 KiB keep-alive",
+        "max requests/s through the tunnel, 1 KiB keep-alive".into(),
         "req/s",
-        steer,
-        &stream.name,
-        sf.and_then(|f| f.max.as_ref()).map(|m| m.load.per_sec),
-        stream_fig.max.as_ref().map(|m| m.load.per_sec),
+        systems,
+        (
+            sf.and_then(|f| f.max.as_ref()).map(|m| m.load.per_sec),
+            stream.max.as_ref().map(|m| m.load.per_sec),
+        ),
         true,
     ));
     rows.push(row(
         1,
-        "  per proxy CPU-second (supervisor + worker; XDP runs in softirq, not counted)",
+        "  per proxy CPU-second (supervisor + worker; XDP runs in softirq, not counted)".into(),
         "req/CPU-s",
-        steer,
-        &stream.name,
-        sf.and_then(|f| f.max.as_ref())
-            .and_then(Measured::per_cpu_sec),
-        stream_fig.max.as_ref().and_then(Measured::per_cpu_sec),
+        systems,
+        (
+            sf.and_then(|f| f.max.as_ref())
+                .and_then(Measured::per_cpu_sec),
+            stream.max.as_ref().and_then(Measured::per_cpu_sec),
+        ),
         true,
     ));
     for (dir, sget, nget) in [
         (
             "down",
             sf.and_then(|f| f.bulk_down.as_ref()),
-            stream_fig.bulk_down.as_ref(),
+            stream.bulk_down.as_ref(),
         ),
         (
             "up",
             sf.and_then(|f| f.bulk_up.as_ref()),
-            stream_fig.bulk_up.as_ref(),
+            stream.bulk_up.as_ref(),
         ),
     ] {
         rows.push(row(
             2,
-            &format!("bulk {mib} MiB {dir}"),
+            format!("bulk {mib} MiB {dir}"),
             "MB/s",
-            steer,
-            &stream.name,
-            sget.map(|m| m.load.per_sec / 1e6),
-            nget.map(|m| m.load.per_sec / 1e6),
+            systems,
+            (
+                sget.map(|m| m.load.per_sec / 1e6),
+                nget.map(|m| m.load.per_sec / 1e6),
+            ),
             true,
         ));
     }
-    let hf = scm_http_fig.as_ref();
-    let mut peers3 = vec![(http_peer.name.as_str(), &http_fig)];
-    if let (Some(t), Some(f)) = (&http_cached, &cached_fig) {
-        peers3.push((t.name.as_str(), f));
+}
+
+/// Figure 3: new connections (full handshake and resumption offered) against each http peer.
+fn rows_connects(rows: &mut Vec<Row>, nginx: &NginxFigures, scm: &ScmFigures) {
+    let hf = scm.http.as_ref();
+    let mut peers = vec![(nginx.http_peer.name.as_str(), &nginx.http)];
+    if let Some((t, f)) = &nginx.cached {
+        peers.push((t.name.as_str(), f));
     }
-    for (peer, pf) in peers3 {
+    for (peer, pf) in peers {
         for (label, sget, nget) in [
             (
                 "new connections/s, full TLS 1.3 handshake + session check + 1 request",
@@ -1183,29 +1306,31 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
         ] {
             rows.push(row(
                 3,
-                label,
+                label.into(),
                 "conn/s",
-                scm_http,
-                peer,
-                sget.map(|m| m.load.per_sec),
-                nget.map(|m| m.load.per_sec),
+                (SCM_HTTP, peer),
+                (sget.map(|m| m.load.per_sec), nget.map(|m| m.load.per_sec)),
                 true,
             ));
             rows.push(row(
                 3,
-                "  per proxy CPU-second",
+                "  per proxy CPU-second".into(),
                 "conn/CPU-s",
-                scm_http,
-                peer,
-                sget.and_then(Measured::per_cpu_sec),
-                nget.and_then(Measured::per_cpu_sec),
+                (SCM_HTTP, peer),
+                (
+                    sget.and_then(Measured::per_cpu_sec),
+                    nget.and_then(Measured::per_cpu_sec),
+                ),
                 true,
             ));
         }
     }
-    let idle_n = bench.p.idle_connections;
-    let si = tf.and_then(|f| f.idle);
-    let ni = stream_fig.idle;
+}
+
+/// Figure 4: memory per idle connection through the tunnel and nginx stream.
+fn rows_idle(rows: &mut Vec<Row>, nginx: &NginxFigures, scm: &ScmFigures, idle_n: usize) {
+    let si = scm.tunnel.as_ref().and_then(|f| f.idle);
+    let ni = nginx.stream_fig.idle;
     for (i, label) in [
         "proxy RSS per idle connection",
         "proxy PSS per idle connection",
@@ -1217,50 +1342,57 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
         let pick = |v: Option<(f64, f64, f64)>| v.map(|t| [t.0, t.1, t.2][i]);
         rows.push(row(
             4,
-            &format!("{label}, {idle_n} open"),
+            format!("{label}, {idle_n} open"),
             "KiB",
-            scm_tunnel,
-            &stream.name,
-            pick(si),
-            pick(ni),
+            (SCM_TUNNEL, nginx.stream.name.as_str()),
+            (pick(si), pick(ni)),
             false,
         ));
     }
-    report.curves.push(curve(&http_peer.name, &http_fig));
-    if let Some(f) = &scm_http_fig {
-        report.curves.push(curve(scm_http, f));
+}
+
+/// The latency-versus-rate curves of the plot.
+fn curves(out: &mut Vec<Curve>, nginx: &NginxFigures, scm: &ScmFigures) {
+    out.push(curve(&nginx.http_peer.name, &nginx.http));
+    if let Some(f) = &scm.http {
+        out.push(curve(SCM_HTTP, f));
     }
-    report.curves.push(curve(&stream.name, &stream_fig));
-    if let Some(f) = &scm_tunnel_fig {
-        report.curves.push(curve(scm_tunnel, f));
+    out.push(curve(&nginx.stream.name, &nginx.stream_fig));
+    if let Some(f) = &scm.tunnel {
+        out.push(curve(SCM_TUNNEL, f));
     }
+}
+
+/// Notes that help read the table: how busy each proxy was at max rate, and how many connections
+/// of the resumption test resumed.
+fn utilisation_notes(notes: &mut Vec<String>, nginx: &NginxFigures, scm: &ScmFigures) {
+    let (hf, tf) = (scm.http.as_ref(), scm.tunnel.as_ref());
     // A proxy below 100 % of its CPU at max rate was not the bottleneck: the client on the other
     // CPU was. The per-CPU-second rows compare the proxies themselves.
     for (name, f) in [
-        (http_peer.name.as_str(), Some(&http_fig)),
-        (stream.name.as_str(), Some(&stream_fig)),
-        (scm_http, hf),
-        (scm_tunnel, tf),
+        (nginx.http_peer.name.as_str(), Some(&nginx.http)),
+        (nginx.stream.name.as_str(), Some(&nginx.stream_fig)),
+        (SCM_HTTP, hf),
+        (SCM_TUNNEL, tf),
     ] {
         if let Some(m) = f.and_then(|f| f.max.as_ref()) {
-            bench.notes.push(format!(
+            notes.push(format!(
                 "{name} used {:.0}% of its CPU at max rate",
                 100.0 * m.cpu_secs / m.load.secs
             ));
         }
     }
-    for (name, f) in [(http_peer.name.as_str(), Some(&http_fig)), (scm_http, hf)] {
+    for (name, f) in [
+        (nginx.http_peer.name.as_str(), Some(&nginx.http)),
+        (SCM_HTTP, hf),
+    ] {
         if let Some(m) = f.and_then(|f| f.connect_resumed.as_ref()) {
-            bench.notes.push(format!(
+            notes.push(format!(
                 "{name}: {} of {} connections in the resumption test resumed a TLS session",
                 m.load.resumed, m.load.ok
             ));
         }
     }
-    report.meta.notes = std::mem::take(&mut bench.notes);
-    drop(be_bulk);
-    drop(be_http);
-    Ok(report)
 }
 
 fn wrk_cross_check(bench: &Bench, t: &Target, ours: Option<&Measured>) -> Result<CrossCheck> {

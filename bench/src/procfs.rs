@@ -1,22 +1,25 @@
 //! Reading the kernel's accounts of the process under test: CPU time from `/proc/PID/stat`,
-//! memory from `/proc/PID/smaps_rollup`, socket memory from `/proc/net/sockstat`, and the
-//! machine's CPU model from `/proc/cpuinfo`. Parsing is done by plain functions over text.
+//! memory from `/proc/PID/smaps_rollup`, a process's children, and the machine's CPU model from
+//! `/proc/cpuinfo`, all through the `procfs` crate; plus the TCP line of `/proc/net/sockstat`,
+//! which procfs 0.18 has no parser for and which the bench reads with `cat` inside the namespace
+//! under test (that file is per network namespace), so it is parsed here from that text.
 
-use std::path::Path;
-
+use procfs::process::{Process, SmapsRollup, Stat};
+use procfs::{Current as _, FromRead as _};
 use serde::{Deserialize, Serialize};
 
 /// A /proc file that could not be read or parsed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProcError {
-    /// The file could not be read (the process may have exited).
-    #[error("reading {path}: {source}")]
-    Read {
+    /// procfs could not read or parse a file (the process may have exited).
+    #[error("reading {what}: {source}")]
+    Procfs {
         /// Which file.
-        path: String,
+        what: String,
         /// Why.
-        source: std::io::Error,
+        #[source]
+        source: procfs::ProcError,
     },
     /// The file's text did not have the expected shape.
     #[error("parsing {what}: {why}")]
@@ -28,11 +31,17 @@ pub enum ProcError {
     },
 }
 
-fn read(path: &Path) -> Result<String, ProcError> {
-    std::fs::read_to_string(path).map_err(|source| ProcError::Read {
-        path: path.display().to_string(),
-        source,
-    })
+fn procfs_err(what: impl Into<String>) -> impl FnOnce(procfs::ProcError) -> ProcError {
+    let what = what.into();
+    move |source| ProcError::Procfs { what, source }
+}
+
+fn process(pid: u32) -> Result<Process, ProcError> {
+    let id = i32::try_from(pid).map_err(|_| ProcError::Parse {
+        what: "a pid",
+        why: "out of range",
+    })?;
+    Process::new(id).map_err(procfs_err(format!("/proc/{pid}")))
 }
 
 /// User and system CPU time of a process, in clock ticks.
@@ -53,57 +62,49 @@ impl CpuTicks {
     }
 }
 
-/// Parses `/proc/PID/stat`. The command name (field 2) may hold spaces and parentheses, so the
-/// fields are counted from the last `)`.
+impl TryFrom<&Stat> for CpuTicks {
+    type Error = ProcError;
+
+    fn try_from(s: &Stat) -> Result<Self, ProcError> {
+        Ok(Self {
+            user: s.utime,
+            system: s.stime,
+            ppid: u32::try_from(s.ppid).map_err(|_| ProcError::Parse {
+                what: "/proc/PID/stat",
+                why: "ppid out of range",
+            })?,
+        })
+    }
+}
+
+/// Parses `/proc/PID/stat` text (procfs counts the fields from the last `)`, so a command name
+/// with spaces and parentheses does not shift them).
 pub fn parse_stat(text: &str) -> Result<CpuTicks, ProcError> {
-    let err = |why| ProcError::Parse {
-        what: "/proc/PID/stat",
-        why,
-    };
-    let close = text
-        .rfind(')')
-        .ok_or(err("no ')' after the command name"))?;
-    // After ") ": field 3 (state) is index 0, so field N is index N - 3.
-    let fields: Vec<&str> = text[close + 1..].split_whitespace().collect();
-    let field = |n: usize| -> Result<u64, ProcError> {
-        fields
-            .get(n - 3)
-            .ok_or(err("too few fields"))?
-            .parse()
-            .map_err(|_| err("a numeric field is not a number"))
-    };
-    Ok(CpuTicks {
-        ppid: u32::try_from(field(4)?).map_err(|_| err("ppid out of range"))?,
-        user: field(14)?,
-        system: field(15)?,
-    })
+    let stat = Stat::from_read(text.as_bytes()).map_err(procfs_err("/proc/PID/stat"))?;
+    CpuTicks::try_from(&stat)
 }
 
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
 pub fn ticks_per_second() -> u64 {
-    // SAFETY: sysconf has no preconditions; it returns -1 for an unknown name, handled below.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    u64::try_from(t).ok().filter(|&t| t > 0).unwrap_or(100)
+    procfs::ticks_per_second()
 }
 
 /// CPU seconds (user + system) used so far by `pid`.
 pub fn cpu_seconds(pid: u32) -> Result<f64, ProcError> {
-    let t = parse_stat(&read(Path::new(&format!("/proc/{pid}/stat")))?)?;
-    Ok(t.total() as f64 / ticks_per_second() as f64)
+    let stat = process(pid)?
+        .stat()
+        .map_err(procfs_err(format!("/proc/{pid}/stat")))?;
+    Ok(CpuTicks::try_from(&stat)?.total() as f64 / ticks_per_second() as f64)
 }
 
 /// The pids whose parent is `pid` (nginx's workers under its master).
 pub fn children(pid: u32) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
+    let Ok(all) = procfs::process::all_processes() else {
         return Vec::new();
     };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|child| {
-            read(Path::new(&format!("/proc/{child}/stat")))
-                .ok()
-                .and_then(|t| parse_stat(&t).ok())
-                .is_some_and(|t| t.ppid == pid)
-        })
+    all.filter_map(|p| p.ok()?.stat().ok())
+        .filter(|s| u32::try_from(s.ppid).is_ok_and(|ppid| ppid == pid))
+        .filter_map(|s| u32::try_from(s.pid).ok())
         .collect()
 }
 
@@ -126,28 +127,41 @@ impl std::ops::Add for Memory {
     }
 }
 
-/// Parses `/proc/PID/smaps_rollup`.
+impl TryFrom<&SmapsRollup> for Memory {
+    type Error = ProcError;
+
+    fn try_from(r: &SmapsRollup) -> Result<Self, ProcError> {
+        // procfs gives the sizes in bytes.
+        let kib = |key: &str, why| {
+            r.memory_map_rollup
+                .iter()
+                .find_map(|m| m.extension.map.get(key))
+                .map(|bytes| bytes / 1024)
+                .ok_or(ProcError::Parse {
+                    what: "smaps_rollup",
+                    why,
+                })
+        };
+        Ok(Memory {
+            rss_kib: kib("Rss", "no Rss line")?,
+            pss_kib: kib("Pss", "no Pss line")?,
+        })
+    }
+}
+
+/// Parses `/proc/PID/smaps_rollup` text.
 pub fn parse_smaps_rollup(text: &str) -> Result<Memory, ProcError> {
-    let kib = |key: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-            .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
-    };
-    Ok(Memory {
-        rss_kib: kib("Rss").ok_or(ProcError::Parse {
-            what: "smaps_rollup",
-            why: "no Rss line",
-        })?,
-        pss_kib: kib("Pss").ok_or(ProcError::Parse {
-            what: "smaps_rollup",
-            why: "no Pss line",
-        })?,
-    })
+    let rollup =
+        SmapsRollup::from_read(text.as_bytes()).map_err(procfs_err("/proc/PID/smaps_rollup"))?;
+    Memory::try_from(&rollup)
 }
 
 /// Memory of `pid` now.
 pub fn memory(pid: u32) -> Result<Memory, ProcError> {
-    parse_smaps_rollup(&read(Path::new(&format!("/proc/{pid}/smaps_rollup")))?)
+    let rollup = process(pid)?
+        .smaps_rollup()
+        .map_err(procfs_err(format!("/proc/{pid}/smaps_rollup")))?;
+    Memory::try_from(&rollup)
 }
 
 /// The TCP line of `/proc/net/sockstat`.
@@ -182,12 +196,20 @@ pub fn parse_sockstat(text: &str) -> Result<TcpSockstat, ProcError> {
     })
 }
 
-/// The first `model name` of `/proc/cpuinfo`.
+/// The first CPU's `model name` in `/proc/cpuinfo` text.
 pub fn parse_cpu_model(cpuinfo: &str) -> Option<String> {
-    cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name")?.split_once(':'))
-        .map(|(_, v)| v.trim().to_owned())
+    procfs::CpuInfo::from_read(cpuinfo.as_bytes())
+        .ok()?
+        .model_name(0)
+        .map(str::to_owned)
+}
+
+/// This machine's CPU model.
+pub fn cpu_model() -> Option<String> {
+    procfs::CpuInfo::current()
+        .ok()?
+        .model_name(0)
+        .map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -196,8 +218,10 @@ mod tests {
 
     #[test]
     fn stat_with_a_hostile_command_name() {
+        // A whole line, as every kernel since 2.6 writes at least: procfs needs all 36 fields.
         let text = "4242 (nginx: worker) (x) S 4241 4241 4241 0 -1 4194624 \
-                    1266 0 0 0 731 96 0 0 20 0 1 0 4213 12345 678 184467 1 1 0 0 0 0\n";
+                    1266 0 0 0 731 96 0 0 20 0 1 0 4213 12345 678 184467 1 1 0 0 0 0 \
+                    0 0 0 0 0 17 1 0 0 0 0 0\n";
         let t = parse_stat(text).unwrap();
         assert_eq!(t.user, 731);
         assert_eq!(t.system, 96);
@@ -238,8 +262,9 @@ mod tests {
 
     #[test]
     fn cpu_model() {
+        // Two CPUs, as the kernel writes them: a block each, separated by a blank line.
         let text = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) \
-                    Platinum 8375C CPU @ 2.90GHz\nmodel name\t: other\n";
+                    Platinum 8375C CPU @ 2.90GHz\n\nprocessor\t: 1\nmodel name\t: other\n";
         assert_eq!(
             parse_cpu_model(text).as_deref(),
             Some("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz")

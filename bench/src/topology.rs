@@ -1,23 +1,26 @@
 //! The benchmark's network: three namespaces (client, proxy under test, back end) joined by two
 //! veth pairs, each made inside the namespaces so the root namespace gets no interface, address or
-//! route. Removed on drop, and leftovers of a killed run are removed at the next start.
+//! route. Built on the workspace's one namespace helper (`scm-netns`): removed on drop, and
+//! leftovers of a killed run are removed at the next start.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
+use scm_netns::{End, Netns, veth};
 
 /// Prefix of every namespace this program makes.
 const PREFIX: &str = "scmb-";
 
-/// The three namespaces and their addresses.
+/// The three namespaces and their addresses. Dropping it deletes them (the workspace's one
+/// namespace guard, [`scm_netns::Netns`]), also when the run fails or panics.
 #[derive(Debug)]
 pub struct Topology {
     /// Client namespace.
-    pub cli: String,
+    pub cli: Netns,
     /// Proxy-under-test namespace.
-    pub dut: String,
+    pub dut: Netns,
     /// Back end + Security server namespace.
-    pub be: String,
+    pub be: Netns,
 }
 
 /// The proxy under test's address on the client side.
@@ -29,41 +32,9 @@ pub const DUT_BE_ADDR: &str = "10.212.2.1";
 /// The back end's (and Security server's) address.
 pub const BE_ADDR: &str = "10.212.2.2";
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("running ip (is iproute2 installed?)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 /// Removes namespaces left by runs whose process no longer exists.
 pub fn remove_stale() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or_default();
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let owner_alive = rest
-            .split('-')
-            .next()
-            .and_then(|pid| pid.parse::<u32>().ok())
-            .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
-        if !owner_alive {
-            let _ = ip(&["netns", "del", name]);
-        }
-    }
+    scm_netns::remove_stale(PREFIX);
 }
 
 impl Topology {
@@ -71,29 +42,35 @@ impl Topology {
     /// short connections.
     pub fn create() -> Result<Self> {
         remove_stale();
-        let pid = std::process::id();
-        let t = Self {
-            cli: format!("{PREFIX}{pid}-cli"),
-            dut: format!("{PREFIX}{pid}-dut"),
-            be: format!("{PREFIX}{pid}-be"),
+        let base = scm_netns::unique_base(PREFIX);
+        let ns = |role: &str| {
+            Netns::create(format!("{base}-{role}"))
+                .with_context(|| format!("creating the {role} namespace"))
         };
-        // From here Drop removes whatever part exists.
-        for ns in [&t.cli, &t.dut, &t.be] {
-            ip(&["netns", "add", ns])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
+        // Each namespace is removed on drop from the moment it exists.
+        let t = Self {
+            cli: ns("cli")?,
+            dut: ns("dut")?,
+            be: ns("be")?,
+        };
         let links = [
             (&t.cli, "c0", CLI_ADDR, &t.dut, "d0", DUT_ADDR),
             (&t.dut, "d1", DUT_BE_ADDR, &t.be, "b0", BE_ADDR),
         ];
         for (a, va, addr_a, b, vb, addr_b) in links {
-            ip(&[
-                "-n", a, "link", "add", va, "type", "veth", "peer", "name", vb, "netns", b,
-            ])?;
-            ip(&["-n", a, "addr", "add", &format!("{addr_a}/24"), "dev", va])?;
-            ip(&["-n", b, "addr", "add", &format!("{addr_b}/24"), "dev", vb])?;
-            ip(&["-n", a, "link", "set", va, "up"])?;
-            ip(&["-n", b, "link", "set", vb, "up"])?;
+            veth(
+                End {
+                    ns: a,
+                    dev: va,
+                    addrs: &[&format!("{addr_a}/24")],
+                },
+                End {
+                    ns: b,
+                    dev: vb,
+                    addrs: &[&format!("{addr_b}/24")],
+                },
+            )
+            .with_context(|| format!("joining {a} and {b}"))?;
         }
         // Per-namespace sysctls: many ports and fast reuse for the new-connections test, a long
         // accept queue for the servers.
@@ -103,24 +80,14 @@ impl Topology {
             (&t.dut, "net.core.somaxconn", "8192"),
             (&t.be, "net.core.somaxconn", "8192"),
         ] {
-            let ok = t
-                .exec(ns, "sysctl")
-                .args(["-q", "-w", &format!("{key}={value}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                bail!("setting {key} in {ns} failed");
-            }
+            ns.sysctl(key, value)?;
         }
         Ok(t)
     }
 
     /// A command that runs `program` inside namespace `ns`.
     pub fn exec(&self, ns: &str, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns, program]);
-        c
+        scm_netns::exec(ns, program)
     }
 
     /// A command inside `ns`, pinned to `cpus` (a taskset list like `0` or `1`).
@@ -139,13 +106,5 @@ impl Topology {
         c.arg(format!("--net=/run/netns/{ns}"))
             .args(["taskset", "-c", cpus, program]);
         c
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for ns in [&self.cli, &self.dut, &self.be] {
-            let _ = ip(&["netns", "del", ns]);
-        }
     }
 }

@@ -1,5 +1,7 @@
 //! Enrolment and the enrolled identity: which Security servers, which CA, which user, device and
-//! app, and the shared key the Security server issued for them.
+//! app, and the shared key the Security server issued for them. Logging in is
+//! [`crate::session`]'s business (it adds `Device::login`), so this module knows nothing of
+//! sessions.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,7 +12,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::SecurityApi;
 use crate::error::DeviceError;
-use crate::session::Session;
 
 /// What a device needs to know before enrolling.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -131,8 +132,6 @@ impl Device {
         &self.api
     }
 
-    /// Logs in (see [`Session::login`]).
-    pub async fn login(&self, password: &str) -> Result<Session, DeviceError> {
-        Session::login(self, password).await
-    }
+    // `Device::login` lives in `session.rs`: a session is built from a device, never the other
+    // way round, so this module does not import that one.
 }

@@ -8,8 +8,8 @@ use scm_proto::api::{
     ChallengeResponse, LoginRequest, LoginResponse, PATH_CHALLENGE, PATH_LOGIN, PATH_LOGOUT,
 };
 use scm_proto::crypto::{
-    BindingTranscript, LoginTranscript, SessionId, SessionKey, SessionTag, b64, binding_mac,
-    decode_fixed, derive_session_key, login_mac, random_bytes,
+    LoginTranscript, SessionId, SessionKey, SessionTag, b64, decode_fixed, derive_session_key,
+    login_mac, random_bytes,
 };
 use scm_proto::preamble::{Preamble, REPLY_HEADER_LEN, Reply, Status};
 use scm_proto::{BINDING_EXPORTER_LABEL, BINDING_EXPORTER_LEN};
@@ -64,6 +64,14 @@ impl std::fmt::Debug for SavedSession {
             .field("idle_timeout_secs", &self.idle_timeout_secs)
             .field("absolute_expires_at", &self.absolute_expires_at)
             .finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    /// Logs in (see [`Session::login`]). Defined here rather than in `device.rs` so that the
+    /// device module does not depend on the session module that depends on it.
+    pub async fn login(&self, password: &str) -> Result<Session, DeviceError> {
+        Session::login(self, password).await
     }
 }
 
@@ -220,26 +228,15 @@ impl Session {
     /// The preamble asking for `resource`, bound to the connection whose exporter is given.
     pub fn preamble(&self, resource: &str, exporter: &[u8]) -> Preamble {
         let c = &self.device.enrollment.config;
-        let mut p = Preamble {
+        Preamble {
             session_id: self.id.expose().to_owned(),
             app_id: c.app_id.clone(),
             app_version: c.app_version.clone(),
             device_id: c.device_id.clone(),
             resource: resource.to_owned(),
             mac: [0; 32],
-        };
-        p.mac = binding_mac(
-            &self.key,
-            &BindingTranscript {
-                exporter,
-                session_id: &p.session_id,
-                app_id: &p.app_id,
-                app_version: &p.app_version,
-                device_id: &p.device_id,
-                resource: &p.resource,
-            },
-        );
-        p
+        }
+        .signed(&self.key, exporter)
     }
 
     /// Sends raw preamble bytes and reads the proxy's reply.

@@ -1,6 +1,7 @@
 //! The preamble: the one binary frame a device sends a proxy right after the TLS handshake, and
 //! the proxy's one-frame reply. Parsing is a plain function over bytes, so it is unit-tested here
-//! and fuzzed later.
+//! and fuzzed later. [`Preamble::sign`] and [`Preamble::verify`] are the one place the binding
+//! MAC is put on a preamble and checked, for the device and the proxy alike.
 //!
 //! ```text
 //! preamble = version:u8 (=1) | body_len:u16be (<= MAX_BODY_LEN) | body
@@ -10,7 +11,7 @@
 //! reply    = version:u8 (=1) | status:u8 | reason_len:u16be (<= MAX_REASON_LEN) | reason (UTF-8)
 //! ```
 
-use crate::crypto::MacBytes;
+use crate::crypto::{BindingTranscript, MacBytes, SessionKey, binding_mac, verify_binding_mac};
 
 /// The only preamble version this build speaks.
 pub const VERSION: u8 = 1;
@@ -73,7 +74,8 @@ pub struct Preamble {
     pub device_id: String,
     /// The resource name from the catalog.
     pub resource: String,
-    /// HMAC(session key, binding transcript) — see [`crate::crypto::binding_mac`].
+    /// HMAC(session key, binding transcript): set by [`Preamble::sign`], checked by
+    /// [`Preamble::verify`].
     pub mac: MacBytes,
 }
 
@@ -128,6 +130,39 @@ fn check_text(field: &'static str, limit: usize, bytes: &[u8]) -> Result<(), Pre
 }
 
 impl Preamble {
+    /// What the binding MAC covers: this TLS connection's exporter and every field of this
+    /// preamble, so none of them can be swapped.
+    pub fn transcript<'a>(&'a self, exporter: &'a [u8]) -> BindingTranscript<'a> {
+        BindingTranscript {
+            exporter,
+            session_id: &self.session_id,
+            app_id: &self.app_id,
+            app_version: &self.app_version,
+            device_id: &self.device_id,
+            resource: &self.resource,
+        }
+    }
+
+    /// Puts the binding MAC on this preamble: made with the session key over the exporter of the
+    /// TLS connection it will travel on (the device's side).
+    pub fn sign(&mut self, key: &SessionKey, exporter: &[u8]) {
+        self.mac = binding_mac(key, &self.transcript(exporter));
+    }
+
+    /// [`Preamble::sign`], by value.
+    #[must_use]
+    pub fn signed(mut self, key: &SessionKey, exporter: &[u8]) -> Self {
+        self.sign(key, exporter);
+        self
+    }
+
+    /// Whether the MAC was made with `key` over this connection's `exporter` and these fields
+    /// (the proxy's side). The comparison is constant-time, so a forger learns nothing from how
+    /// long a refusal takes.
+    pub fn verify(&self, key: &SessionKey, exporter: &[u8]) -> bool {
+        verify_binding_mac(key, &self.transcript(exporter), &self.mac)
+    }
+
     /// Decodes a body (the bytes after the header).
     pub fn decode_body(body: &[u8]) -> Result<Self, PreambleError> {
         let mut rest = body;
@@ -418,6 +453,31 @@ mod tests {
         frame.push(0);
         frame[2] += 1;
         assert_eq!(Preamble::decode(&frame), Err(PreambleError::Trailing(1)));
+    }
+
+    #[test]
+    fn sign_then_verify_is_tied_to_key_connection_and_every_field() {
+        let key = SessionKey([9; 32]);
+        let p = sample().signed(&key, &[1; 32]);
+        assert_ne!(p.mac, sample().mac);
+        assert!(p.verify(&key, &[1; 32]));
+        assert!(!p.verify(&key, &[2; 32]), "another connection");
+        assert!(!p.verify(&SessionKey([8; 32]), &[1; 32]), "another key");
+        let swaps: [fn(&mut Preamble); 5] = [
+            |p| p.session_id.push('B'),
+            |p| p.app_id.push('x'),
+            |p| p.app_version.push('1'),
+            |p| p.device_id.push('2'),
+            |p| p.resource.push('s'),
+        ];
+        for swap in swaps {
+            let mut q = p.clone();
+            swap(&mut q);
+            assert!(!q.verify(&key, &[1; 32]), "{q:?}");
+        }
+        // What is signed survives the wire.
+        let back = Preamble::decode(&p.encode().unwrap()).unwrap();
+        assert!(back.verify(&key, &[1; 32]));
     }
 
     #[test]

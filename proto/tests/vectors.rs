@@ -297,6 +297,37 @@ fn preamble_vector() {
     );
 }
 
+/// `Preamble::sign` (the device) and `Preamble::verify` (the proxy) over the binding vector's
+/// fields give the documented MAC and the documented frame.
+#[test]
+fn preamble_sign_and_verify_vector() {
+    let b = vector("binding_mac");
+    let key = SessionKey(array32(&b, "session_key_hex"));
+    let exporter = bytes(&b, "exporter_hex");
+    let p = Preamble {
+        session_id: text(&b, "session_id").to_owned(),
+        app_id: text(&b, "app_id").to_owned(),
+        app_version: text(&b, "app_version").to_owned(),
+        device_id: text(&b, "device_id").to_owned(),
+        resource: text(&b, "resource").to_owned(),
+        mac: [0; 32],
+    }
+    .signed(&key, &exporter);
+    assert_eq!(hex::encode(p.mac), text(&b, "mac_hex"));
+    assert_eq!(
+        hex::encode(p.encode().unwrap()),
+        text(&vector("preamble"), "frame_hex")
+    );
+    let received = Preamble::decode(&bytes(&vector("preamble"), "frame_hex")).unwrap();
+    assert!(received.verify(&key, &exporter));
+    let mut other = exporter.clone();
+    other[0] ^= 1;
+    assert!(
+        !received.verify(&key, &other),
+        "another connection's exporter"
+    );
+}
+
 #[test]
 fn reply_vectors() {
     let v = vector("replies");

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 
 use scm_proto::api::{AppPolicy, Resource};
-use scm_proto::crypto::{BindingTranscript, verify_binding_mac};
 use scm_proto::preamble::{Preamble, Status};
 use scm_proto::version::AppVersion;
 
@@ -56,15 +55,7 @@ pub fn check_binding(
     preamble: &Preamble,
     exporter: &[u8],
 ) -> Result<(), Refusal> {
-    let transcript = BindingTranscript {
-        exporter,
-        session_id: &preamble.session_id,
-        app_id: &preamble.app_id,
-        app_version: &preamble.app_version,
-        device_id: &preamble.device_id,
-        resource: &preamble.resource,
-    };
-    if verify_binding_mac(&session.session_key, &transcript, &preamble.mac) {
+    if preamble.verify(&session.session_key, exporter) {
         Ok(())
     } else {
         Err(Refusal::new(
@@ -170,7 +161,7 @@ pub fn check_resource<'a>(
 mod tests {
     use super::*;
     use scm_proto::api::ResourceMode;
-    use scm_proto::crypto::{SessionKey, SessionTag, binding_mac};
+    use scm_proto::crypto::{SessionKey, SessionTag};
 
     fn session() -> SessionInfo {
         SessionInfo {
@@ -187,26 +178,15 @@ mod tests {
     }
 
     fn preamble(s: &SessionInfo, exporter: &[u8]) -> Preamble {
-        let mut p = Preamble {
+        Preamble {
             session_id: "S".repeat(43),
             app_id: "mail".into(),
             app_version: "1.4".into(),
             device_id: "phone".into(),
             resource: "wiki".into(),
             mac: [0; 32],
-        };
-        p.mac = binding_mac(
-            &s.session_key,
-            &BindingTranscript {
-                exporter,
-                session_id: &p.session_id,
-                app_id: &p.app_id,
-                app_version: &p.app_version,
-                device_id: &p.device_id,
-                resource: &p.resource,
-            },
-        );
-        p
+        }
+        .signed(&s.session_key, exporter)
     }
 
     fn apps(min: Option<&str>, revoked: &[&str]) -> HashMap<String, AppPolicy> {

@@ -1,17 +1,10 @@
-//! Helpers shared by the XDP integration tests: the root gate and throw-away network namespaces.
+//! Helpers shared by the XDP integration tests: the root gate and throw-away network namespaces
+//! (the workspace's `scm-netns` with these tests' addresses).
 //!
 //! Each test binary includes this module and uses part of it.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
-use std::{
-    fs::File,
-    io::Write as _,
-    process::{Command, Output},
-    sync::atomic::{AtomicU32, Ordering},
-    thread,
-};
-
-use nix::sched::{CloneFlags, setns};
+use std::io::Write as _;
 
 /// Whether a test that needs root may run. Outside root it skips with a loud message; under
 /// `CI=true` (CI runs as root) a missing privilege is a failure, never a silent skip.
@@ -34,19 +27,9 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
-/// Runs `ip` with `args`, panicking with its stderr when it fails.
-pub fn ip(args: &[&str]) -> Output {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running `ip` (package iproute2) failed: {e}"));
-    assert!(
-        out.status.success(),
-        "`ip {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+/// Runs `ip` with `args` and returns its output, panicking with its stderr when it fails.
+pub fn ip(args: &[&str]) -> String {
+    scm_netns::ip(args).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// IPv4 address of `va` (namespace a) and `vb` (namespace b). The /30 exists only inside the two
@@ -59,82 +42,42 @@ pub const A_V6: &str = "fd00:211::1";
 /// IPv6 (ULA) address of `vb`.
 pub const B_V6: &str = "fd00:211::2";
 
-static NEXT_PAIR: AtomicU32 = AtomicU32::new(0);
-
 /// Two network namespaces joined by a veth pair `va` (in `a`) -- `vb` (in `b`), created inside
-/// the namespaces so the root namespace is never touched. Dropping it deletes both namespaces,
+/// the namespaces so the root namespace is never touched: the workspace's one namespace helper
+/// ([`scm_netns::NetnsPair`]) with these tests' addresses. Dropping it deletes both namespaces,
 /// which also destroys the veth pair, whether the test passed or panicked.
-pub struct NetnsPair {
-    /// Name of the namespace holding `va`.
-    pub a: String,
-    /// Name of the namespace holding `vb`.
-    pub b: String,
+pub struct NetnsPair(scm_netns::NetnsPair);
+
+/// `pair.a` and `pair.b` are the namespaces (usable wherever their name is).
+impl std::ops::Deref for NetnsPair {
+    type Target = scm_netns::NetnsPair;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl NetnsPair {
     /// Creates the pair with [`A_V4`]/[`B_V4`] and [`A_V6`]/[`B_V6`] configured and all links up.
     pub fn create() -> Self {
-        let n = NEXT_PAIR.fetch_add(1, Ordering::Relaxed);
-        let base = format!("scm-t-{}-{n}", std::process::id());
-        let pair = Self {
-            a: format!("{base}-a"),
-            b: format!("{base}-b"),
-        };
-        // `pair` exists before the first command, so a failure below still cleans up.
-        ip(&["netns", "add", &pair.a]);
-        ip(&["netns", "add", &pair.b]);
-        ip(&[
-            "-n", &pair.a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns",
-            &pair.b,
-        ]);
-        for (ns, dev, v4, v6) in [(&pair.a, "va", A_V4, A_V6), (&pair.b, "vb", B_V4, B_V6)] {
-            ip(&["-n", ns, "addr", "add", &format!("{v4}/30"), "dev", dev]);
-            // nodad: the address is usable at once instead of after duplicate detection.
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("{v6}/64"),
-                "dev",
-                dev,
-                "nodad",
-            ]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-        }
-        pair
+        let a = [&*format!("{A_V4}/30"), &*format!("{A_V6}/64")];
+        let b = [&*format!("{B_V4}/30"), &*format!("{B_V6}/64")];
+        Self(
+            scm_netns::NetnsPair::create("scm-t-", &a, &b)
+                .unwrap_or_else(|e| panic!("creating a namespace pair: {e}")),
+        )
     }
 
     /// `ip -n <ns> link show <dev>`, as text.
     pub fn link_show(&self, ns: &str, dev: &str) -> String {
-        String::from_utf8_lossy(&ip(&["-n", ns, "link", "show", dev]).stdout).into_owned()
-    }
-}
-
-impl Drop for NetnsPair {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
+        ip(&["-n", ns, "link", "show", dev])
     }
 }
 
 /// Runs `f` on a fresh thread that has joined network namespace `ns`; sockets it creates and
 /// interface names it resolves belong to that namespace. Other threads are unaffected.
 pub fn in_netns<R: Send>(ns: &str, f: impl FnOnce() -> R + Send) -> R {
-    thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let file = File::open(format!("/run/netns/{ns}"))
-                    .unwrap_or_else(|e| panic!("opening /run/netns/{ns}: {e}"));
-                setns(&file, CloneFlags::CLONE_NEWNET)
-                    .unwrap_or_else(|e| panic!("setns into {ns}: {e}"));
-                f()
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+    scm_netns::in_netns(ns, f).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Sends raw Ethernet frames out of `dev` in namespace `ns` through an `AF_PACKET` socket, so
