@@ -71,7 +71,7 @@ impl Client {
         Ok(Self {
             http,
             base: format!("{}{ADMIN_PREFIX}", args.url.trim_end_matches('/')),
-            token: crate::keys::read_token_file(&args.token_file)?,
+            token: crate::admin_token::read_token_file(&args.token_file)?,
         })
     }
 

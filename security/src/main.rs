@@ -30,19 +30,19 @@ async fn main() -> anyhow::Result<()> {
             running.wait().await;
         }
         Command::Init(args) => {
-            let (master, token) = scm_security::server::secret_paths(
+            let (master, token) = scm_security::data_dir::secret_paths(
                 &args.data_dir,
                 args.master_key_file.as_ref(),
                 args.admin_token_file.as_ref(),
             );
-            scm_security::keys::write_secret_file(
+            scm_security::secrets::write_secret_file(
                 &master,
-                &scm_security::keys::new_master_key_text(),
+                &scm_security::master_key::new_master_key_text(),
             )
             .context("writing the master key")?;
-            scm_security::keys::write_secret_file(
+            scm_security::secrets::write_secret_file(
                 &token,
-                &scm_security::keys::new_admin_token_text(),
+                &scm_security::admin_token::new_admin_token_text(),
             )
             .context("writing the admin token")?;
             println!(
@@ -77,17 +77,18 @@ async fn main() -> anyhow::Result<()> {
                 .database_url
                 .clone()
                 .unwrap_or_else(|| Store::sqlite_url(&args.data_dir));
-            let (master_path, _) = scm_security::server::secret_paths(
+            let (master_path, _) = scm_security::data_dir::secret_paths(
                 &args.data_dir,
                 args.master_key_file.as_ref(),
                 None,
             );
-            let master = scm_security::keys::MasterKey::load(&master_path).with_context(|| {
-                format!(
-                    "reading the master key {} (it authenticates the snapshot)",
-                    master_path.display()
-                )
-            })?;
+            let master =
+                scm_security::master_key::MasterKey::load(&master_path).with_context(|| {
+                    format!(
+                        "reading the master key {} (it authenticates the snapshot)",
+                        master_path.display()
+                    )
+                })?;
             let store = Store::open(&url).await.context("opening the database")?;
             let started = std::time::Instant::now();
             let m = scm_security::backup::snapshot(&store, &master, &args.data_dir, &args.out)
@@ -107,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Restore(args) => {
             init_logs(false);
             let started = std::time::Instant::now();
-            let (master_path, _) = scm_security::server::secret_paths(
+            let (master_path, _) = scm_security::data_dir::secret_paths(
                 &args.data_dir,
                 args.master_key_file.as_ref(),
                 None,
@@ -120,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
                     master_path.display()
                 );
             }
-            let master = scm_security::keys::MasterKey::load(&master_path)
+            let master = scm_security::master_key::MasterKey::load(&master_path)
                 .context("reading the master key")?;
             let unauth = if args.allow_unauthenticated {
                 scm_security::backup::Unauthenticated::Allow

@@ -21,7 +21,7 @@ use crate::admin_types::{
     RevokeResult, SessionInfo, SiteBody, UpdateUser,
 };
 use crate::error::{ApiError, Error};
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::store::{AuditRow, KeyRow, SiteRow, UserRow, check_host_port, check_name, unix_now};
 use crate::tls::Peer;
 
@@ -70,8 +70,7 @@ async fn require_token(State(st): State<Shared>, req: Request, next: Next) -> Re
     if let Err(e) = super::admit(&st.admin_limiter, ip) {
         return e.into_response_();
     }
-    let ok = bearer(req.headers())
-        .is_some_and(|t| crypto::ct_eq(t.as_bytes(), st.admin_token.0.as_bytes()));
+    let ok = bearer(req.headers()).is_some_and(|t| st.admin_token.matches(t));
     if !ok {
         st.admin_limiter.fail(ip);
         st.audit_failure("admin_auth_failed", "-", &ip, "bad_admin_token")
@@ -464,9 +463,9 @@ async fn publish(
             format!("{app_id} {version} for {platform} is already published"),
         ));
     }
-    let dir = crate::apps::dir(&st.settings.data_dir);
+    let dir = crate::packages::dir(&st.settings.data_dir);
     let (tmp, sha256, size) =
-        crate::apps::receive(&dir, body, st.settings.max_package_bytes).await?;
+        crate::packages::receive(&dir, body, st.settings.max_package_bytes).await?;
     let rel = AppRelease {
         download_path: crate::store::download_path(&app_id, &platform, &version),
         app_id,
@@ -476,7 +475,7 @@ async fn publish(
         size,
     };
     let stored = async {
-        crate::apps::commit(&dir, &tmp, &sha256).await?;
+        crate::packages::commit(&dir, &tmp, &sha256).await?;
         st.store.insert_release(&rel).await
     }
     .await;
@@ -666,7 +665,7 @@ async fn ldap_sync(State(st): State<Shared>) -> ApiResult<crate::directory::Sync
             "start the server with --ldap-url",
         ));
     }
-    crate::server::run_ldap_sync(&st, "admin")
+    crate::ldap_sync::run_ldap_sync(&st, "admin")
         .await
         .map(Json)
         .map_err(|e| match e {

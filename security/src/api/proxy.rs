@@ -25,8 +25,8 @@ use tokio::sync::broadcast::error::RecvError;
 use super::{ApiJson, method_not_allowed, not_found};
 use crate::error::ApiError;
 use crate::proxyauth::{AdmittedProxy, AllowList};
-use crate::server::Shared;
 use crate::sessions::{Lookup, Session, now_ms};
+use crate::state::Shared;
 
 /// The proxies' API routes, open to any certificate from `--client-ca`.
 pub fn router(state: Shared) -> Router {
