@@ -6,6 +6,7 @@
 pub mod admin_token;
 pub mod admin_types;
 pub mod api;
+pub mod app_policy;
 pub mod assertion;
 pub mod audit_throttle;
 pub mod backup;
@@ -25,6 +26,7 @@ pub mod proxyauth;
 pub mod secrets;
 pub mod server;
 pub mod sessions;
+pub mod sites;
 pub mod state;
 pub mod store;
 pub mod tls;

@@ -87,7 +87,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     if args.session_idle_timeout.is_zero() || args.session_max_lifetime.is_zero() {
         return Err(Error::Invalid("session timeouts must be above zero".into()));
     }
-    crate::store::check_name("--default-site", &args.default_site, 64)?;
+    crate::sites::check_default(&args.default_site)?;
     crate::fsmode::create_private_dir(&args.data_dir)?;
     let (master_path, token_path) = crate::data_dir::secret_paths(
         &args.data_dir,
@@ -126,14 +126,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     if args.require_sync_commit {
         store.require_sync_commit(args.sync_commit_timeout)?;
     }
-    match store.ensure_site(&args.default_site).await {
-        Ok(()) => {}
-        Err(Error::ReadOnly(_)) => tracing::warn!(
-            site = %args.default_site,
-            "the default site is not in the standby's database; it is created at the primary"
-        ),
-        Err(e) => return Err(e),
-    }
+    crate::sites::ensure_default(&store, &args.default_site).await?;
     if let Some(k) = store.any_key().await? {
         master.open(&k.key_id, &k.sealed_key).map_err(|_| {
             Error::Crypto(format!(

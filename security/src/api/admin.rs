@@ -11,7 +11,6 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use scm_proto::api::{AppPolicy, AppRelease, Resource};
 use scm_proto::crypto;
-use scm_proto::version::AppVersion;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
@@ -113,12 +112,7 @@ async fn add_user(
     check_name("user name", &req.name, 64)?;
     check_groups(&req.groups)?;
     let site = req.site.unwrap_or_else(|| st.settings.default_site.clone());
-    if st.store.site(&site).await?.is_none() {
-        return Err(ApiError::not_found(
-            "unknown_site",
-            format!("no site {site}"),
-        ));
-    }
+    crate::sites::require_known(&st.store, &site).await?;
     if st.store.user(&req.name).await?.is_some() {
         return Err(Error::Conflict(format!("user {} already exists", req.name)).into());
     }
@@ -162,12 +156,7 @@ async fn update_user(
         user.groups = g;
     }
     if let Some(site) = req.site {
-        if st.store.site(&site).await?.is_none() {
-            return Err(ApiError::not_found(
-                "unknown_site",
-                format!("no site {site}"),
-            ));
-        }
+        crate::sites::require_known(&st.store, &site).await?;
         user.site = site;
     }
     if let Some(pw) = req.password {
@@ -438,10 +427,6 @@ async fn list_apps(State(st): State<Shared>) -> ApiResult<AppsListing> {
     }))
 }
 
-fn parse_version(v: &str) -> Result<AppVersion, ApiError> {
-    AppVersion::parse(v).map_err(|e| ApiError::bad_request("invalid_field", e.to_string()))
-}
-
 async fn publish(
     State(st): State<Shared>,
     Extension(peer): Extension<Peer>,
@@ -451,7 +436,7 @@ async fn publish(
     let Path((app_id, platform, version)) = params.map_err(path_error)?;
     check_name("app id", &app_id, 64)?;
     check_name("platform", &platform, 32)?;
-    parse_version(&version)?;
+    crate::app_policy::parse_version(&version)?;
     if st
         .store
         .release(&app_id, &platform, &version)
@@ -502,27 +487,9 @@ async fn set_policy(
 ) -> ApiResult<AppPolicy> {
     let Path(app_id) = app_id.map_err(path_error)?;
     check_name("app id", &app_id, 64)?;
-    for v in req
-        .min_version
-        .iter()
-        .chain(&req.revoke)
-        .chain(&req.unrevoke)
-    {
-        parse_version(v)?;
-    }
+    crate::app_policy::check(&req)?;
     let mut p = st.store.policy(&app_id).await?;
-    if req.clear_min_version {
-        p.min_version = None;
-    }
-    if let Some(m) = req.min_version {
-        p.min_version = Some(m);
-    }
-    for v in req.revoke {
-        if !p.revoked_versions.contains(&v) {
-            p.revoked_versions.push(v);
-        }
-    }
-    p.revoked_versions.retain(|v| !req.unrevoke.contains(v));
+    crate::app_policy::apply(&mut p, req);
     st.store.set_policy(&p).await?;
     st.sessions
         .publish(scm_proto::api::ProxyEvent::CatalogChanged);
@@ -596,20 +563,7 @@ async fn set_site(
     ApiJson(req): ApiJson<SiteBody>,
 ) -> ApiResult<SiteRow> {
     let Path(name) = name.map_err(path_error)?;
-    check_name("site name", &name, 64)?;
-    if req.proxy_urls.len() > 64 {
-        return Err(ApiError::bad_request(
-            "invalid_field",
-            "at most 64 proxy URLs",
-        ));
-    }
-    for u in &req.proxy_urls {
-        check_host_port("proxy URL", u)?;
-    }
-    let s = SiteRow {
-        name,
-        proxy_urls: req.proxy_urls,
-    };
+    let s = crate::sites::row(name, req.proxy_urls)?;
     st.store.upsert_site(&s).await?;
     st.audit(
         "admin",

@@ -385,7 +385,7 @@ async fn login(
     let user = authenticate(&st, "login_failed", name, site, &req.password, ip).await?;
 
     let policy = st.store.policy(&req.app_id).await?;
-    if !crate::packages::allowed(&policy, &version) {
+    if !crate::app_policy::allowed(&policy, &version) {
         return Err(ApiError::forbidden(
             "app_version_not_allowed",
             format!(
@@ -495,7 +495,7 @@ async fn update_check(
             format!("no app {app_id} is published"),
         ));
     }
-    Ok(Json(crate::packages::update_answer(
+    Ok(Json(crate::app_policy::update_answer(
         &releases,
         &policy,
         &q.platform,
