@@ -9,12 +9,12 @@ use crate::admin_types::PolicyUpdate;
 use crate::error::ApiError;
 
 /// Parses a version an admin gave, as a JSON error naming the bad field.
-pub fn parse_version(v: &str) -> Result<AppVersion, ApiError> {
+pub(crate) fn parse_version(v: &str) -> Result<AppVersion, ApiError> {
     AppVersion::parse(v).map_err(|e| ApiError::bad_request("invalid_field", e.to_string()))
 }
 
 /// Checks every version an admin's change names.
-pub fn check(req: &PolicyUpdate) -> Result<(), ApiError> {
+pub(crate) fn check(req: &PolicyUpdate) -> Result<(), ApiError> {
     for v in req
         .min_version
         .iter()
@@ -27,7 +27,7 @@ pub fn check(req: &PolicyUpdate) -> Result<(), ApiError> {
 }
 
 /// Applies an admin's change (checked with [`check`]) to `p`.
-pub fn apply(p: &mut AppPolicy, req: PolicyUpdate) {
+pub(crate) fn apply(p: &mut AppPolicy, req: PolicyUpdate) {
     if req.clear_min_version {
         p.min_version = None;
     }
@@ -43,7 +43,7 @@ pub fn apply(p: &mut AppPolicy, req: PolicyUpdate) {
 }
 
 /// Whether `version` may be used under `policy`.
-pub fn allowed(policy: &AppPolicy, version: &AppVersion) -> bool {
+pub(crate) fn allowed(policy: &AppPolicy, version: &AppVersion) -> bool {
     let above_min = policy
         .min_version
         .as_deref()
@@ -58,7 +58,7 @@ pub fn allowed(policy: &AppPolicy, version: &AppVersion) -> bool {
 }
 
 /// The update answer for a device running `current` on `platform`.
-pub fn update_answer(
+pub(crate) fn update_answer(
     releases: &[AppRelease],
     policy: &AppPolicy,
     platform: &str,

@@ -389,7 +389,7 @@ fn retire_at(next_active_from: i64, ttl: i64) -> i64 {
 }
 
 /// Reloads (and rotates) the signing keys every check interval.
-pub async fn rotator(assertions: Arc<Assertions>, store: Store, stop: CancellationToken) {
+pub(crate) async fn rotator(assertions: Arc<Assertions>, store: Store, stop: CancellationToken) {
     let mut tick = tokio::time::interval(assertions.settings().check_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -48,7 +48,7 @@ impl Default for HaStatus {
 
 /// One look at the database's role and replication.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Observation {
+pub(crate) struct Observation {
     /// Read-only hot standby.
     pub read_only: bool,
     /// Streaming standbys (primary only, else -1).
@@ -64,7 +64,7 @@ pub struct Observation {
 }
 
 /// Looks at the database once.
-pub async fn observe(store: &Store) -> Result<Observation, Error> {
+pub(crate) async fn observe(store: &Store) -> Result<Observation, Error> {
     let mut o = Observation {
         read_only: false,
         standbys: -1,
@@ -121,7 +121,7 @@ impl HaStatus {
 
 /// Re-checks the database every `period`, recording what it sees and logging every change of
 /// role (promotion) and of replication health (a standby gone, lagging, or back).
-pub async fn watcher(
+pub(crate) async fn watcher(
     store: Store,
     status: Arc<HaStatus>,
     period: Duration,

@@ -25,7 +25,7 @@ pub(crate) async fn ldap_syncer(state: Shared, interval: Duration, stop: Cancell
 }
 
 /// One LDAP sync, ending the sessions of users who left the directory.
-pub async fn run_ldap_sync(state: &State, actor: &str) -> Result<SyncReport, Error> {
+pub(crate) async fn run_ldap_sync(state: &State, actor: &str) -> Result<SyncReport, Error> {
     let report = state.directory.sync().await?;
     for name in &report.removed {
         state

@@ -82,7 +82,7 @@ fn dev_certs(args: &DevCertsArgs) -> anyhow::Result<()> {
 
 /// `admin ...`: one call to the admin API.
 async fn admin(args: &AdminArgs) -> anyhow::Result<()> {
-    let out = scm_security::cli::run(&args).await?;
+    let out = scm_security::cli::run(args).await?;
     print!("{out}");
     Ok(())
 }

@@ -15,14 +15,14 @@ use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 use crate::error::{ApiError, Error};
 
 /// Directory of package files.
-pub fn dir(data_dir: &Path) -> PathBuf {
+pub(crate) fn dir(data_dir: &Path) -> PathBuf {
     data_dir.join("apps")
 }
 
 /// Whether `text` is a lowercase hex SHA-256: the only file name a package has. Every path
 /// built from a release's sha256 is checked with this first, so a bad row (a restored one, say)
 /// can never name a file outside the packages folder.
-pub fn is_sha256_hex(text: &str) -> bool {
+pub(crate) fn is_sha256_hex(text: &str) -> bool {
     text.len() == 64
         && text
             .bytes()
@@ -30,13 +30,17 @@ pub fn is_sha256_hex(text: &str) -> bool {
 }
 
 /// The path of the package named `sha256` under `dir`, or None if that is not a package name.
-pub fn package_path(dir: &Path, sha256: &str) -> Option<PathBuf> {
+pub(crate) fn package_path(dir: &Path, sha256: &str) -> Option<PathBuf> {
     is_sha256_hex(sha256).then(|| dir.join(sha256))
 }
 
 /// Streams `body` into a temporary file in `dir`, hashing it; returns (temp path, sha256 hex,
 /// size). Refuses bodies over `max` bytes.
-pub async fn receive(dir: &Path, body: Body, max: u64) -> Result<(PathBuf, String, u64), ApiError> {
+pub(crate) async fn receive(
+    dir: &Path,
+    body: Body,
+    max: u64,
+) -> Result<(PathBuf, String, u64), ApiError> {
     let tmp = dir.join(format!(
         "upload-{}.tmp",
         hex::encode(scm_proto::crypto::random_bytes::<8>())
@@ -91,7 +95,7 @@ pub async fn receive(dir: &Path, body: Body, max: u64) -> Result<(PathBuf, Strin
 }
 
 /// Moves a received temp file to its content address.
-pub async fn commit(dir: &Path, tmp: &Path, sha256: &str) -> Result<(), Error> {
+pub(crate) async fn commit(dir: &Path, tmp: &Path, sha256: &str) -> Result<(), Error> {
     let dest = package_path(dir, sha256)
         .ok_or_else(|| Error::Invalid(format!("{sha256:?} is not a package name")))?;
     tokio::fs::rename(tmp, &dest)
@@ -130,7 +134,7 @@ fn parse_range(text: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
 }
 
 /// Serves a package file, whole or one range, with its SHA-256 header.
-pub async fn download(
+pub(crate) async fn download(
     dir: &Path,
     rel: &AppRelease,
     headers: &HeaderMap,

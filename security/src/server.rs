@@ -246,7 +246,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         "proxy",
         proxy_l,
         proxy_tls,
-        crate::api::proxy::router_with(state.clone(), proxy_allow),
+        crate::api::proxy::router(state.clone(), proxy_allow),
         limits,
         stop.clone(),
     ));

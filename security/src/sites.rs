@@ -6,18 +6,18 @@ use crate::error::{ApiError, Error};
 use crate::store::{SiteRow, Store, check_host_port, check_name};
 
 /// Longest site name.
-pub const MAX_NAME: usize = 64;
+pub(crate) const MAX_NAME: usize = 64;
 /// Most proxy URLs one site may list.
-pub const MAX_PROXY_URLS: usize = 64;
+pub(crate) const MAX_PROXY_URLS: usize = 64;
 
 /// Checks `--default-site` before anything is created.
-pub fn check_default(name: &str) -> Result<(), Error> {
+pub(crate) fn check_default(name: &str) -> Result<(), Error> {
     check_name("--default-site", name, MAX_NAME)
 }
 
 /// Creates the default site if the database lacks it. A read-only standby cannot: it warns,
 /// and the primary creates it.
-pub async fn ensure_default(store: &Store, name: &str) -> Result<(), Error> {
+pub(crate) async fn ensure_default(store: &Store, name: &str) -> Result<(), Error> {
     match store.ensure_site(name).await {
         Ok(()) => Ok(()),
         Err(Error::ReadOnly(_)) => {
@@ -32,7 +32,7 @@ pub async fn ensure_default(store: &Store, name: &str) -> Result<(), Error> {
 }
 
 /// Builds the row an admin asked for, checking its name and proxy URLs.
-pub fn row(name: String, proxy_urls: Vec<String>) -> Result<SiteRow, ApiError> {
+pub(crate) fn row(name: String, proxy_urls: Vec<String>) -> Result<SiteRow, ApiError> {
     check_name("site name", &name, MAX_NAME)?;
     if proxy_urls.len() > MAX_PROXY_URLS {
         return Err(ApiError::bad_request(
@@ -47,7 +47,7 @@ pub fn row(name: String, proxy_urls: Vec<String>) -> Result<SiteRow, ApiError> {
 }
 
 /// Refuses a site the database does not have (a user's site must exist).
-pub async fn require_known(store: &Store, site: &str) -> Result<(), ApiError> {
+pub(crate) async fn require_known(store: &Store, site: &str) -> Result<(), ApiError> {
     if store.site(site).await?.is_none() {
         return Err(ApiError::not_found(
             "unknown_site",

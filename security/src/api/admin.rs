@@ -28,7 +28,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 type P<T> = Result<Path<T>, PathRejection>;
 
 /// The admin API routes, behind the token check.
-pub fn router(state: Shared) -> Router {
+pub(crate) fn router(state: Shared) -> Router {
     let api = Router::new()
         .route("/users", get(list_users).post(add_user))
         .route(

@@ -28,7 +28,7 @@ use crate::store::{KeyRow, UserRow, unix_now};
 use crate::tls::Peer;
 
 /// The device API's routes.
-pub fn router(state: Shared) -> Router {
+pub(crate) fn router(state: Shared) -> Router {
     Router::new()
         .route(PATH_CHALLENGE, post(challenge))
         .route(PATH_ENROLL, post(enroll))

@@ -10,7 +10,6 @@ mod table;
 mod users;
 
 pub use client::CliError;
-pub use table::table;
 
 use crate::config::{AdminArgs, AdminCommand, LdapCmd};
 

@@ -6,7 +6,7 @@ use crate::admin_types::RevokeResult;
 use crate::store::{KeyRow, UserRow};
 
 /// Formats rows as an aligned table.
-pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+pub(super) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
