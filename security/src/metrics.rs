@@ -1,6 +1,6 @@
 //! The Prometheus text metrics endpoint (`--metrics-listen`, plain HTTP `GET /metrics`): the
-//! database role and replication health ([`crate::ha`]), the backup scheduler's figures and the
-//! live sessions.
+//! database role and replication health (as `ha.rs` sees it), the backup scheduler's figures
+//! and the live sessions.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
