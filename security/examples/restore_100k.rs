@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use scm_security::backup;
-use scm_security::keys::MasterKey;
+use scm_security::master_key::MasterKey;
 use scm_security::store::Store;
 
 const ROWS_PER_INSERT: usize = 400;

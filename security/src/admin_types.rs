@@ -3,12 +3,12 @@
 use serde::{Deserialize, Serialize};
 
 /// Admin API path prefix.
-pub const ADMIN_PREFIX: &str = "/v1/admin";
+pub(crate) const ADMIN_PREFIX: &str = "/v1/admin";
 
 /// `POST /v1/admin/users`.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NewUser {
+pub(crate) struct NewUser {
     /// User name.
     pub name: String,
     /// Password.
@@ -24,7 +24,7 @@ pub struct NewUser {
 /// `PATCH /v1/admin/users/{name}`.
 #[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct UpdateUser {
+pub(crate) struct UpdateUser {
     /// New groups (local users).
     #[serde(default)]
     pub groups: Option<Vec<String>>,
@@ -39,14 +39,14 @@ pub struct UpdateUser {
 /// `POST /v1/admin/users/{name}/activation-codes`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ActivationCodeRequest {
+pub(crate) struct ActivationCodeRequest {
     /// Validity in seconds.
     pub ttl_secs: u64,
 }
 
 /// An issued activation code (shown once).
 #[derive(Clone, Serialize, Deserialize)]
-pub struct ActivationCode {
+pub(crate) struct ActivationCode {
     /// User it is for.
     pub user: String,
     /// The code.
@@ -57,7 +57,7 @@ pub struct ActivationCode {
 
 /// A live session as admins see it (never its id or key).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SessionInfo {
+pub(crate) struct SessionInfo {
     /// Tag.
     pub tag: String,
     /// User.
@@ -84,7 +84,7 @@ pub struct SessionInfo {
 
 /// What a revocation ended.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RevokeResult {
+pub(crate) struct RevokeResult {
     /// Sessions ended.
     pub sessions: usize,
     /// Keys revoked.
@@ -93,7 +93,7 @@ pub struct RevokeResult {
 
 /// `GET /v1/admin/apps`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AppsListing {
+pub(crate) struct AppsListing {
     /// Published packages.
     pub releases: Vec<scm_proto::api::AppRelease>,
     /// Policies.
@@ -103,7 +103,7 @@ pub struct AppsListing {
 /// `PUT /v1/admin/apps/{app_id}/policy`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PolicyUpdate {
+pub(crate) struct PolicyUpdate {
     /// New minimum version.
     #[serde(default)]
     pub min_version: Option<String>,
@@ -121,7 +121,7 @@ pub struct PolicyUpdate {
 /// `PUT /v1/admin/resources/{name}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ResourceBody {
+pub(crate) struct ResourceBody {
     /// Back end host:port.
     pub address: String,
     /// `tcp` or `http`.
@@ -134,7 +134,7 @@ pub struct ResourceBody {
 /// `PUT /v1/admin/sites/{name}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SiteBody {
+pub(crate) struct SiteBody {
     /// Proxies, host:port.
     pub proxy_urls: Vec<String>,
 }

@@ -16,9 +16,6 @@ use std::time::Duration;
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
-use axum::extract::State;
-use axum::http::{HeaderValue, header};
-use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use serde::{Deserialize, Serialize};
@@ -26,8 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AssertionArgs;
 use crate::error::Error;
-use crate::keys::MasterKey;
-use crate::server::Shared;
+use crate::master_key::MasterKey;
 use crate::sessions::Session;
 use crate::store::{AssertionKeyRow, Store, unix_now};
 
@@ -392,28 +388,16 @@ fn retire_at(next_active_from: i64, ttl: i64) -> i64 {
     next_active_from + ttl + 1
 }
 
-/// `GET /.well-known/jwks.json`: the JWK Set. Caches may keep it one reload interval, shorter
-/// than the time a new key is published before it signs.
-pub async fn jwks(State(st): State<Shared>) -> Response {
-    let set = st.assertions.jwks(unix_now());
-    let mut resp = axum::Json(set).into_response();
-    let max_age = st.assertions.settings().check_interval().as_secs();
-    if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={max_age}")) {
-        resp.headers_mut().insert(header::CACHE_CONTROL, v);
-    }
-    resp
-}
-
 /// Reloads (and rotates) the signing keys every check interval.
-pub async fn rotator(state: Shared, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(state.assertions.settings().check_interval());
+pub(crate) async fn rotator(assertions: Arc<Assertions>, store: Store, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(assertions.settings().check_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = state.assertions.refresh(&state.store).await {
+        if let Err(e) = assertions.refresh(&store).await {
             tracing::warn!(error = %e, "reloading the identity assertion keys failed; keeping the loaded ones");
         }
     }

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{DbContext as _, Error};
 use crate::fsmode::{create_private_dir, create_private_file};
-use crate::keys::MasterKey;
+use crate::master_key::MasterKey;
 use crate::store::schema::{Column, ColumnType};
 use crate::store::{Backend, Store, latest_schema_version, unix_now};
 
@@ -449,7 +449,7 @@ pub async fn snapshot(
     packages.dedup();
     let mut files = Vec::new();
     for sha in packages {
-        let src = crate::apps::dir(data_dir).join(&sha);
+        let src = crate::packages::dir(data_dir).join(&sha);
         let bytes = tokio::fs::read(&src).await.map_err(|e| io(&src, e))?;
         let rel = format!("apps/{sha}");
         write_file(&out.join(&rel), &bytes).await?;
@@ -495,7 +495,7 @@ fn sync_dir(dir: &Path) {
 
 /// Whether `text` is a lowercase hex SHA-256, the only name a package file has.
 pub fn is_sha256_hex(text: &str) -> bool {
-    crate::apps::is_sha256_hex(text)
+    crate::packages::is_sha256_hex(text)
 }
 
 /// Checks the manifest's MAC under `master`. A missing MAC file is refused unless `unauth` is
@@ -1109,7 +1109,7 @@ pub async fn restore_with(
     }
     tx.commit().await.db("committing the restore")?;
 
-    let apps = crate::apps::dir(data_dir);
+    let apps = crate::packages::dir(data_dir);
     create_private_dir(&apps)?;
     for f in &m.files {
         // `verify` checked the name is apps/<64 hex>: one plain file name inside `apps`.

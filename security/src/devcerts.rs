@@ -33,7 +33,7 @@ fn write(dir: &Path, name: &str, contents: &str, secret: bool, force: bool) -> R
         std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
     }
     if secret {
-        crate::keys::write_secret_file(&path, contents)
+        crate::secrets::write_secret_file(&path, contents)
     } else {
         if path.exists() {
             return Err(Error::Conflict(format!(

@@ -39,7 +39,7 @@ pub struct LdapConfig {
     /// Server URL.
     pub url: String,
     /// Search DN and password, if not anonymous.
-    pub bind: Option<(String, crate::keys::Secret)>,
+    pub bind: Option<(String, crate::secrets::Secret)>,
     /// User search base.
     pub user_base: String,
     /// User filter.
@@ -130,7 +130,7 @@ impl LdapConfig {
                 let pw = std::fs::read_to_string(f).map_err(|e| Error::io(f, e))?;
                 Some((
                     dn.clone(),
-                    crate::keys::Secret(pw.trim_end_matches(['\r', '\n']).to_owned()),
+                    crate::secrets::Secret(pw.trim_end_matches(['\r', '\n']).to_owned()),
                 ))
             }
             (None, None) => None,

@@ -1,6 +1,6 @@
 //! File modes of what the Security server keeps on disk: folders it creates are 0700, files it
 //! creates (database, packages, snapshots) 0600, an existing path with looser modes is reported
-//! at start-up, and the master key file is refused when anyone but its owner may read it.
+//! when the server starts ([`crate::data_dir::warn_loose_paths`]), and the master key file is refused when anyone but its owner may read it.
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
@@ -78,28 +78,6 @@ pub fn require_private_file(path: &Path, what: &str) -> Result<(), Error> {
         )));
     }
     Ok(())
-}
-
-/// Warns (see [`warn_if_loose`]) about every existing path of an instance whose mode is looser
-/// than what the server creates: the data, packages and backup folders, the SQLite database and
-/// its WAL files, and the admin token. Returns how many it warned about.
-pub fn warn_loose_paths(data_dir: &Path, backup_dir: &Path, admin_token: &Path) -> usize {
-    let apps = crate::apps::dir(data_dir);
-    let db = data_dir.join("scm.db");
-    let wal = data_dir.join("scm.db-wal");
-    let shm = data_dir.join("scm.db-shm");
-    [
-        (data_dir, "the data folder"),
-        (apps.as_path(), "the app packages folder"),
-        (backup_dir, "the backup folder"),
-        (db.as_path(), "the SQLite database"),
-        (wal.as_path(), "the SQLite write-ahead log"),
-        (shm.as_path(), "the SQLite shared-memory file"),
-        (admin_token, "the admin token file"),
-    ]
-    .into_iter()
-    .filter(|(p, what)| warn_if_loose(p, what))
-    .count()
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use crate::tls::ClientCert;
 
 /// A name a proxy certificate must carry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
+pub(crate) enum Identity {
     /// A DNS subject alternative name (compared without regard to ASCII case).
     Dns(String),
     /// An IP address subject alternative name.
@@ -47,13 +47,13 @@ struct Entry {
 /// The proxies allowed on the proxies' API. Empty: any certificate from `--client-ca` (the
 /// behaviour before the list existed; the server warns about it at start).
 #[derive(Debug, Clone, Default)]
-pub struct AllowList {
+pub(crate) struct AllowList {
     entries: Vec<Entry>,
 }
 
 /// A proxy that passed the allow-list, put in the request's extensions.
 #[derive(Debug, Clone)]
-pub struct AdmittedProxy {
+pub(crate) struct AdmittedProxy {
     /// The entry it matched (`dns:...`), or `any` without a list.
     pub identity: String,
     /// The sites it may validate sessions of; None: every site.
@@ -62,7 +62,7 @@ pub struct AdmittedProxy {
 
 impl AdmittedProxy {
     /// Whether this proxy may see a session of `site`.
-    pub fn serves(&self, site: &str) -> bool {
+    pub(crate) fn serves(&self, site: &str) -> bool {
         self.sites.as_ref().is_none_or(|s| s.contains(site))
     }
 }
@@ -111,7 +111,7 @@ impl AllowList {
     /// Parses `--proxy-allow` values: `dns:NAME`, `ip:ADDRESS` or `cn:COMMON NAME`, each
     /// optionally followed by `@SITE` (repeat the flag for more sites; an identity listed
     /// without a site may serve every site).
-    pub fn parse(specs: &[String]) -> Result<Self, Error> {
+    pub(crate) fn parse(specs: &[String]) -> Result<Self, Error> {
         let mut entries: Vec<Entry> = Vec::new();
         for spec in specs {
             let bad = |why: &str| {
@@ -156,12 +156,12 @@ impl AllowList {
     }
 
     /// Whether no proxy is named (any certificate from the CA is admitted).
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// Checks a verified client certificate (DER) against the list.
-    pub fn admit(&self, der: &[u8]) -> Result<AdmittedProxy, String> {
+    pub(crate) fn admit(&self, der: &[u8]) -> Result<AdmittedProxy, String> {
         if self.entries.is_empty() {
             return Ok(AdmittedProxy {
                 identity: "any".into(),
@@ -208,7 +208,7 @@ impl AllowList {
 
 /// Middleware of the proxies' listener: admits a request only from a proxy on the list, and
 /// hands the admitted identity to the handlers.
-pub async fn require_allowed(
+pub(crate) async fn require_allowed(
     State(list): State<Arc<AllowList>>,
     mut req: Request,
     next: Next,

@@ -6,7 +6,8 @@ use std::time::Duration;
 use scm_proto::crypto::{SharedKey, random_bytes};
 
 use crate::admin_types::{ActivationCode, NewUser, UpdateUser};
-use crate::keys::{MasterKey, Secret};
+use crate::master_key::MasterKey;
+use crate::secrets::Secret;
 use crate::sessions::{NewSession, Sessions};
 use crate::store::{KeyRow, UserRow};
 

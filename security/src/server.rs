@@ -1,21 +1,23 @@
-//! Wiring: turns `serve` flags into running listeners (device, proxies', admin) over one shared
-//! state, plus the background tasks (expiry sweeper, LDAP sync).
+//! Wiring: turns `serve` flags into one [`State`] and the running listeners (device, proxies',
+//! admin, forward-auth, metrics) and background tasks (expiry sweeper, key rotation, LDAP sync,
+//! role watcher, backups) over it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use scm_proto::api::{ProxyEvent, Resource};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin_token::{self, AdminToken};
 use crate::config::ServeArgs;
 use crate::directory::{Directory, LdapConfig};
 use crate::error::Error;
-use crate::keys::{self, MasterKey};
+use crate::master_key::{self, MasterKey};
+use crate::secrets::ensure_secret_file;
 use crate::sessions::{Challenges, Lockouts, Sessions, SourceLimiter};
+use crate::state::{Settings, Shared, State};
 use crate::store::Store;
 
 /// Used challenges remembered (each until its expiry) before logins are told to retry.
@@ -26,141 +28,6 @@ const AUDIT_FAILURE_WINDOW: Duration = Duration::from_secs(60);
 const MAX_LOCKOUT_ENTRIES: usize = 100_000;
 /// Sources with failure counters, per limiter; beyond it the counters idle longest are dropped.
 const MAX_SOURCE_ENTRIES: usize = 200_000;
-
-/// Settings the handlers need, resolved from the flags.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Data directory.
-    pub data_dir: PathBuf,
-    /// Whether enrolment needs an activation code.
-    pub require_activation_code: bool,
-    /// Site of new users.
-    pub default_site: String,
-    /// Revocation stream heartbeat.
-    pub heartbeat: Duration,
-    /// Largest app package.
-    pub max_package_bytes: u64,
-}
-
-/// Everything the handlers share.
-#[derive(Debug)]
-pub struct State {
-    /// Database.
-    pub store: Store,
-    /// Master key sealing shared keys.
-    pub master: MasterKey,
-    /// Users.
-    pub directory: Directory,
-    /// Live sessions.
-    pub sessions: Sessions,
-    /// Outstanding challenges.
-    pub challenges: Challenges,
-    /// Per-user lockouts.
-    pub lockouts: Lockouts,
-    /// Per-source limits.
-    pub limiter: SourceLimiter,
-    /// Per-source challenge rate (None: unlimited).
-    pub challenge_limiter: Option<SourceLimiter>,
-    /// Per-source failures on the admin listener (its own budget: device traffic cannot use it
-    /// up, and admin guessing cannot block devices).
-    pub admin_limiter: SourceLimiter,
-    /// Aggregates repeated unauthenticated failures in the audit log.
-    pub audit_throttle: crate::audit_throttle::AuditThrottle,
-    /// IPv6 prefix length of every per-source key.
-    pub source_prefix_v6: u8,
-    /// Admin token.
-    pub admin_token: keys::Secret,
-    /// Resolved settings.
-    pub settings: Settings,
-    /// The resource catalog, cached for validations.
-    pub resources: RwLock<Arc<Vec<Resource>>>,
-    /// Database role and replication health, as last checked.
-    pub ha: Arc<crate::ha::HaStatus>,
-    /// The backup scheduler's figures.
-    pub backup_stats: Arc<crate::backup::BackupStats>,
-    /// Identity assertion signing keys.
-    pub assertions: crate::assertion::Assertions,
-}
-
-/// Shared state handle.
-pub type Shared = Arc<State>;
-
-impl State {
-    /// Reloads the cached resource catalog and tells the proxies it changed.
-    pub async fn catalog_changed(&self) -> Result<(), Error> {
-        let fresh = Arc::new(self.store.resources().await?);
-        *self.resources.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-        self.sessions.publish(ProxyEvent::CatalogChanged);
-        Ok(())
-    }
-
-    /// The cached resource catalog.
-    pub fn resources(&self) -> Arc<Vec<Resource>> {
-        self.resources
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Audits an unauthenticated failure: the first of its kind from a source (IPv6 by prefix)
-    /// in a window is written at once, the rest are summarised in one row when the window ends,
-    /// so nobody can write a row per bad request.
-    pub async fn audit_failure(
-        &self,
-        kind: &str,
-        actor: &str,
-        ip: &std::net::IpAddr,
-        detail: &str,
-    ) {
-        let source = crate::sessions::source_key(*ip, self.source_prefix_v6);
-        if self.audit_throttle.record(kind, source, actor, detail)
-            == crate::audit_throttle::Verdict::Write
-        {
-            self.audit(kind, actor, actor, &source.to_string(), detail)
-                .await;
-        }
-    }
-
-    /// Writes the summaries of the failure windows that ended (all of them with `all`).
-    pub async fn flush_audit_failures(&self, all: bool) {
-        let (rows, overflow) = self.audit_throttle.flush(all);
-        for r in rows {
-            let detail = format!(
-                "{} more like this in the window; last: user={} {}",
-                r.more, r.last_actor, r.last_detail
-            );
-            self.audit(&r.kind, "-", &r.last_actor, &r.source, &detail)
-                .await;
-        }
-        if overflow > 0 {
-            self.audit(
-                "failures_unattributed",
-                "-",
-                "-",
-                "",
-                &format!("{overflow} failures from sources beyond the audit table's cap"),
-            )
-            .await;
-        }
-    }
-
-    /// Writes an audit entry; a failure is logged, not returned (the action already happened).
-    pub async fn audit(&self, kind: &str, actor: &str, subject: &str, source: &str, detail: &str) {
-        match self.store.audit(kind, actor, subject, source, detail).await {
-            Ok(()) => {}
-            // A hot standby serves logins without writing: the entry goes to the log instead.
-            Err(Error::ReadOnly(_)) => tracing::warn!(
-                kind,
-                actor,
-                subject,
-                source,
-                detail,
-                "audit entry not stored: the database is a read-only standby"
-            ),
-            Err(e) => tracing::error!(error = %e, kind, "audit write failed"),
-        }
-    }
-}
 
 /// A running server.
 #[derive(Debug)]
@@ -215,42 +82,26 @@ impl Drop for Running {
     }
 }
 
-/// The master key and admin token paths of a data directory, with flags' overrides.
-pub fn secret_paths(
-    data_dir: &std::path::Path,
-    master: Option<&PathBuf>,
-    token: Option<&PathBuf>,
-) -> (PathBuf, PathBuf) {
-    (
-        master
-            .cloned()
-            .unwrap_or_else(|| data_dir.join("master.key")),
-        token
-            .cloned()
-            .unwrap_or_else(|| data_dir.join("admin.token")),
-    )
-}
-
 /// Starts the server described by `args`; returns once every listener is bound.
 pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     if args.session_idle_timeout.is_zero() || args.session_max_lifetime.is_zero() {
         return Err(Error::Invalid("session timeouts must be above zero".into()));
     }
-    crate::store::check_name("--default-site", &args.default_site, 64)?;
+    crate::sites::check_default(&args.default_site)?;
     crate::fsmode::create_private_dir(&args.data_dir)?;
-    let (master_path, token_path) = secret_paths(
+    let (master_path, token_path) = crate::data_dir::secret_paths(
         &args.data_dir,
         args.master_key_file.as_ref(),
         args.admin_token_file.as_ref(),
     );
-    if keys::ensure_secret_file(&master_path, keys::new_master_key_text)? {
+    if ensure_secret_file(&master_path, master_key::new_master_key_text)? {
         tracing::warn!(path = %master_path.display(), "created a new master key (mode 0600); back it up");
     }
-    if keys::ensure_secret_file(&token_path, keys::new_admin_token_text)? {
+    if ensure_secret_file(&token_path, admin_token::new_admin_token_text)? {
         tracing::warn!(path = %token_path.display(), "created a new admin token (mode 0600)");
     }
     let master = MasterKey::load(&master_path)?;
-    let admin_token = keys::read_token_file(&token_path)?;
+    let admin_token = AdminToken::load(&token_path)?;
 
     let device_tls = crate::tls::server_config(&args.tls_cert, &args.tls_key)?;
     let proxy_tls = crate::tls::mtls_server_config_with_crls(
@@ -275,14 +126,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     if args.require_sync_commit {
         store.require_sync_commit(args.sync_commit_timeout)?;
     }
-    match store.ensure_site(&args.default_site).await {
-        Ok(()) => {}
-        Err(Error::ReadOnly(_)) => tracing::warn!(
-            site = %args.default_site,
-            "the default site is not in the standby's database; it is created at the primary"
-        ),
-        Err(e) => return Err(e),
-    }
+    crate::sites::ensure_default(&store, &args.default_site).await?;
     if let Some(k) = store.any_key().await? {
         master.open(&k.key_id, &k.sealed_key).map_err(|_| {
             Error::Crypto(format!(
@@ -295,10 +139,10 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     let directory = Directory::new(store.clone(), ldap, args.default_site.clone())?
         .with_hash_queue(args.max_hash_queue);
     let resources = RwLock::new(Arc::new(store.resources().await?));
-    let assertions = crate::assertion::Assertions::new(
+    let assertions = Arc::new(crate::assertion::Assertions::new(
         crate::assertion::Settings::from_args(&args.assertion)?,
         master.clone(),
-    );
+    ));
     assertions.refresh(&store).await?;
 
     let state: Shared = Arc::new(State {
@@ -341,7 +185,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
             MAX_SOURCE_ENTRIES,
         ),
         source_prefix_v6: args.source_prefix_v6,
-        admin_token: keys::Secret(admin_token),
+        admin_token,
         settings: Settings {
             data_dir: args.data_dir.clone(),
             require_activation_code: args.require_activation_code,
@@ -355,13 +199,10 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         backup_stats: Arc::new(crate::backup::BackupStats::default()),
         assertions,
     });
-    crate::fsmode::create_private_dir(&crate::apps::dir(&state.settings.data_dir))?;
-    crate::fsmode::warn_loose_paths(
+    crate::fsmode::create_private_dir(&crate::packages::dir(&state.settings.data_dir))?;
+    crate::data_dir::warn_loose_paths(
         &args.data_dir,
-        &args
-            .backup_dir
-            .clone()
-            .unwrap_or_else(|| args.data_dir.join("backups")),
+        &crate::data_dir::backup_dir(&args.data_dir, args.backup_dir.as_ref()),
         &token_path,
     );
 
@@ -380,7 +221,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     let (device_addr, proxy_addr, admin_addr) =
         (local(&device_l)?, local(&proxy_l)?, local(&admin_l)?);
     let metrics_l = match args.metrics_listen {
-        Some(a) => Some(crate::ha::bind_metrics(a).await?),
+        Some(a) => Some(crate::metrics::bind_metrics(a).await?),
         None => None,
     };
     let metrics_addr = metrics_l.as_ref().map(local).transpose()?;
@@ -405,7 +246,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         "proxy",
         proxy_l,
         proxy_tls,
-        crate::api::proxy::router_with(state.clone(), proxy_allow),
+        crate::api::proxy::router(state.clone(), proxy_allow),
         limits,
         stop.clone(),
     ));
@@ -425,9 +266,17 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         tasks.spawn(f.serve(limits, stop.clone()));
     }
     tasks.spawn(sweeper(state.clone(), stop.clone()));
-    tasks.spawn(crate::assertion::rotator(state.clone(), stop.clone()));
+    tasks.spawn(crate::assertion::rotator(
+        state.assertions.clone(),
+        state.store.clone(),
+        stop.clone(),
+    ));
     if let Some(interval) = state.directory.ldap().map(|l| l.sync_interval) {
-        tasks.spawn(ldap_syncer(state.clone(), interval, stop.clone()));
+        tasks.spawn(crate::ldap_sync::ldap_syncer(
+            state.clone(),
+            interval,
+            stop.clone(),
+        ));
     }
     // The first look is synchronous so that metrics are right from the start.
     match crate::ha::observe(&state.store).await {
@@ -443,10 +292,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     ));
     if !args.backup_interval.is_zero() {
         let sched = crate::backup::Schedule {
-            dir: args
-                .backup_dir
-                .clone()
-                .unwrap_or_else(|| args.data_dir.join("backups")),
+            dir: crate::data_dir::backup_dir(&args.data_dir, args.backup_dir.as_ref()),
             interval: args.backup_interval,
             keep: args.backup_keep,
         };
@@ -463,7 +309,11 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         tracing::warn!("scheduled backups are off (--backup-interval 0)");
     }
     if let Some(l) = metrics_l {
-        tasks.spawn(crate::ha::serve_metrics(l, state.clone(), stop.clone()));
+        tasks.spawn(crate::metrics::serve_metrics(
+            l,
+            state.clone(),
+            stop.clone(),
+        ));
     }
     tracing::info!(
         metrics = ?metrics_addr,
@@ -505,51 +355,4 @@ async fn sweeper(state: Shared, stop: CancellationToken) {
             l.sweep();
         }
     }
-}
-
-/// Syncs LDAP users and groups now and then every `interval`.
-async fn ldap_syncer(state: Shared, interval: Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        if let Err(e) = run_ldap_sync(&state, "system").await {
-            tracing::warn!(error = %e, "LDAP sync failed; keeping the previous users and groups");
-        }
-    }
-}
-
-/// One LDAP sync, ending the sessions of users who left the directory.
-pub async fn run_ldap_sync(
-    state: &State,
-    actor: &str,
-) -> Result<crate::directory::SyncReport, Error> {
-    let report = state.directory.sync().await?;
-    for name in &report.removed {
-        state
-            .sessions
-            .remove_where(|s| &s.user == name, "user_removed");
-    }
-    tracing::info!(
-        users = report.users,
-        groups = report.groups,
-        removed = report.removed.len(),
-        "LDAP sync done"
-    );
-    state
-        .audit(
-            "ldap_sync",
-            actor,
-            "ldap",
-            "",
-            &format!(
-                "users={} groups={} removed={:?} skipped={:?}",
-                report.users, report.groups, report.removed, report.skipped
-            ),
-        )
-        .await;
-    Ok(report)
 }

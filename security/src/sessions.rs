@@ -272,19 +272,12 @@ impl Sessions {
 
 /// The key a source address is counted under: IPv4 as it is, IPv6 by its first `v6_prefix` bits
 /// (one customer usually holds a whole /64, so counting full addresses lets it walk around every
-/// limit). An IPv4 address written in IPv6 form counts as the IPv4 address.
+/// limit). An IPv4 address written in IPv6 form counts as the IPv4 address; a prefix above 128
+/// keeps the whole address.
 pub fn source_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return IpAddr::V4(v4);
-            }
-            let bits = u32::from(v6_prefix.min(128));
-            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
-            IpAddr::V6((u128::from(v6) & mask).into())
-        }
-    }
+    // One implementation with the XDP shield's map keys, so user space and the data plane
+    // count a source alike.
+    proxy_common::steer::source_prefix(ip, u32::from(v6_prefix))
 }
 
 /// Why a challenge could not be used.

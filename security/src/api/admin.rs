@@ -11,7 +11,6 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use scm_proto::api::{AppPolicy, AppRelease, Resource};
 use scm_proto::crypto;
-use scm_proto::version::AppVersion;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
@@ -21,7 +20,7 @@ use crate::admin_types::{
     RevokeResult, SessionInfo, SiteBody, UpdateUser,
 };
 use crate::error::{ApiError, Error};
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::store::{AuditRow, KeyRow, SiteRow, UserRow, check_host_port, check_name, unix_now};
 use crate::tls::Peer;
 
@@ -29,7 +28,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 type P<T> = Result<Path<T>, PathRejection>;
 
 /// The admin API routes, behind the token check.
-pub fn router(state: Shared) -> Router {
+pub(crate) fn router(state: Shared) -> Router {
     let api = Router::new()
         .route("/users", get(list_users).post(add_user))
         .route(
@@ -70,8 +69,7 @@ async fn require_token(State(st): State<Shared>, req: Request, next: Next) -> Re
     if let Err(e) = super::admit(&st.admin_limiter, ip) {
         return e.into_response_();
     }
-    let ok = bearer(req.headers())
-        .is_some_and(|t| crypto::ct_eq(t.as_bytes(), st.admin_token.0.as_bytes()));
+    let ok = bearer(req.headers()).is_some_and(|t| st.admin_token.matches(t));
     if !ok {
         st.admin_limiter.fail(ip);
         st.audit_failure("admin_auth_failed", "-", &ip, "bad_admin_token")
@@ -114,12 +112,7 @@ async fn add_user(
     check_name("user name", &req.name, 64)?;
     check_groups(&req.groups)?;
     let site = req.site.unwrap_or_else(|| st.settings.default_site.clone());
-    if st.store.site(&site).await?.is_none() {
-        return Err(ApiError::not_found(
-            "unknown_site",
-            format!("no site {site}"),
-        ));
-    }
+    crate::sites::require_known(&st.store, &site).await?;
     if st.store.user(&req.name).await?.is_some() {
         return Err(Error::Conflict(format!("user {} already exists", req.name)).into());
     }
@@ -163,12 +156,7 @@ async fn update_user(
         user.groups = g;
     }
     if let Some(site) = req.site {
-        if st.store.site(&site).await?.is_none() {
-            return Err(ApiError::not_found(
-                "unknown_site",
-                format!("no site {site}"),
-            ));
-        }
+        crate::sites::require_known(&st.store, &site).await?;
         user.site = site;
     }
     if let Some(pw) = req.password {
@@ -439,10 +427,6 @@ async fn list_apps(State(st): State<Shared>) -> ApiResult<AppsListing> {
     }))
 }
 
-fn parse_version(v: &str) -> Result<AppVersion, ApiError> {
-    AppVersion::parse(v).map_err(|e| ApiError::bad_request("invalid_field", e.to_string()))
-}
-
 async fn publish(
     State(st): State<Shared>,
     Extension(peer): Extension<Peer>,
@@ -452,7 +436,7 @@ async fn publish(
     let Path((app_id, platform, version)) = params.map_err(path_error)?;
     check_name("app id", &app_id, 64)?;
     check_name("platform", &platform, 32)?;
-    parse_version(&version)?;
+    crate::app_policy::parse_version(&version)?;
     if st
         .store
         .release(&app_id, &platform, &version)
@@ -464,9 +448,9 @@ async fn publish(
             format!("{app_id} {version} for {platform} is already published"),
         ));
     }
-    let dir = crate::apps::dir(&st.settings.data_dir);
+    let dir = crate::packages::dir(&st.settings.data_dir);
     let (tmp, sha256, size) =
-        crate::apps::receive(&dir, body, st.settings.max_package_bytes).await?;
+        crate::packages::receive(&dir, body, st.settings.max_package_bytes).await?;
     let rel = AppRelease {
         download_path: crate::store::download_path(&app_id, &platform, &version),
         app_id,
@@ -476,7 +460,7 @@ async fn publish(
         size,
     };
     let stored = async {
-        crate::apps::commit(&dir, &tmp, &sha256).await?;
+        crate::packages::commit(&dir, &tmp, &sha256).await?;
         st.store.insert_release(&rel).await
     }
     .await;
@@ -503,27 +487,9 @@ async fn set_policy(
 ) -> ApiResult<AppPolicy> {
     let Path(app_id) = app_id.map_err(path_error)?;
     check_name("app id", &app_id, 64)?;
-    for v in req
-        .min_version
-        .iter()
-        .chain(&req.revoke)
-        .chain(&req.unrevoke)
-    {
-        parse_version(v)?;
-    }
+    crate::app_policy::check(&req)?;
     let mut p = st.store.policy(&app_id).await?;
-    if req.clear_min_version {
-        p.min_version = None;
-    }
-    if let Some(m) = req.min_version {
-        p.min_version = Some(m);
-    }
-    for v in req.revoke {
-        if !p.revoked_versions.contains(&v) {
-            p.revoked_versions.push(v);
-        }
-    }
-    p.revoked_versions.retain(|v| !req.unrevoke.contains(v));
+    crate::app_policy::apply(&mut p, req);
     st.store.set_policy(&p).await?;
     st.sessions
         .publish(scm_proto::api::ProxyEvent::CatalogChanged);
@@ -597,20 +563,7 @@ async fn set_site(
     ApiJson(req): ApiJson<SiteBody>,
 ) -> ApiResult<SiteRow> {
     let Path(name) = name.map_err(path_error)?;
-    check_name("site name", &name, 64)?;
-    if req.proxy_urls.len() > 64 {
-        return Err(ApiError::bad_request(
-            "invalid_field",
-            "at most 64 proxy URLs",
-        ));
-    }
-    for u in &req.proxy_urls {
-        check_host_port("proxy URL", u)?;
-    }
-    let s = SiteRow {
-        name,
-        proxy_urls: req.proxy_urls,
-    };
+    let s = crate::sites::row(name, req.proxy_urls)?;
     st.store.upsert_site(&s).await?;
     st.audit(
         "admin",
@@ -666,7 +619,7 @@ async fn ldap_sync(State(st): State<Shared>) -> ApiResult<crate::directory::Sync
             "start the server with --ldap-url",
         ));
     }
-    crate::server::run_ldap_sync(&st, "admin")
+    crate::ldap_sync::run_ldap_sync(&st, "admin")
         .await
         .map(Json)
         .map_err(|e| match e {

@@ -22,13 +22,13 @@ use super::{
 };
 use crate::directory::AuthError;
 use crate::error::ApiError;
-use crate::server::Shared;
 use crate::sessions::{Attempt, ChallengeError, NewSession, Refused};
+use crate::state::Shared;
 use crate::store::{KeyRow, UserRow, unix_now};
 use crate::tls::Peer;
 
 /// The device API's routes.
-pub fn router(state: Shared) -> Router {
+pub(crate) fn router(state: Shared) -> Router {
     Router::new()
         .route(PATH_CHALLENGE, post(challenge))
         .route(PATH_ENROLL, post(enroll))
@@ -40,10 +40,23 @@ pub fn router(state: Shared) -> Router {
             get(download),
         )
         .route("/healthz", get(|| async { "ok\n" }))
-        .route(scm_proto::api::PATH_JWKS, get(crate::assertion::jwks))
+        .route(scm_proto::api::PATH_JWKS, get(jwks))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// `GET /.well-known/jwks.json`: the JWK Set. Caches may keep it one reload interval, shorter
+/// than the time a new key is published before it signs.
+async fn jwks(State(st): State<Shared>) -> Response {
+    let set = st.assertions.jwks(unix_now());
+    let mut resp = axum::Json(set).into_response();
+    let max_age = st.assertions.settings().check_interval().as_secs();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&format!("public, max-age={max_age}")) {
+        resp.headers_mut()
+            .insert(axum::http::header::CACHE_CONTROL, v);
+    }
+    resp
 }
 
 /// Checks an identifier the preamble will carry: visible ASCII within the preamble's limit.
@@ -372,7 +385,7 @@ async fn login(
     let user = authenticate(&st, "login_failed", name, site, &req.password, ip).await?;
 
     let policy = st.store.policy(&req.app_id).await?;
-    if !crate::apps::allowed(&policy, &version) {
+    if !crate::app_policy::allowed(&policy, &version) {
         return Err(ApiError::forbidden(
             "app_version_not_allowed",
             format!(
@@ -482,7 +495,7 @@ async fn update_check(
             format!("no app {app_id} is published"),
         ));
     }
-    Ok(Json(crate::apps::update_answer(
+    Ok(Json(crate::app_policy::update_answer(
         &releases,
         &policy,
         &q.platform,
@@ -502,7 +515,9 @@ async fn download(
             format!("{app_id} {version} for {platform} is not published"),
         ));
     };
-    match crate::apps::download(&crate::apps::dir(&st.settings.data_dir), &rel, &headers).await {
+    match crate::packages::download(&crate::packages::dir(&st.settings.data_dir), &rel, &headers)
+        .await
+    {
         Ok(r) => Ok(r),
         Err(e) => Ok(e.into_response()),
     }

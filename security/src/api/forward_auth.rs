@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::{bearer, method_not_allowed, not_found};
 use crate::config::ServeArgs;
 use crate::error::{ApiError, Error};
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::tls::Peer;
 
 /// The one endpoint: any method (nginx may forward the original request's method), no body read.

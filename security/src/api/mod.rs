@@ -2,10 +2,10 @@
 //! mutual TLS), [`admin`] (token) and [`forward_auth`] (nginx `auth_request`; mutual TLS, opt-in). This module holds what they share: the strict JSON body
 //! extractor and the JSON answers for unknown paths and methods.
 
-pub mod admin;
-pub mod device;
+pub(crate) mod admin;
+pub(crate) mod device;
 pub mod forward_auth;
-pub mod proxy;
+pub(crate) mod proxy;
 
 use std::net::IpAddr;
 use std::time::Duration;

@@ -25,17 +25,12 @@ use tokio::sync::broadcast::error::RecvError;
 use super::{ApiJson, method_not_allowed, not_found};
 use crate::error::ApiError;
 use crate::proxyauth::{AdmittedProxy, AllowList};
-use crate::server::Shared;
 use crate::sessions::{Lookup, Session, now_ms};
+use crate::state::Shared;
 
-/// The proxies' API routes, open to any certificate from `--client-ca`.
-pub fn router(state: Shared) -> Router {
-    router_with(state, Arc::new(AllowList::default()))
-}
-
-/// The proxies' API routes behind the proxy allow-list: every request, known route or not, is
-/// checked against it first.
-pub fn router_with(state: Shared, allow: Arc<AllowList>) -> Router {
+/// The proxies' API routes behind the proxy allow-list (an empty one admits any certificate from
+/// `--client-ca`): every request, known route or not, is checked against it first.
+pub(crate) fn router(state: Shared, allow: Arc<AllowList>) -> Router {
     Router::new()
         .route(PATH_PROXY_VALIDATE, post(validate))
         .route(PATH_PROXY_REVOCATIONS, get(revocations))

@@ -319,7 +319,7 @@ async fn bad_snapshots_are_refused() {
     }
 
     // Another master key does not open the snapshot's keys: refused before any write.
-    let other = scm_security::keys::new_master_key_text();
+    let other = scm_security::master_key::new_master_key_text();
     let (args, d) = restore_into(&good, other.as_bytes());
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     refused(&argv, "the master key does not open the snapshot's key");
@@ -472,7 +472,7 @@ async fn unwritable_backup_folders_fail_loudly() {
         .unwrap_err();
     assert!(err.to_string().contains("Read-only file system"), "{err}");
     assert_eq!(stats.failures.load(Ordering::Relaxed), 3);
-    let text = scm_security::ha::render(&srv.state().ha, &stats, 0);
+    let text = scm_security::metrics::render(&srv.state().ha, &stats, 0);
     assert!(text.contains("scm_backup_failures_total 3"), "{text}");
 
     // The server still works.
@@ -526,7 +526,7 @@ fn edit_manifest(p: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 
 /// Authenticates the snapshot's current manifest under `master`: what a writer holding the
 /// master key (a buggy or newer scm-security) would produce.
-fn remac(p: &Path, master: &scm_security::keys::MasterKey) {
+fn remac(p: &Path, master: &scm_security::master_key::MasterKey) {
     let text = std::fs::read(p.join(backup::MANIFEST)).unwrap();
     let mac = backup::MacFile {
         alg: backup::MAC_ALG.into(),
@@ -698,7 +698,7 @@ async fn tampered_snapshots_are_refused(db: Db) {
     let wrong_key = wrong_key_dir.join("master.key");
     write_key(
         &wrong_key,
-        scm_security::keys::new_master_key_text().as_bytes(),
+        scm_security::master_key::new_master_key_text().as_bytes(),
     );
     let wrong = wrong_key.display().to_string();
     let refusals: Vec<(&Path, Vec<&str>, &str)> = vec![
@@ -912,7 +912,7 @@ async fn a_loose_master_key_stops_the_server() {
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(
         data.join("master.key"),
-        scm_security::keys::new_master_key_text(),
+        scm_security::master_key::new_master_key_text(),
     )
     .unwrap();
     std::fs::set_permissions(

@@ -895,8 +895,11 @@ async fn wrong_master_key_refused_at_start() {
     Device::enroll(&srv, "alice", "alice-pw", "p1").await;
     srv.stop().await;
     let other = srv.dir.path().join("other.key");
-    scm_security::keys::write_secret_file(&other, &scm_security::keys::new_master_key_text())
-        .unwrap();
+    scm_security::secrets::write_secret_file(
+        &other,
+        &scm_security::master_key::new_master_key_text(),
+    )
+    .unwrap();
     let certs = srv.certs();
     let args = crate::support::serve_args(
         srv.dir.path(),

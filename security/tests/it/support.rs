@@ -131,7 +131,7 @@ impl Server {
         self.dir.path().join("certs")
     }
 
-    pub fn state(&self) -> &scm_security::server::State {
+    pub fn state(&self) -> &scm_security::state::State {
         &self.running.as_ref().expect("running").state
     }
 

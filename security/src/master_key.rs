@@ -1,10 +1,8 @@
-//! Secrets at rest: the master key file, the admin token file, AES-256-GCM sealing of shared
-//! keys under the master key (the key id is the associated data, so a ciphertext cannot be moved
-//! to another row), and the backup manifest's HMAC under a key derived from the master key.
+//! The master key: its file, AES-256-GCM sealing of shared keys (and assertion signing keys)
+//! under it (the key id is the associated data, so a ciphertext cannot be moved to another row),
+//! and the backup manifest's HMAC under a key derived from it.
 
 use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -183,62 +181,9 @@ impl MasterKey {
     }
 }
 
-/// A secret string (admin token, LDAP bind password) whose `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(redacted)")
-    }
-}
-
-/// Writes `contents` to a new file with mode 0600, refusing to overwrite.
-pub fn write_secret_file(path: &Path, contents: &str) -> Result<(), Error> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        crate::fsmode::create_private_dir(parent)?;
-    }
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    f.write_all(contents.as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(|e| Error::io(path, e))
-}
-
 /// A new random master key in its file format.
 pub fn new_master_key_text() -> String {
     format!("{}\n", crypto::b64(&crypto::random_bytes::<KEY_LEN>()))
-}
-
-/// A new random admin token in its file format.
-pub fn new_admin_token_text() -> String {
-    format!("{}\n", hex::encode(crypto::random_bytes::<KEY_LEN>()))
-}
-
-/// Creates the file with fresh content if it does not exist; returns whether it created it.
-pub fn ensure_secret_file(path: &Path, make: fn() -> String) -> Result<bool, Error> {
-    if path.exists() {
-        return Ok(false);
-    }
-    write_secret_file(path, &make())?;
-    Ok(true)
-}
-
-/// Reads a token file, trimmed; refuses an empty one.
-pub fn read_token_file(path: &Path) -> Result<String, Error> {
-    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let token = text.trim().to_owned();
-    if token.len() < 16 {
-        return Err(Error::Invalid(format!(
-            "{}: token must be at least 16 characters",
-            path.display()
-        )));
-    }
-    Ok(token)
 }
 
 impl std::fmt::Debug for Sealed {
@@ -256,6 +201,7 @@ impl std::fmt::Debug for Sealed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secrets::{ensure_secret_file, write_secret_file};
     use std::os::unix::fs::PermissionsExt as _;
 
     #[test]
@@ -279,11 +225,7 @@ mod tests {
     }
 
     #[test]
-    fn secrets_are_redacted() {
-        assert_eq!(
-            format!("{:?}", Secret("hunter2".into())),
-            "Secret(redacted)"
-        );
+    fn the_master_key_is_redacted() {
         let mk = MasterKey::from_bytes(&[7; KEY_LEN]);
         assert_eq!(format!("{mk:?}"), "MasterKey(redacted)");
     }

@@ -1,5 +1,6 @@
 //! App packages on disk: content-addressed files under DATA_DIR/apps, written while hashing the
-//! upload, served with single HTTP byte ranges; and the update answer devices ask for.
+//! upload, served with single HTTP byte ranges. Which version a device may run is
+//! [`crate::app_policy`]'s.
 
 use std::path::{Path, PathBuf};
 
@@ -7,22 +8,21 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse as _, Response};
 use futures_util::StreamExt as _;
-use scm_proto::api::{AppPolicy, AppRelease, HEADER_SHA256, UpdateCheckResponse};
-use scm_proto::version::AppVersion;
+use scm_proto::api::{AppRelease, HEADER_SHA256};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 
 use crate::error::{ApiError, Error};
 
 /// Directory of package files.
-pub fn dir(data_dir: &Path) -> PathBuf {
+pub(crate) fn dir(data_dir: &Path) -> PathBuf {
     data_dir.join("apps")
 }
 
 /// Whether `text` is a lowercase hex SHA-256: the only file name a package has. Every path
 /// built from a release's sha256 is checked with this first, so a bad row (a restored one, say)
 /// can never name a file outside the packages folder.
-pub fn is_sha256_hex(text: &str) -> bool {
+pub(crate) fn is_sha256_hex(text: &str) -> bool {
     text.len() == 64
         && text
             .bytes()
@@ -30,13 +30,17 @@ pub fn is_sha256_hex(text: &str) -> bool {
 }
 
 /// The path of the package named `sha256` under `dir`, or None if that is not a package name.
-pub fn package_path(dir: &Path, sha256: &str) -> Option<PathBuf> {
+pub(crate) fn package_path(dir: &Path, sha256: &str) -> Option<PathBuf> {
     is_sha256_hex(sha256).then(|| dir.join(sha256))
 }
 
 /// Streams `body` into a temporary file in `dir`, hashing it; returns (temp path, sha256 hex,
 /// size). Refuses bodies over `max` bytes.
-pub async fn receive(dir: &Path, body: Body, max: u64) -> Result<(PathBuf, String, u64), ApiError> {
+pub(crate) async fn receive(
+    dir: &Path,
+    body: Body,
+    max: u64,
+) -> Result<(PathBuf, String, u64), ApiError> {
     let tmp = dir.join(format!(
         "upload-{}.tmp",
         hex::encode(scm_proto::crypto::random_bytes::<8>())
@@ -91,7 +95,7 @@ pub async fn receive(dir: &Path, body: Body, max: u64) -> Result<(PathBuf, Strin
 }
 
 /// Moves a received temp file to its content address.
-pub async fn commit(dir: &Path, tmp: &Path, sha256: &str) -> Result<(), Error> {
+pub(crate) async fn commit(dir: &Path, tmp: &Path, sha256: &str) -> Result<(), Error> {
     let dest = package_path(dir, sha256)
         .ok_or_else(|| Error::Invalid(format!("{sha256:?} is not a package name")))?;
     tokio::fs::rename(tmp, &dest)
@@ -130,7 +134,7 @@ fn parse_range(text: &str, size: u64) -> Option<Result<(u64, u64), ()>> {
 }
 
 /// Serves a package file, whole or one range, with its SHA-256 header.
-pub async fn download(
+pub(crate) async fn download(
     dir: &Path,
     rel: &AppRelease,
     headers: &HeaderMap,
@@ -197,56 +201,9 @@ pub async fn download(
     Ok(resp)
 }
 
-/// Whether `version` may be used under `policy`.
-pub fn allowed(policy: &AppPolicy, version: &AppVersion) -> bool {
-    let above_min = policy
-        .min_version
-        .as_deref()
-        .and_then(|m| AppVersion::parse(m).ok())
-        .is_none_or(|m| *version >= m);
-    let revoked = policy
-        .revoked_versions
-        .iter()
-        .filter_map(|r| AppVersion::parse(r).ok())
-        .any(|r| r == *version);
-    above_min && !revoked
-}
-
-/// The update answer for a device running `current` on `platform`.
-pub fn update_answer(
-    releases: &[AppRelease],
-    policy: &AppPolicy,
-    platform: &str,
-    current: &AppVersion,
-) -> UpdateCheckResponse {
-    let latest = releases
-        .iter()
-        .filter(|r| r.platform == platform)
-        .filter_map(|r| AppVersion::parse(&r.version).ok().map(|v| (v, r)))
-        .filter(|(v, _)| allowed(policy, v))
-        .max_by(|a, b| a.0.cmp(&b.0));
-    UpdateCheckResponse {
-        update_available: latest.as_ref().is_some_and(|(v, _)| v > current),
-        current_allowed: allowed(policy, current),
-        min_version: policy.min_version.clone(),
-        latest: latest.map(|(_, r)| r.clone()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rel(v: &str, p: &str) -> AppRelease {
-        AppRelease {
-            app_id: "mail".into(),
-            version: v.into(),
-            platform: p.into(),
-            sha256: "00".into(),
-            size: 1,
-            download_path: String::new(),
-        }
-    }
 
     #[test]
     fn package_names_are_sha256_hex_only() {
@@ -278,44 +235,5 @@ mod tests {
         assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
         assert_eq!(parse_range("items=0-1", 100), None);
         assert_eq!(parse_range("bytes=x-1", 100), None);
-    }
-
-    #[test]
-    fn update_policy() {
-        let rels = [
-            rel("1.0", "android"),
-            rel("1.2", "android"),
-            rel("2.0", "android"),
-            rel("3.0", "ios"),
-        ];
-        let mut policy = AppPolicy {
-            app_id: "mail".into(),
-            min_version: Some("1.1".into()),
-            revoked_versions: vec!["2.0".into()],
-        };
-        let v = |s| AppVersion::parse(s).unwrap();
-        let a = update_answer(&rels, &policy, "android", &v("1.0"));
-        assert!(a.update_available && !a.current_allowed);
-        assert_eq!(
-            a.latest.unwrap().version,
-            "1.2",
-            "revoked 2.0 is not offered"
-        );
-        let a = update_answer(&rels, &policy, "android", &v("1.2"));
-        assert!(!a.update_available && a.current_allowed);
-        assert!(!update_answer(&rels, &policy, "android", &v("2.0")).current_allowed);
-        policy.revoked_versions.clear();
-        assert_eq!(
-            update_answer(&rels, &policy, "android", &v("1.2"))
-                .latest
-                .unwrap()
-                .version,
-            "2.0"
-        );
-        assert!(
-            update_answer(&rels, &policy, "web", &v("1"))
-                .latest
-                .is_none()
-        );
     }
 }
