@@ -31,10 +31,10 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    proxy::{ServeArgs, config::parse_duration},
+    proxy::{AuthFailure, RefusalSink, ServeArgs, config::parse_duration},
     steer::{
         SteerOptions, Steering,
-        auth_failures::{AuthFailureLayer, BlockPolicy},
+        auth_failures::{AuthFailures, BlockPolicy},
         verified::{self, VerifiedSources},
     },
     xdp::{AttachMode, XdpError},
@@ -227,10 +227,11 @@ pub fn single_process_limit(args: &SupervisorArgs) -> Option<crate::proxy::limit
     })
 }
 
-/// In a worker (and with --block-after set), the `tracing` layer that puts sources failing
-/// authentication repeatedly on the XDP blocklist. `None` elsewhere, or when the pinned maps
-/// cannot be opened (said on stderr: logging is not up yet).
-pub fn auth_failure_layer(args: &SupervisorArgs) -> Option<AuthFailureLayer> {
+/// In a worker (and with --block-after set), the sink that puts sources failing
+/// authentication repeatedly on the XDP blocklist: the proxy hands it each authentication
+/// failure as a typed value. `None` elsewhere, or when the pinned maps cannot be opened (said
+/// in the log; the worker serves on without the shield).
+pub fn blocklist_sink(args: &SupervisorArgs) -> Option<Arc<dyn RefusalSink>> {
     if std::env::var_os(WORKER_INDEX_ENV).is_none() || args.block_after == 0 {
         return None;
     }
@@ -239,15 +240,40 @@ pub fn auth_failure_layer(args: &SupervisorArgs) -> Option<AuthFailureLayer> {
         window: args.block_window,
         block_for: args.block_for,
     };
-    match AuthFailureLayer::new(&args.pin_dir, policy) {
-        Ok(layer) => Some(layer),
+    match AuthFailures::open(&args.pin_dir, policy) {
+        Ok(maps) => Some(Arc::new(Blocklist(Mutex::new(maps)))),
         Err(e) => {
-            eprintln!(
-                "scm-proxy worker: cannot open the blocklist in {} ({e}); authentication \
-                 failures will not block sources",
-                args.pin_dir.display()
+            warn!(
+                pin_dir = %args.pin_dir.display(),
+                error = %e,
+                "cannot open the blocklist; authentication failures will not block sources"
             );
             None
+        }
+    }
+}
+
+/// A worker's feed of the pinned blocklist.
+#[derive(Debug)]
+struct Blocklist(Mutex<AuthFailures>);
+
+impl RefusalSink for Blocklist {
+    fn auth_failure(&self, failure: AuthFailure) {
+        let mut maps = lock(&self.0);
+        let ip = failure.peer.ip();
+        match maps.failure(ip) {
+            Ok(true) => {
+                let p = maps.policy();
+                warn!(
+                    source = %ip,
+                    kind = failure.kind.code(),
+                    "{ip} blocked for {:?} after {} authentication failures",
+                    p.block_for,
+                    p.threshold
+                );
+            }
+            Ok(false) => {}
+            Err(e) => warn!(source = %ip, error = %e, "recording an authentication failure"),
         }
     }
 }

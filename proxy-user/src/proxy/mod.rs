@@ -13,6 +13,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod policy;
 pub mod preamble;
+pub mod refusals;
 pub mod relay;
 pub mod security_client;
 pub mod server;
@@ -22,4 +23,5 @@ pub mod tls;
 mod redaction_tests;
 
 pub use config::ServeArgs;
-pub use server::{ServeError, run, serve};
+pub use refusals::{AuthFailure, AuthFailureKind, RefusalSink};
+pub use server::{ServeError, ServeHooks, run, serve, serve_with};

@@ -24,6 +24,7 @@ use super::limiter::{Counted, MAX_SOURCES, SourceLimiter};
 use super::metrics::{Metrics, serve_metrics};
 use super::policy::{Catalog, Refusal, check_app, check_binding, check_resource};
 use super::preamble::{ReadError, read_preamble, write_reply};
+use super::refusals::{AuthFailure, AuthFailureKind, RefusalSink};
 use super::relay::{RelayEnd, RelayOptions, relay};
 use super::security_client::{
     LineBuffer, RevocationStream, SecurityClient, SecurityError, Validation,
@@ -79,6 +80,34 @@ pub struct Proxy {
     /// answered (for --fail-closed-after).
     unanswered: Mutex<HashMap<SessionTag, u32>>,
     assertions: super::assertion::AssertionCache,
+    /// Where refusal decisions go as typed values (a worker's blocklist feed).
+    refusals: Option<Arc<dyn RefusalSink>>,
+}
+
+/// What a caller of [`serve_with`] plugs into the proxy.
+#[derive(Default)]
+#[non_exhaustive]
+pub struct ServeHooks {
+    /// Told of every authentication failure the proxy refuses (under a supervisor: the XDP
+    /// blocklist). The proxy's own log line about the refusal is not part of this contract.
+    pub refusals: Option<Arc<dyn RefusalSink>>,
+}
+
+impl ServeHooks {
+    /// Hooks with `sink` told of every authentication failure.
+    pub fn with_refusals(sink: Arc<dyn RefusalSink>) -> Self {
+        Self {
+            refusals: Some(sink),
+        }
+    }
+}
+
+impl std::fmt::Debug for ServeHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeHooks")
+            .field("refusals", &self.refusals.is_some())
+            .finish()
+    }
 }
 
 /// Sessions revalidated at once after a revocation stream reopens.
@@ -102,6 +131,11 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
 
 /// Starts the proxy and serves until Ctrl-C or SIGTERM.
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
+    serve_with(args, ServeHooks::default()).await
+}
+
+/// [`serve`], with `hooks` told of what the proxy decides.
+pub async fn serve_with(args: ServeArgs, hooks: ServeHooks) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
     let ktls = match args.tls_path {
         TlsPath::Userspace => false,
@@ -162,6 +196,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
             .map(|p| SourceLimiter::new(p, MAX_SOURCES)),
         unanswered: Mutex::default(),
         assertions: Default::default(),
+        refusals: hooks.refusals,
         metrics,
         args,
     });
@@ -606,9 +641,12 @@ impl Proxy {
             .with_label_values(&[r.status.code()])
             .inc();
         tracing::info!(%peer, status = %r.status, reason = %r.reason, "connection refused");
-        // The refusals a device with a live session never causes (as the supervisor counts them).
-        if matches!(r.status, Status::SessionInvalid | Status::BindingFailed) {
+        // The refusals a device with a live session never causes.
+        if let Some(kind) = AuthFailureKind::of(r.status) {
             self.count_failure(peer);
+            if let Some(sink) = &self.refusals {
+                sink.auth_failure(AuthFailure { peer, kind });
+            }
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             let _ = write_reply(stream, r.status, &r.reason).await;
