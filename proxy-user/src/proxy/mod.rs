@@ -6,25 +6,27 @@
 //! and the app and resource policy ([`policy`]), repeated failures per source ([`limiter`]), then [`relay`] (tcp mode) or [`http`] (http mode).
 //! `docs/proxy-and-device.md` describes it in prose.
 
-pub mod assertion;
-pub mod cache;
+mod assertion;
+mod cache;
 pub mod config;
 mod connection;
 mod control;
-pub mod http;
-pub mod limiter;
-pub mod metrics;
-pub mod policy;
-pub mod preamble;
-pub mod refusals;
-pub mod relay;
-pub mod security_client;
-pub mod server;
+mod http;
+mod limiter;
+mod metrics;
+mod policy;
+mod preamble;
+mod refusals;
+mod relay;
+mod security_client;
+mod server;
 pub mod tls;
 
 #[cfg(test)]
 mod redaction_tests;
 
+// What main.rs, the tests and the supervisor need; the rest is the proxy's own business.
 pub use config::ServeArgs;
+pub use limiter::FailurePolicy;
 pub use refusals::{AuthFailure, AuthFailureKind, RefusalSink};
 pub use server::{ServeError, ServeHooks, serve, serve_with};

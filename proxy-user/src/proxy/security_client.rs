@@ -122,11 +122,13 @@ impl SecurityClient {
     }
 
     /// The URL calls go to first.
+    #[cfg(test)]
     pub fn current_url(&self) -> &str {
         &self.urls[self.failover.current()]
     }
 
     /// Index of the server calls go to first.
+    #[cfg(test)]
     pub fn current(&self) -> usize {
         self.failover.current()
     }

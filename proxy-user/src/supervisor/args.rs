@@ -8,7 +8,7 @@ use proxy_common::steer::{DEFAULT_V6_PREFIX, MIN_V6_PREFIX, SteerConfig};
 
 use super::SupervisorError;
 use crate::{
-    proxy::{ServeArgs, config::parse_duration, limiter::FailurePolicy},
+    proxy::{FailurePolicy, ServeArgs, config::parse_duration},
     xdp::AttachMode,
 };
 
