@@ -1,5 +1,8 @@
 //! Builds the kernel programs (`proxy-ebpf`) for `bpfel-unknown-none` with the nightly toolchain
-//! and leaves the object in `OUT_DIR`, where `src/xdp.rs` embeds it.
+//! and leaves the object in `OUT_DIR`, where `src/xdp.rs` embeds it. The eBPF package is found
+//! through `cargo metadata` (as aya-template does), not by a path relative to this crate, so a
+//! moved or renamed directory is followed; its release profile (debug info for BTF, one codegen
+//! unit) is in the workspace's Cargo.toml.
 //!
 //! The user-space crate builds on stable; only this nested build needs nightly's `rust-src`
 //! (for `-Z build-std=core`) and `bpf-linker`. When either is missing, say how to get it instead
@@ -9,10 +12,14 @@ use std::{env, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 use aya_build::Toolchain;
+use cargo_metadata::MetadataCommand;
 
 /// The toolchain the eBPF crate is built with; `cargo xtask setup` installs its `rust-src` and
 /// links `bpf-linker` against its libLLVM.
 const EBPF_TOOLCHAIN: &str = "nightly";
+
+/// The kernel programs' package.
+const EBPF_PACKAGE: &str = "proxy-ebpf";
 
 const SETUP_HINT: &str = "run `cargo xtask setup` once on this machine (it installs what the \
 eBPF build needs)";
@@ -20,16 +27,25 @@ eBPF build needs)";
 fn main() -> anyhow::Result<()> {
     check_prerequisites()?;
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
-    let ebpf_dir = manifest_dir
-        .parent()
-        .context("proxy-user has no parent directory")?
-        .join("proxy-ebpf");
-    let root_dir = ebpf_dir
-        .to_str()
-        .with_context(|| format!("non-UTF-8 path {}", ebpf_dir.display()))?;
+    let metadata = MetadataCommand::new()
+        .manifest_path(manifest_dir.join("Cargo.toml"))
+        .no_deps()
+        .exec()
+        .context("running `cargo metadata` to find the eBPF package")?;
+    let ebpf = metadata
+        .packages
+        .iter()
+        .find(|p| p.name.as_str() == EBPF_PACKAGE)
+        .with_context(|| format!("the workspace has no package {EBPF_PACKAGE}"))?;
+    let root_dir = ebpf.manifest_path.parent().with_context(|| {
+        format!(
+            "{EBPF_PACKAGE}'s manifest {} has no directory",
+            ebpf.manifest_path
+        )
+    })?;
     let package = aya_build::Package {
-        name: "proxy-ebpf",
-        root_dir,
+        name: EBPF_PACKAGE,
+        root_dir: root_dir.as_str(),
         ..Default::default()
     };
     aya_build::build_ebpf([package], Toolchain::Custom(EBPF_TOOLCHAIN))

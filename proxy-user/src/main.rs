@@ -72,16 +72,11 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // A worker under a supervisor also feeds the XDP blocklist from its refusals; that layer
-    // sees every event, whatever RUST_LOG lets through to stderr.
-    let shield = match &cli.command {
-        Command::Serve(cmd) => scm_proxy::supervisor::auth_failure_layer(&cmd.workers),
-        Command::Xdp(_) => None,
-    };
     {
         use tracing_subscriber::{
             Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
         };
+        // Logs are only logs: nothing reads them back (the blocklist gets typed refusals).
         tracing_subscriber::registry()
             .with(
                 tracing_subscriber::fmt::layer()
@@ -92,13 +87,6 @@ async fn main() -> anyhow::Result<()> {
                             .unwrap_or_else(|_| EnvFilter::new("info")),
                     ),
             )
-            // Only the proxy's refusals: an unfiltered layer would enable every trace event.
-            .with(shield.map(|layer| {
-                layer.with_filter(
-                    tracing_subscriber::filter::Targets::new()
-                        .with_target("scm_proxy::proxy::server", tracing::Level::INFO),
-                )
-            }))
             .init();
     }
     if let Command::Serve(cmd) = &cli.command {
@@ -129,7 +117,15 @@ async fn serve(cmd: ServeCommand) -> anyhow::Result<()> {
             serve.source_limit = scm_proxy::supervisor::single_process_limit(&cmd.workers);
             Ok(scm_proxy::proxy::serve(serve).await?)
         }
-        Role::Worker { .. } => Ok(scm_proxy::proxy::serve(worker_serve_args(cmd.serve)?).await?),
+        Role::Worker { .. } => {
+            // A worker feeds the XDP blocklist with the authentication failures it refuses.
+            let hooks = match scm_proxy::supervisor::blocklist_sink(&cmd.workers) {
+                Some(sink) => scm_proxy::proxy::ServeHooks::with_refusals(sink),
+                None => scm_proxy::proxy::ServeHooks::default(),
+            };
+            let serve = worker_serve_args(cmd.serve)?;
+            Ok(scm_proxy::proxy::serve_with(serve, hooks).await?)
+        }
         Role::Supervisor { workers } => Ok(run(cmd.serve, cmd.workers, workers).await?),
     }
 }

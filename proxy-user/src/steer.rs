@@ -545,13 +545,7 @@ pub(crate) fn open_pinned_config(dir: &Path) -> Result<Array<MapData, SteerConfi
 
 /// `bpf_ktime_get_ns`'s clock.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into the struct we own; CLOCK_MONOTONIC always
-    // exists on Linux, and on an impossible failure `ts` stays zero.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     (ts.tv_sec as u64)
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec as u64)

@@ -629,17 +629,17 @@ fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
 /// ignore the limit. Raising it needs CAP_SYS_RESOURCE, which containers often lack, so failure
 /// is only worth a warning: on a current kernel the load succeeds anyway.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
+    use rustix::process::{Resource, Rlimit, setrlimit};
+    // `None` is RLIM_INFINITY.
+    let unlimited = Rlimit {
+        current: None,
+        maximum: None,
     };
-    // SAFETY: setrlimit reads the struct we pass by reference and keeps no pointer to it.
-    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
-    if ret != 0 {
+    if let Err(e) = setrlimit(Resource::Memlock, unlimited) {
         warn!(
             "raising RLIMIT_MEMLOCK failed ({}); fine on kernels >= 5.11, which account BPF \
              memory by cgroup",
-            io::Error::last_os_error()
+            io::Error::from(e)
         );
     }
 }

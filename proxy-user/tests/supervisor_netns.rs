@@ -87,10 +87,16 @@ struct Harness {
     pin_dir: PathBuf,
     supervisor: Option<Child>,
     log: PathBuf,
+    /// RUST_LOG of the supervisor and its workers.
+    rust_log: &'static str,
 }
 
 impl Harness {
     fn new() -> Self {
+        Self::with_rust_log("info")
+    }
+
+    fn with_rust_log(rust_log: &'static str) -> Self {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/scm-sup-test-{}", std::process::id()));
         let _ = Steering::unpin(&pin_dir);
         let certs = Certs::new();
@@ -101,6 +107,7 @@ impl Harness {
             pin_dir,
             supervisor: None,
             log,
+            rust_log,
         };
         h.start_supervisor();
         h
@@ -144,7 +151,7 @@ impl Harness {
             .args(["--conn-rate", "0"])
             .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", self.rust_log)
             .stdout(Stdio::null())
             .stderr(log);
         let child = in_netns(&self.pair.b, || cmd.spawn()).expect("starting scm-proxy serve");
@@ -658,6 +665,63 @@ fn repeated_authentication_failures_put_the_source_on_the_blocklist() {
     assert!(
         h.supervisor_log().contains("blocked for"),
         "{}",
+        h.supervisor_log()
+    );
+}
+
+/// The blocklist does not read the logs: with every log line filtered out (RUST_LOG=off) the
+/// workers still put a source failing authentication on it. Under the old log-matching feed,
+/// any change to the refusal's log line (its wording, its module, its level, a compile-time
+/// level cap) turned this off silently.
+#[test]
+fn authentication_failures_reach_the_blocklist_with_logging_off() {
+    if !require_root(
+        "supervisor_netns::authentication_failures_reach_the_blocklist_with_logging_off",
+    ) {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Harness::with_rust_log("off");
+    h.wait_ready();
+    for i in 0..10 {
+        let (mut tls, w) = h
+            .tls_connect()
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        let preamble = scm_proto::preamble::Preamble {
+            session_id: "not-a-session".into(),
+            app_id: "mail".into(),
+            app_version: "1.0".into(),
+            device_id: "device-1".into(),
+            resource: "intranet".into(),
+            mac: [0; 32],
+        };
+        tls.write_all(&preamble.encode().unwrap()).unwrap();
+        tls.flush().unwrap();
+        let mut reply = Vec::new();
+        let _ = tls.read_to_end(&mut reply);
+        assert!(
+            !reply.is_empty(),
+            "connection {i} (worker {w}): no refusal received"
+        );
+    }
+    let maps = h.maps();
+    let before = maps.counters().unwrap();
+    let to = SocketAddr::new(B_V4.parse().unwrap(), SERVICE);
+    let blocked = in_netns(&h.pair.a, || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(1))
+    });
+    assert!(
+        blocked.is_err(),
+        "the source was not blocked with RUST_LOG=off"
+    );
+    let moved = maps.counters().unwrap().since(&before);
+    assert!(
+        moved.get(proxy_common::steer::SteerStat::DropBlocklist) >= 1,
+        "{moved}"
+    );
+    assert!(
+        !h.supervisor_log().contains("blocked for"),
+        "RUST_LOG=off still logged:\n{}",
         h.supervisor_log()
     );
 }

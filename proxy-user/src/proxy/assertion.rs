@@ -118,14 +118,4 @@ impl AssertionCache {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(t, _), _| t != tag);
     }
-
-    /// How many are cached.
-    pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether none is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

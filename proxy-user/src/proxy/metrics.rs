@@ -1,6 +1,5 @@
 //! The proxy's Prometheus metrics and the `/metrics` endpoint that serves them.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http_body_util::Full;
@@ -197,9 +196,4 @@ pub async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
                 .await;
         });
     }
-}
-
-/// Binds the metrics listener.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }

@@ -122,11 +122,13 @@ impl SecurityClient {
     }
 
     /// The URL calls go to first.
+    #[cfg(test)]
     pub fn current_url(&self) -> &str {
         &self.urls[self.failover.current()]
     }
 
     /// Index of the server calls go to first.
+    #[cfg(test)]
     pub fn current(&self) -> usize {
         self.failover.current()
     }
@@ -349,11 +351,26 @@ fn stream_answer(
     Ok(RevocationStream { idx, url, resp })
 }
 
-/// Splits a byte stream into lines without letting one line grow past `max` bytes.
-#[derive(Debug, Default)]
+/// Splits the revocation stream (NDJSON) into lines, none longer than [`Self::MAX_LINE`]:
+/// `tokio_util`'s `LinesCodec` over the bytes received so far.
+///
+/// A line longer than the maximum is dropped whole (the codec discards up to its newline) and
+/// the lines after it are read as usual: one oversized event does not take the stream down. A
+/// line that is not UTF-8 is handed on as the replacement character, so it is counted and
+/// logged as an unreadable event like any other line that does not parse.
+#[derive(Debug)]
 pub struct LineBuffer {
-    buf: Vec<u8>,
-    overflowed: bool,
+    buf: bytes::BytesMut,
+    codec: tokio_util::codec::LinesCodec,
+}
+
+impl Default for LineBuffer {
+    fn default() -> Self {
+        Self {
+            buf: bytes::BytesMut::new(),
+            codec: tokio_util::codec::LinesCodec::new_with_max_length(Self::MAX_LINE),
+        }
+    }
 }
 
 impl LineBuffer {
@@ -361,23 +378,26 @@ impl LineBuffer {
     pub const MAX_LINE: usize = 64 * 1024;
 
     /// Feeds bytes, returning the complete lines they finish.
-    pub fn push(&mut self, mut bytes: &[u8]) -> Vec<Vec<u8>> {
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<Vec<u8>> {
+        use tokio_util::codec::{Decoder as _, LinesCodecError};
+        self.buf.extend_from_slice(bytes);
         let mut lines = Vec::new();
-        while let Some(pos) = bytes.iter().position(|b| *b == b'\n') {
-            let (head, tail) = bytes.split_at(pos);
-            if !self.overflowed && self.buf.len() + head.len() <= Self::MAX_LINE {
-                self.buf.extend_from_slice(head);
-                lines.push(std::mem::take(&mut self.buf));
+        loop {
+            match self.codec.decode(&mut self.buf) {
+                Ok(Some(line)) => lines.push(line.into_bytes()),
+                Ok(None) => break,
+                // The codec discards the rest of this line itself; read on.
+                Err(LinesCodecError::MaxLineLengthExceeded) => {
+                    tracing::warn!(
+                        max = Self::MAX_LINE,
+                        "revocation event longer than the maximum line; dropped"
+                    );
+                }
+                // Not UTF-8: the codec has consumed the line.
+                Err(LinesCodecError::Io(_)) => {
+                    lines.push(char::REPLACEMENT_CHARACTER.to_string().into_bytes())
+                }
             }
-            self.buf.clear();
-            self.overflowed = false;
-            bytes = &tail[1..];
-        }
-        if self.buf.len() + bytes.len() > Self::MAX_LINE {
-            self.overflowed = true;
-            self.buf.clear();
-        } else if !self.overflowed {
-            self.buf.extend_from_slice(bytes);
         }
         lines
     }
@@ -571,6 +591,29 @@ mod tests {
         assert!(lb.buf.is_empty());
         let lines = lb.push(b"tail\nok\n");
         assert_eq!(lines, vec![b"ok".to_vec()]);
+    }
+
+    /// The limit is the codec's, at the same length as before: a line of exactly `MAX_LINE`
+    /// bytes is kept, one byte more is dropped whole (in one chunk or across many), and the
+    /// stream goes on with the next line; a line that is not UTF-8 comes out unreadable.
+    #[test]
+    fn line_limit_at_the_boundary_and_over_it() {
+        let mut lb = LineBuffer::default();
+        let mut exact = vec![b'a'; LineBuffer::MAX_LINE];
+        exact.push(b'\n');
+        assert_eq!(lb.push(&exact), vec![vec![b'a'; LineBuffer::MAX_LINE]]);
+        let over = vec![b'b'; LineBuffer::MAX_LINE + 1];
+        for piece in over.chunks(1000) {
+            assert!(lb.push(piece).is_empty());
+        }
+        assert_eq!(
+            lb.push(b"still the long line\n{\"type\":\"catalog_changed\"}\n"),
+            vec![b"{\"type\":\"catalog_changed\"}".to_vec()]
+        );
+        let lines = lb.push(b"\xff\xfe\n{}\n");
+        assert_eq!(lines.len(), 2);
+        assert!(serde_json::from_slice::<ProxyEvent>(&lines[0]).is_err());
+        assert_eq!(lines[1], b"{}".to_vec());
     }
 
     #[test]

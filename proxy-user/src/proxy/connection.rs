@@ -1,0 +1,473 @@
+//! The life of one device connection: TLS handshake (kTLS where the kernel has it), preamble,
+//! admission (session, binding, app and resource policy), refusal or relay.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use scm_proto::api::{BindingProof, Resource, ResourceMode};
+use scm_proto::crypto::SessionId;
+use scm_proto::preamble::{Preamble, Status};
+use scm_proto::{BINDING_EXPORTER_LABEL, BINDING_EXPORTER_LEN};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use super::cache::SessionInfo;
+use super::http::{HttpContext, Identity, serve_http};
+use super::limiter::Counted;
+use super::metrics::Metrics;
+use super::policy::{Refusal, check_app, check_binding, check_resource};
+use super::preamble::{ReadError, read_preamble, write_reply};
+use super::refusals::{AuthFailure, AuthFailureKind};
+use super::relay::{RelayEnd, RelayOptions, relay};
+use super::security_client::Validation;
+use super::server::Proxy;
+
+struct OpenGuard(Arc<Metrics>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.connections_open.dec();
+    }
+}
+
+impl Proxy {
+    pub(super) async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        self.metrics.connections.inc();
+        self.metrics.connections_open.inc();
+        let _open = OpenGuard(self.metrics.clone());
+        let _ = tcp.set_nodelay(true);
+        if self.ktls {
+            let Some(tls) = self.handshake(ktls::CorkStream::new(tcp), peer).await else {
+                return;
+            };
+            let Some(exporter) = self.exporter(tls.get_ref().1) else {
+                return;
+            };
+            match ktls::config_ktls_server(tls).await {
+                Ok(stream) => self.session(stream, exporter, peer).await,
+                Err(e) => {
+                    self.metrics.error("ktls");
+                    tracing::warn!(%peer, error = %e, "handing the connection to kTLS failed");
+                }
+            }
+        } else {
+            let Some(tls) = self.handshake(tcp, peer).await else {
+                return;
+            };
+            let Some(exporter) = self.exporter(tls.get_ref().1) else {
+                return;
+            };
+            self.session(tls, exporter, peer).await;
+        }
+    }
+
+    async fn handshake<IO>(
+        &self,
+        io: IO,
+        peer: SocketAddr,
+    ) -> Option<tokio_rustls::server::TlsStream<IO>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        match tokio::time::timeout(self.args.handshake_timeout, self.acceptor.accept(io)).await {
+            Ok(Ok(s)) => {
+                self.metrics.handshakes.with_label_values(&["ok"]).inc();
+                Some(s)
+            }
+            Ok(Err(e)) => {
+                self.metrics.handshakes.with_label_values(&["failed"]).inc();
+                self.metrics.error("handshake");
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                self.metrics
+                    .handshakes
+                    .with_label_values(&["timeout"])
+                    .inc();
+                self.metrics.error("handshake_timeout");
+                tracing::debug!(%peer, "TLS handshake timed out");
+                None
+            }
+        }
+    }
+
+    fn exporter(&self, conn: &rustls::ServerConnection) -> Option<[u8; BINDING_EXPORTER_LEN]> {
+        match conn.export_keying_material([0u8; BINDING_EXPORTER_LEN], BINDING_EXPORTER_LABEL, None)
+        {
+            Ok(e) => Some(e),
+            Err(e) => {
+                self.metrics.error("exporter");
+                tracing::warn!(error = %e, "TLS exporter failed");
+                None
+            }
+        }
+    }
+
+    async fn refuse<S: AsyncWrite + Unpin>(&self, stream: &mut S, peer: SocketAddr, r: Refusal) {
+        self.metrics
+            .replies
+            .with_label_values(&[r.status.code()])
+            .inc();
+        tracing::info!(%peer, status = %r.status, reason = %r.reason, "connection refused");
+        // The refusals a device with a live session never causes.
+        if let Some(kind) = AuthFailureKind::of(r.status) {
+            self.count_failure(peer);
+            if let Some(sink) = &self.refusals {
+                sink.auth_failure(AuthFailure { peer, kind });
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = write_reply(stream, r.status, &r.reason).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    }
+
+    /// Counts a failure against the peer's source (single-process mode), saying so when it
+    /// blocks the source.
+    fn count_failure(&self, peer: SocketAddr) {
+        let Some(l) = &self.limiter else { return };
+        match l.failure(peer.ip()) {
+            Counted::Blocked => {
+                let p = l.policy();
+                tracing::warn!(source = %l.key(peer.ip()), failures = p.threshold, window = ?p.window, block_for = ?p.block_for, "source blocked after repeated failures; its connections get rate_limited");
+            }
+            Counted::TableFull => {
+                self.metrics.error("source_table_full");
+                tracing::debug!(%peer, "failure table full; failure not counted");
+            }
+            Counted::Counted | Counted::Off => {}
+        }
+    }
+
+    async fn session<S>(self: &Arc<Self>, mut stream: S, exporter: [u8; 32], peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let preamble = read_preamble(&mut stream, self.args.preamble_timeout).await;
+        // A blocked source is answered before anything is checked or asked of the Security
+        // server (its preamble is read first so the device reads the reply, not a reset).
+        if let Some(left) = self.limiter.as_ref().and_then(|l| l.blocked(peer.ip())) {
+            self.metrics.error("rate_limited");
+            let r = Refusal::new(
+                Status::RateLimited,
+                format!(
+                    "too many failed attempts from this address; try again in {} s",
+                    left.as_secs().max(1)
+                ),
+            );
+            self.refuse(&mut stream, peer, r).await;
+            return;
+        }
+        let preamble = match preamble {
+            Ok(p) => p,
+            Err(e) => {
+                self.metrics.error(e.class());
+                // Garbled bytes count; a device that closed early or was slow does not.
+                if matches!(e, ReadError::Invalid(_)) {
+                    self.count_failure(peer);
+                }
+                let r = Refusal::new(Status::BadPreamble, e.to_string());
+                self.refuse(&mut stream, peer, r).await;
+                return;
+            }
+        };
+        let Some(id) = SessionId::parse(&preamble.session_id) else {
+            let r = Refusal::new(Status::SessionInvalid, "malformed session id");
+            self.metrics.error(r.status.code());
+            self.refuse(&mut stream, peer, r).await;
+            return;
+        };
+        let (session, resource) = match self.admit(&id, &preamble, &exporter).await {
+            Ok(ok) => ok,
+            Err(r) => {
+                self.metrics.error(r.status.code());
+                self.refuse(&mut stream, peer, r).await;
+                return;
+            }
+        };
+        let app = format!("{}/{}", preamble.app_id, preamble.app_version);
+        drop(preamble);
+        let guard = self.conns.register(&session.tag, &id);
+        // A revocation may have landed between the validation and the registration.
+        if self.cache.is_revoked(&session.tag) {
+            let r = Refusal::new(Status::SessionInvalid, "the session has been revoked");
+            self.refuse(&mut stream, peer, r).await;
+            return;
+        }
+        // The absolute expiry is enforced here, whether or not a Security server answers then.
+        let _expiry = cut_at_expiry(&session, guard.token.clone());
+        let span = tracing::info_span!(
+            "conn",
+            session = %session.tag,
+            user = %session.user,
+            resource = %resource.name,
+            %peer
+        );
+        async {
+            match resource.mode {
+                ResourceMode::Tcp => {
+                    let connect = TcpStream::connect(resource.address.as_str());
+                    let backend =
+                        match tokio::time::timeout(self.args.connect_timeout, connect).await {
+                            Ok(Ok(b)) => b,
+                            Ok(Err(e)) => {
+                                let r = Refusal::new(
+                                    Status::BackendUnavailable,
+                                    format!(
+                                        "back end of {} at {} unreachable: {e}",
+                                        resource.name, resource.address
+                                    ),
+                                );
+                                self.metrics.error("backend_unavailable");
+                                self.refuse(&mut stream, peer, r).await;
+                                return;
+                            }
+                            Err(_) => {
+                                let r = Refusal::new(
+                                    Status::BackendUnavailable,
+                                    format!(
+                                        "back end of {} at {} did not accept within {:?}",
+                                        resource.name, resource.address, self.args.connect_timeout
+                                    ),
+                                );
+                                self.metrics.error("backend_unavailable");
+                                self.refuse(&mut stream, peer, r).await;
+                                return;
+                            }
+                        };
+                    let _ = backend.set_nodelay(true);
+                    if !self.accept_reply(&mut stream).await {
+                        return;
+                    }
+                    tracing::info!(mode = "tcp", "relaying");
+                    let opts = RelayOptions {
+                        buffer_size: self.args.buffer_size,
+                        idle_timeout: self.args.idle_timeout,
+                    };
+                    let end = relay(
+                        stream,
+                        backend,
+                        opts,
+                        &guard.token,
+                        self.metrics.bytes.with_label_values(&["to_backend"]),
+                        self.metrics.bytes.with_label_values(&["to_device"]),
+                    )
+                    .await;
+                    match end {
+                        RelayEnd::Revoked if session.expired() => {
+                            self.metrics.revoked_connections.inc();
+                            tracing::info!("closed: the session reached its absolute expiry");
+                        }
+                        RelayEnd::Revoked => {
+                            self.metrics.revoked_connections.inc();
+                            tracing::info!("closed: session revoked");
+                        }
+                        RelayEnd::Idle => tracing::info!("closed: idle timeout"),
+                        RelayEnd::Error => {
+                            self.metrics.error("relay");
+                            tracing::debug!("closed: relay error");
+                        }
+                        RelayEnd::Done => tracing::debug!("closed"),
+                    }
+                }
+                ResourceMode::Http => {
+                    if !self.accept_reply(&mut stream).await {
+                        return;
+                    }
+                    tracing::info!(mode = "http", "proxying");
+                    let mut ctx = self.http_context(&session, &resource, app, peer, &guard);
+                    ctx.assertion = self.assertion_source(&id, &session.tag, &resource.name);
+                    let ctx = Arc::new(ctx);
+                    if let Err(e) =
+                        serve_http(stream, ctx, &guard.token, self.args.idle_timeout).await
+                    {
+                        tracing::debug!(error = %e, "http connection ended with an error");
+                    }
+                    if guard.token.is_cancelled() {
+                        self.metrics.revoked_connections.inc();
+                        if session.expired() {
+                            tracing::info!("closed: the session reached its absolute expiry");
+                        } else {
+                            tracing::info!("closed: session revoked");
+                        }
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    async fn accept_reply<S: AsyncWrite + Unpin>(&self, stream: &mut S) -> bool {
+        self.metrics
+            .replies
+            .with_label_values(&[Status::Ok.code()])
+            .inc();
+        write_reply(stream, Status::Ok, "").await.is_ok()
+    }
+
+    fn http_context(
+        self: &Arc<Self>,
+        session: &Arc<SessionInfo>,
+        resource: &Resource,
+        app: String,
+        peer: SocketAddr,
+        guard: &super::cache::ConnGuard<'_>,
+    ) -> HttpContext {
+        let proxy = self.clone();
+        let s = session.clone();
+        let name = resource.name.clone();
+        let token = guard.token.clone();
+        HttpContext {
+            resource: resource.name.clone(),
+            backend: resource.address.clone(),
+            identity: Identity {
+                user: session.user.clone(),
+                groups: session.groups.clone(),
+                device_id: session.device_id.clone(),
+                app,
+            },
+            peer,
+            client: self.http_client.clone(),
+            check: Box::new(move || {
+                if token.is_cancelled() || proxy.cache.is_revoked(&s.tag) || s.expired() {
+                    return Err(Refusal::new(
+                        Status::SessionInvalid,
+                        "the session has ended",
+                    ));
+                }
+                check_resource(&proxy.catalog().resources, &s, &name).map(|_| ())
+            }),
+            metrics: self.metrics.clone(),
+            assertion: None,
+        }
+    }
+
+    /// Where this connection's requests get their identity assertion: the cache in front of the
+    /// Security server (`None` with `--no-identity-assertion`).
+    fn assertion_source(
+        self: &Arc<Self>,
+        id: &SessionId,
+        tag: &scm_proto::crypto::SessionTag,
+        resource: &str,
+    ) -> Option<super::assertion::AssertionFn> {
+        if self.args.no_identity_assertion {
+            return None;
+        }
+        let (proxy, id, tag, resource) =
+            (self.clone(), id.clone(), tag.clone(), resource.to_owned());
+        Some(Box::new(move || {
+            let (proxy, id, tag, resource) =
+                (proxy.clone(), id.clone(), tag.clone(), resource.clone());
+            Box::pin(async move {
+                proxy
+                    .assertions
+                    .get(&proxy.security, &id, &tag, &resource)
+                    .await
+            })
+        }))
+    }
+
+    /// Everything between a well-formed preamble and the back end: session, binding, app policy,
+    /// resource and group rule. The refusal says which check failed.
+    async fn admit(
+        &self,
+        id: &SessionId,
+        p: &Preamble,
+        exporter: &[u8],
+    ) -> Result<(Arc<SessionInfo>, Resource), Refusal> {
+        let session = match self.cache.get(id) {
+            Some(s) => {
+                self.metrics.cache_hits.inc();
+                s
+            }
+            None => {
+                self.metrics.cache_misses.inc();
+                // The Security server checks the binding itself before it counts this
+                // validation as the session's activity.
+                let proof = BindingProof {
+                    exporter: scm_proto::crypto::b64(exporter),
+                    app_id: p.app_id.clone(),
+                    app_version: p.app_version.clone(),
+                    device_id: p.device_id.clone(),
+                    resource: p.resource.clone(),
+                    mac: scm_proto::crypto::b64(&p.mac),
+                };
+                match self.security.validate(id, Some(proof)).await {
+                    Ok(Validation::Valid(s)) => {
+                        self.metrics.validations.with_label_values(&["valid"]).inc();
+                        if !self.cache.insert(id.clone(), s.clone()) {
+                            return Err(Refusal::new(
+                                Status::SessionInvalid,
+                                "the session has been revoked",
+                            ));
+                        }
+                        s
+                    }
+                    Ok(Validation::Invalid(body)) => {
+                        self.metrics
+                            .validations
+                            .with_label_values(&["invalid"])
+                            .inc();
+                        let status = if body.code == "binding_failed" {
+                            Status::BindingFailed
+                        } else {
+                            Status::SessionInvalid
+                        };
+                        return Err(Refusal::new(
+                            status,
+                            format!("session refused: {}: {}", body.code, body.message),
+                        ));
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .validations
+                            .with_label_values(&["unavailable"])
+                            .inc();
+                        tracing::warn!(error = %e, "session validation failed");
+                        return Err(Refusal::new(
+                            Status::SecurityUnavailable,
+                            "no Security server could validate the session; try again",
+                        ));
+                    }
+                }
+            }
+        };
+        if session.expired() {
+            return Err(Refusal::new(
+                Status::SessionInvalid,
+                "the session has expired",
+            ));
+        }
+        check_binding(&session, p, exporter)?;
+        let catalog = self.catalog_for(p).await;
+        check_app(&catalog.apps, &session, p)?;
+        let resource = check_resource(&catalog.resources, &session, &p.resource)?.clone();
+        Ok((session, resource))
+    }
+}
+
+/// Aborts its task when dropped (when the connection it watches ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Cancels `token` (closing the connection) when the session reaches its absolute expiry.
+fn cut_at_expiry(session: &SessionInfo, token: CancellationToken) -> AbortOnDrop {
+    let left = session.time_left();
+    AbortOnDrop(tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(left) => token.cancel(),
+            _ = token.cancelled() => {}
+        }
+    }))
+}

@@ -1,0 +1,226 @@
+//! `scm-proxy serve --workers N`: the supervisor that runs N proxy worker processes behind the
+//! eBPF steering, keeps the worker map current, restarts dead workers, and drains on SIGHUP.
+//!
+//! Each worker is this same binary re-executed with the same arguments and a worker index in
+//! its environment; it serves on a loopback port of its own. The supervisor takes a duplicate
+//! of the worker's listening socket (pidfd_getfd), puts it in the sockmap the sk_lookup program
+//! delivers from, and closes its duplicate, so the socket lives exactly as long as the worker:
+//! when a worker dies the kernel drops it from the sockmap at once and new connections go to
+//! the others before the supervisor has even noticed. `docs/data-plane.md` has the whole story.
+//!
+//! `args` holds the flags, `workers` the worker management, `process` what is read of other
+//! processes (procfs, pidfds, signals), `shield` a worker's feeds of the shield maps, and
+//! `metrics` the supervisor's own `/metrics` page.
+
+mod args;
+mod metrics;
+mod process;
+mod shield;
+mod workers;
+
+use std::{
+    fs, io,
+    os::fd::AsFd,
+    sync::{Arc, Mutex},
+};
+
+use proxy_common::steer::MAX_WORKERS;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+use tracing::info;
+
+pub use args::{
+    SupervisorArgs, WORKER_INDEX_ENV, WORKER_LISTEN_ENV, WORKER_METRICS_ENV, single_process_limit,
+    worker_serve_args,
+};
+pub use process::device_connections;
+pub use shield::{blocklist_sink, install_verified_hook};
+
+use crate::{
+    proxy::ServeArgs,
+    steer::{SteerOptions, Steering},
+    xdp::XdpError,
+};
+use args::steer_config;
+use metrics::serve_metrics;
+use workers::{Event, Supervisor};
+
+/// What can go wrong in the supervisor.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SupervisorError {
+    /// Loading, attaching or updating the eBPF programs and maps.
+    #[error(transparent)]
+    Steer(#[from] XdpError),
+    /// A system call or file operation.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// A bad flag value.
+    #[error("{0}")]
+    Config(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SupervisorError {
+    let what = what.into();
+    move |source| SupervisorError::Io { what, source }
+}
+
+/// Which role this `serve` process has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// `serve` without `--workers`: one process, no steering.
+    Single,
+    /// A worker started by a supervisor.
+    Worker {
+        /// Slot index.
+        index: u32,
+    },
+    /// The supervisor of this many workers.
+    Supervisor {
+        /// Number of workers.
+        workers: u32,
+    },
+}
+
+/// The role of this process, from its flags and environment.
+pub fn role(args: &SupervisorArgs) -> Result<Role, SupervisorError> {
+    if let Ok(index) = std::env::var(WORKER_INDEX_ENV) {
+        let index = index
+            .parse()
+            .map_err(|e| SupervisorError::Config(format!("{WORKER_INDEX_ENV}={index:?}: {e}")))?;
+        return Ok(Role::Worker { index });
+    }
+    match args.workers {
+        None => Ok(Role::Single),
+        Some(0) => {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+            Ok(Role::Supervisor {
+                workers: cpus.min(MAX_WORKERS / 2),
+            })
+        }
+        Some(n) if n <= MAX_WORKERS / 2 => Ok(Role::Supervisor { workers: n }),
+        Some(n) => Err(SupervisorError::Config(format!(
+            "--workers {n}: at most {} (half the worker map, so a rolling restart has room)",
+            MAX_WORKERS / 2
+        ))),
+    }
+}
+
+fn lock<T>(s: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs the supervisor until SIGTERM or SIGINT: loads (or adopts) the programs and maps, starts
+/// (or adopts) `workers` workers, restarts dead ones, drains them one by one on SIGHUP. On
+/// SIGTERM/SIGINT it stops the workers and removes the pins; killed any other way it leaves
+/// them, and steering goes on until a new supervisor adopts it.
+pub async fn run(
+    serve: ServeArgs,
+    args: SupervisorArgs,
+    workers: u32,
+) -> Result<(), SupervisorError> {
+    let adopting = Steering::is_pinned(&args.pin_dir);
+    let kernel_log = tracing::enabled!(tracing::Level::DEBUG);
+    let mut steering = Steering::load(&SteerOptions {
+        pin_dir: Some(args.pin_dir.clone()),
+        kernel_log_level: kernel_log.then_some(aya_log::Level::Debug),
+        ..SteerOptions::default()
+    })?;
+    if kernel_log {
+        steering.forward_kernel_logs()?;
+    }
+    if let Some(iface) = &args.steer_iface {
+        match steering.attach_xdp(iface, args.xdp_mode)? {
+            Some(mode) => info!(iface, %mode, "XDP attached and pinned"),
+            None => info!(iface, "pinned XDP link adopted"),
+        }
+    }
+    let netns = fs::File::open("/proc/self/ns/net").map_err(io_err("opening /proc/self/ns/net"))?;
+    steering.attach_sk_lookup(netns.as_fd())?;
+    steering.set_config(&steer_config(&serve, &args))?;
+    info!(
+        pin_dir = %args.pin_dir.display(),
+        adopting,
+        service_port = serve.listen.port(),
+        "steering loaded"
+    );
+
+    let steering = Arc::new(Mutex::new(steering));
+    let restarts = Arc::new(Mutex::new(vec![0u64; MAX_WORKERS as usize]));
+    if let Some(addr) = serve.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(io_err(format!("binding the metrics listener on {addr}")))?;
+        info!(%addr, "supervisor metrics on http://{addr}/metrics");
+        tokio::spawn(serve_metrics(
+            l,
+            steering.clone(),
+            restarts.clone(),
+            workers,
+        ));
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut sup = Supervisor {
+        serve,
+        args,
+        steering,
+        workers: (0..MAX_WORKERS).map(|_| None).collect(),
+        count: workers,
+        events: tx,
+        generation: 0,
+        restarts,
+    };
+    let adopted = sup.adopt_workers()?;
+    for index in 0..workers {
+        if adopted.contains(&index) {
+            continue;
+        }
+        // A worker that cannot start at all (a bad certificate, a port in use) is a
+        // configuration error: say so and stop, instead of restarting it forever.
+        if let Err(e) = sup.start_worker(index).await {
+            sup.stop_all().await;
+            if !adopting {
+                let _ = Steering::unpin(&sup.args.pin_dir);
+            }
+            return Err(e);
+        }
+    }
+    info!(
+        workers,
+        adopted = adopted.len(),
+        "supervisor running; SIGHUP drains and restarts the workers one by one"
+    );
+
+    let mut hup = signal(SignalKind::hangup()).map_err(io_err("installing the SIGHUP handler"))?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(io_err("installing the SIGTERM handler"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(io_err("installing the SIGINT handler"))?;
+    loop {
+        tokio::select! {
+            Some(ev) = rx.recv() => match ev {
+                Event::Exited { index, generation } => sup.on_exit(index, generation)?,
+                Event::Restart { index } => sup.restart(index).await,
+            },
+            _ = hup.recv() => {
+                info!("SIGHUP: rolling restart");
+                sup.rolling_restart().await?;
+                info!("rolling restart done");
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    info!("stopping the workers and removing the pins");
+    sup.stop_all().await;
+    Steering::unpin(&sup.args.pin_dir).map_err(io_err("removing the pins"))?;
+    Ok(())
+}
