@@ -1,7 +1,7 @@
 //! Activation codes: only their SHA-256 is stored; one enrolment uses one up, and a failed
 //! enrolment gives it back.
 
-use super::{Store, unix_now};
+use super::db::{Store, unix_now};
 use crate::error::{DbContext as _, Error};
 
 impl Store {

@@ -3,7 +3,7 @@
 use scm_proto::api::AppPolicy;
 use sqlx::any::AnyRow;
 
-use super::{Store, get, get_list, json_list};
+use super::db::{Store, get, get_list, json_list};
 use crate::error::{DbContext as _, Error};
 
 fn policy_from(app_id: String, row: &AnyRow) -> Result<AppPolicy, Error> {

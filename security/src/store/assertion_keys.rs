@@ -1,7 +1,7 @@
 //! Identity assertion signing keys (`crate::assertion` rotates them), sealed under the master
 //! key. Backups leave this table out on purpose (`crate::backup::NOT_BACKED_UP` says why).
 
-use super::{Store, get};
+use super::db::{Store, get};
 use crate::error::{DbContext as _, Error};
 
 /// An identity assertion signing key as stored; the private key stays sealed.

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Store, get, unix_now};
+use super::db::{Store, get, unix_now};
 use crate::error::{DbContext as _, Error};
 
 /// One audit log entry.

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 
-use super::{Store, get, unix_now};
+use super::db::{Store, get, unix_now};
 use crate::error::{DbContext as _, Error};
 
 /// An enrolled (user, device, app) key; the key itself stays sealed.

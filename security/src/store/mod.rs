@@ -13,6 +13,7 @@ mod activation_codes;
 mod app_policies;
 mod assertion_keys;
 mod audit;
+mod db;
 mod device_keys;
 mod releases;
 mod resources;
@@ -22,15 +23,11 @@ mod sync_commit;
 mod users;
 pub mod validate;
 
-use std::path::Path;
-
-use sqlx::any::{AnyPoolOptions, AnyQueryResult, AnyRow};
-use sqlx::{AnyPool, Row as _};
-
-use crate::error::{DbContext as _, Error};
+use crate::error::Error;
 
 pub use assertion_keys::AssertionKeyRow;
 pub use audit::AuditRow;
+pub use db::{Backend, Store, unix_now};
 pub use device_keys::KeyRow;
 pub use releases::download_path;
 pub use schema::latest_schema_version;
@@ -38,102 +35,10 @@ pub use sites::SiteRow;
 pub use users::UserRow;
 pub use validate::{check_host_port, check_name, parse_mode};
 
-/// Which database engine a [`Store`] talks to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// An embedded SQLite file.
-    Sqlite,
-    /// A PostgreSQL server.
-    Postgres,
-}
-
-/// The database.
-#[derive(Debug, Clone)]
-pub struct Store {
-    pool: AnyPool,
-    backend: Backend,
-    /// When set, enrolments wait this long at most for a synchronous standby (PostgreSQL).
-    sync_commit: Option<std::time::Duration>,
-}
-
-/// Current Unix time in seconds.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-// ---- helpers the entity modules share ----
-
-fn json_list(v: &[String]) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
-}
-
-fn parse_list(text: &str) -> Vec<String> {
-    serde_json::from_str(text).unwrap_or_default()
-}
-
-fn get<'r, T>(row: &'r AnyRow, col: &'static str) -> Result<T, Error>
-where
-    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
-{
-    row.try_get(col).db(col)
-}
-
-/// A JSON list column.
-fn get_list(row: &AnyRow, col: &'static str) -> Result<Vec<String>, Error> {
-    Ok(parse_list(&get::<String>(row, col)?))
-}
-
-/// `NotFound(what())` when a write that names one row matched none.
-fn found(done: AnyQueryResult, what: impl FnOnce() -> String) -> Result<(), Error> {
-    if done.rows_affected() == 0 {
-        return Err(Error::NotFound(what()));
-    }
-    Ok(())
-}
-
 impl Store {
     /// Opens (creating a SQLite file if needed) and migrates the database at `url`.
     pub async fn open(url: &str) -> Result<Self, Error> {
-        sqlx::any::install_default_drivers();
-        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Backend::Postgres
-        } else if url.starts_with("sqlite:") {
-            Backend::Sqlite
-        } else {
-            return Err(Error::Invalid(format!(
-                "database URL must start with sqlite: or postgres:// (got {:?})",
-                url.split(':').next().unwrap_or_default()
-            )));
-        };
-        // A SQLite file is created on first start: here, with mode 0600, before SQLite does it
-        // with the umask's mode; SQLite gives its -wal and -shm files the database's mode.
-        if backend == Backend::Sqlite {
-            create_sqlite_file(url)?;
-        }
-        let url = if backend == Backend::Sqlite && !url.contains("mode=") {
-            format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
-        } else {
-            url.to_owned()
-        };
-        let pool = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 4 } else { 16 })
-            .connect(&url)
-            .await
-            .db("connecting")?;
-        if backend == Backend::Sqlite {
-            sqlx::query("PRAGMA journal_mode = WAL")
-                .execute(&pool)
-                .await
-                .db("enabling WAL")?;
-        }
-        let store = Self {
-            pool,
-            backend,
-            sync_commit: None,
-        };
+        let store = Self::connect(url).await?;
         // A hot standby cannot run migrations (they write); its schema comes from the primary.
         if store.in_recovery().await? {
             let have = store.schema_version().await?;
@@ -152,102 +57,6 @@ impl Store {
         }
         store.migrate().await?;
         Ok(store)
-    }
-
-    /// The pool (backup and replication monitoring run their own queries).
-    pub fn pool(&self) -> &AnyPool {
-        &self.pool
-    }
-
-    /// Whether the database is a read-only hot standby (`pg_is_in_recovery()`); never for SQLite.
-    pub async fn in_recovery(&self) -> Result<bool, Error> {
-        if self.backend != Backend::Postgres {
-            return Ok(false);
-        }
-        sqlx::query("SELECT pg_is_in_recovery() AS r")
-            .fetch_one(&self.pool)
-            .await
-            .db("asking whether the database is a standby")?
-            .try_get("r")
-            .db("asking whether the database is a standby")
-    }
-
-    /// The SQLite URL of the default database file in `data_dir`.
-    pub fn sqlite_url(data_dir: &Path) -> String {
-        format!("sqlite://{}?mode=rwc", data_dir.join("scm.db").display())
-    }
-
-    /// Which engine this is.
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
-    /// Closes the pool.
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
-
-    /// The rows of `select` (a SELECT up to its table), only those whose `col` equals the
-    /// filter's value when it has one, in `order`.
-    async fn fetch_where(
-        &self,
-        select: &str,
-        (col, value): (&str, Option<&str>),
-        order: &str,
-        context: &'static str,
-    ) -> Result<Vec<AnyRow>, Error> {
-        match value {
-            Some(v) => {
-                sqlx::query(&format!("{select} WHERE {col} = $1 ORDER BY {order}"))
-                    .bind(v)
-                    .fetch_all(&self.pool)
-                    .await
-            }
-            None => {
-                sqlx::query(&format!("{select} ORDER BY {order}"))
-                    .fetch_all(&self.pool)
-                    .await
-            }
-        }
-        .db(context)
-    }
-
-    /// Rows in a table (tests and diagnostics).
-    pub async fn count(&self, table: &'static str) -> Result<i64, Error> {
-        sqlx::query(&format!("SELECT COUNT(*) AS n FROM {table}"))
-            .fetch_one(&self.pool)
-            .await
-            .db("counting rows")?
-            .try_get("n")
-            .db("counting rows")
-    }
-}
-
-/// Creates the database file of a `sqlite:` URL with mode 0600 if it is missing.
-fn create_sqlite_file(url: &str) -> Result<(), Error> {
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-        .unwrap_or_default();
-    let path = rest.split('?').next().unwrap_or_default();
-    if path.is_empty() || path.starts_with(':') || url.contains("mode=memory") {
-        return Ok(());
-    }
-    let path = Path::new(path);
-    if path.exists()
-        || !path
-            .parent()
-            .is_none_or(|p| p.as_os_str().is_empty() || p.is_dir())
-    {
-        // Exists already, or its folder does not: SQLite reports the latter clearly.
-        return Ok(());
-    }
-    match crate::fsmode::create_private_file(path) {
-        Ok(_) => Ok(()),
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::AlreadyExists => {
-            Ok(())
-        }
-        Err(e) => Err(e),
     }
 }
 

@@ -4,7 +4,7 @@
 use scm_proto::api::AppRelease;
 use sqlx::any::AnyRow;
 
-use super::{Store, get, unix_now};
+use super::db::{Store, get, unix_now};
 use crate::error::{DbContext as _, Error};
 
 const RELEASE_COLS: &str = "app_id, platform, version, sha256, size";

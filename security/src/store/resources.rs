@@ -2,8 +2,8 @@
 
 use scm_proto::api::{Resource, ResourceMode};
 
+use super::db::{Store, found, get, get_list, json_list};
 use super::validate::{mode_name, parse_mode};
-use super::{Store, found, get, get_list, json_list};
 use crate::error::{DbContext as _, Error};
 
 impl Store {

@@ -4,7 +4,7 @@
 
 use sqlx::Row as _;
 
-use super::{Backend, Store, get};
+use super::db::{Backend, Store, get};
 use crate::error::{DbContext as _, Error};
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 use sqlx::any::AnyRow;
 
-use super::{Store, found, get, get_list, json_list, unix_now};
+use super::db::{Store, found, get, get_list, json_list, unix_now};
 use crate::error::{DbContext as _, Error};
 
 /// A site and its proxies.

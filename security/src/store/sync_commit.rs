@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sqlx::{AnyConnection, Row as _};
 
-use super::{Backend, Store};
+use super::db::{Backend, Store};
 use crate::error::{DbContext as _, Error};
 
 impl Store {

@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
+use super::db::{Store, found, get, get_list, json_list};
 use super::device_keys::{LiveKeys, revoke_live};
-use super::{Store, found, get, get_list, json_list};
 use crate::error::{DbContext as _, Error};
 
 /// A user of the directory.

@@ -9,7 +9,6 @@ mod bad_input;
 mod flows;
 mod forward_auth;
 mod hardening;
-mod layout;
 mod ldap;
 mod ldap_tests;
 mod pg;

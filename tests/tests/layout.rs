@@ -1,6 +1,6 @@
-//! The source layout: no two modules of the crate import each other, directly or round a loop.
-//! [`import_cycles`] reads a crate's `src/` (std only, no parser crate) so the same check can
-//! guard any crate of the workspace.
+//! The source layout: no two modules of any crate of the workspace import each other, directly
+//! or round a loop. [`import_cycles`] reads a crate's `src/` (std only, no parser crate); the
+//! test runs it over every crate the root `Cargo.toml` lists.
 //!
 //! Nodes are source files (`a/mod.rs` and `a.rs` both stand for module `a`); an edge is any path
 //! written in code (a `use` tree or an inline path) that starts with `crate::`, `super::`,
@@ -480,15 +480,55 @@ fn shortest_loop(g: &Graph, start: &str) -> Option<Vec<String>> {
     None
 }
 
+/// The workspace's member folders, read from the root `Cargo.toml`'s `members = [...]`.
+fn members(root: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(root.join("Cargo.toml")).expect("reading Cargo.toml");
+    let start = text.find("members = [").expect("a members list") + "members = [".len();
+    let end = start
+        + text[start..]
+            .find(']')
+            .expect("the end of the members list");
+    text[start..end]
+        .split(',')
+        .filter_map(|m| {
+            let m = m.trim().trim_matches('"');
+            (!m.is_empty()).then(|| root.join(m))
+        })
+        .collect()
+}
+
 #[test]
-fn the_security_server_has_no_import_circles() {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let loops = import_cycles(&src);
+fn no_crate_of_the_workspace_has_an_import_circle() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root")
+        .to_path_buf();
+    let crates = members(&root);
+    // The list is read, not assumed: the crates of every layer must be in it.
+    for must in [
+        "security",
+        "proxy-user",
+        "device",
+        "proto",
+        "proxy-common",
+        "proxy-ebpf",
+    ] {
+        assert!(
+            crates.iter().any(|c| c.ends_with(must)),
+            "{must} is not among the members read from Cargo.toml: {crates:?}"
+        );
+    }
+    let mut report = String::new();
+    for krate in &crates {
+        let src = krate.join("src");
+        assert!(src.is_dir(), "{} has no src/", krate.display());
+        for l in import_cycles(&src) {
+            let _ = writeln!(report, "{}: {l}", krate.display());
+        }
+    }
     assert!(
-        loops.is_empty(),
-        "modules of security/src import each other; move what both need into a module of its \
-         own:\n{}",
-        loops.join("\n")
+        report.is_empty(),
+        "modules import each other; move what both need into a module of its own:\n{report}"
     );
 }
 
