@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use proxy_common::steer::{DEFAULT_V6_PREFIX, MIN_V6_PREFIX, SteerConfig};
 
-use super::SupervisorError;
+use super::error::SupervisorError;
 use crate::{
     proxy::{FailurePolicy, ServeArgs, config::parse_duration},
     xdp::AttachMode,

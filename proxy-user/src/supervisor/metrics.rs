@@ -7,7 +7,7 @@ use std::{
 
 use proxy_common::{PacketClass, steer::SteerStat};
 
-use super::lock;
+use super::error::lock;
 use crate::steer::Steering;
 
 /// The metrics page: the kernel's counters and the workers' states.

@@ -8,18 +8,19 @@
 //! when a worker dies the kernel drops it from the sockmap at once and new connections go to
 //! the others before the supervisor has even noticed. `docs/data-plane.md` has the whole story.
 //!
-//! `args` holds the flags, `workers` the worker management, `process` what is read of other
+//! `args` holds the flags, `error` the error type, `workers` the worker management, `process` what is read of other
 //! processes (procfs, pidfds, signals), `shield` a worker's feeds of the shield maps, and
 //! `metrics` the supervisor's own `/metrics` page.
 
 mod args;
+mod error;
 mod metrics;
 mod process;
 mod shield;
 mod workers;
 
 use std::{
-    fs, io,
+    fs,
     os::fd::AsFd,
     sync::{Arc, Mutex},
 };
@@ -35,43 +36,18 @@ pub use args::{
     SupervisorArgs, WORKER_INDEX_ENV, WORKER_LISTEN_ENV, WORKER_METRICS_ENV, single_process_limit,
     worker_serve_args,
 };
+pub use error::SupervisorError;
 pub use process::device_connections;
 pub use shield::{blocklist_sink, install_verified_hook};
 
 use crate::{
     proxy::ServeArgs,
     steer::{SteerOptions, Steering},
-    xdp::XdpError,
 };
 use args::steer_config;
+use error::io_err;
 use metrics::serve_metrics;
 use workers::{Event, Supervisor};
-
-/// What can go wrong in the supervisor.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SupervisorError {
-    /// Loading, attaching or updating the eBPF programs and maps.
-    #[error(transparent)]
-    Steer(#[from] XdpError),
-    /// A system call or file operation.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
-    /// A bad flag value.
-    #[error("{0}")]
-    Config(String),
-}
-
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> SupervisorError {
-    let what = what.into();
-    move |source| SupervisorError::Io { what, source }
-}
 
 /// Which role this `serve` process has.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,10 +88,6 @@ pub fn role(args: &SupervisorArgs) -> Result<Role, SupervisorError> {
             MAX_WORKERS / 2
         ))),
     }
-}
-
-fn lock<T>(s: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Runs the supervisor until SIGTERM or SIGINT: loads (or adopts) the programs and maps, starts

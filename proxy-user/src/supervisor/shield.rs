@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 
-use super::{SupervisorArgs, WORKER_INDEX_ENV, lock};
+use super::args::{SupervisorArgs, WORKER_INDEX_ENV};
+use super::error::lock;
 use crate::{
     proxy::{AuthFailure, RefusalSink},
     steer::{

@@ -16,8 +16,8 @@ use tokio::{io::unix::AsyncFd, sync::mpsc};
 use tracing::{info, warn};
 
 use super::{
-    SupervisorArgs, SupervisorError, WORKER_INDEX_ENV, WORKER_LISTEN_ENV, WORKER_METRICS_ENV,
-    io_err, lock,
+    args::{SupervisorArgs, WORKER_INDEX_ENV, WORKER_LISTEN_ENV, WORKER_METRICS_ENV},
+    error::{SupervisorError, io_err, lock},
     process::{
         device_connections, listening_fd, pidfd_getfd, pidfd_open, process_runs, same_binary,
         signal_pid,
