@@ -72,7 +72,11 @@ mod tests {
         for bad in ["", "m", "5x", "1w", "-1s", "1.5h", "s5"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
-        assert!(parse_duration("1w").unwrap_err().contains("use ms, s, m, h or d"));
+        assert!(
+            parse_duration("1w")
+                .unwrap_err()
+                .contains("use ms, s, m, h or d")
+        );
     }
 
     /// Huge values are refused with a message, never a panic or a wrapped small value.

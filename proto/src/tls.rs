@@ -116,10 +116,7 @@ fn non_empty<T>(items: Vec<T>, path: &Path, what: &'static str) -> Result<Vec<T>
 }
 
 /// Every certificate in PEM `data` (other sections are skipped); `path` names it in errors.
-pub fn certs_from_pem(
-    data: &[u8],
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn certs_from_pem(data: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(pem_err(path))?;
@@ -172,7 +169,8 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 mod tests {
     use super::*;
 
-    const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBdTCCARugAwIBAgIUBGuY\n-----END CERTIFICATE-----\n";
+    const CERT: &str =
+        "-----BEGIN CERTIFICATE-----\nMIIBdTCCARugAwIBAgIUBGuY\n-----END CERTIFICATE-----\n";
 
     fn file(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);
@@ -191,7 +189,10 @@ mod tests {
 
         let empty = file(dir, "empty.pem", "no PEM here\n");
         let e = load_certs(&empty).unwrap_err().to_string();
-        assert!(e.contains("empty.pem") && e.contains("no certificate"), "{e}");
+        assert!(
+            e.contains("empty.pem") && e.contains("no certificate"),
+            "{e}"
+        );
         let e = load_key(&empty).unwrap_err().to_string();
         assert!(e.contains("no private key"), "{e}");
         let e = load_crls(&empty).unwrap_err().to_string();
@@ -201,7 +202,10 @@ mod tests {
         assert_eq!(load_certs(&cert).unwrap().len(), 1);
         // A certificate is not a key: reported as missing, with the file.
         let e = load_key(&cert).unwrap_err().to_string();
-        assert!(e.contains("cert.pem") && e.contains("no private key"), "{e}");
+        assert!(
+            e.contains("cert.pem") && e.contains("no private key"),
+            "{e}"
+        );
 
         let cut = file(dir, "cut.pem", "-----BEGIN CERTIFICATE-----\nMIIB\n");
         let e = load_certs(&cut).unwrap_err();

@@ -132,7 +132,9 @@ impl Slapd {
             .unwrap_or_default();
         let limit_lines = size_limit
             .map(|n| {
-                format!("sizelimit size.soft={n} size.hard={n} size.pr={n} size.prtotal=unlimited\n")
+                format!(
+                    "sizelimit size.soft={n} size.hard={n} size.pr={n} size.prtotal=unlimited\n"
+                )
             })
             .unwrap_or_default();
         std::fs::write(

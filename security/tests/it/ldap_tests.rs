@@ -303,7 +303,10 @@ async fn ldap_sync_pages_past_the_size_limit() {
         .filter_map(|u| u["name"].as_str())
         .collect();
     assert_eq!(names.len(), total, "{users}");
-    assert!(names.contains(&"user11") && names.contains(&"carol"), "{users}");
+    assert!(
+        names.contains(&"user11") && names.contains(&"carol"),
+        "{users}"
+    );
     // A user from a later page authenticates by bind like any other.
     Device::enroll(&srv, "user11", "pw-11", "phone")
         .await
