@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rustls::ClientConfig;
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
-use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider, kx_group};
+use rustls::crypto::aws_lc_rs::{cipher_suite, kx_group};
 use rustls_pki_types::ServerName;
 use scm_proto::crypto::SessionKey;
 use scm_proto::preamble::{Preamble, REPLY_HEADER_LEN, Reply, Status};
@@ -196,27 +196,26 @@ pub fn tls_config(
     resume: bool,
 ) -> Result<Arc<ClientConfig>, LoadError> {
     let mut roots = rustls::RootCertStore::empty();
+    let pem_err = |e: scm_proto::tls::TlsError| LoadError::Spec(e.to_string());
     if let Some(path) = ca_pem {
-        let pem = std::fs::read(path)?;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            roots.add(cert?)?;
+        for cert in scm_proto::tls::load_certs(path).map_err(pem_err)? {
+            roots.add(cert)?;
         }
     }
+    // The workspace's provider narrowed to one suite and group, the same as nginx is given.
     let provider = CryptoProvider {
         cipher_suites: vec![cipher_suite::TLS13_AES_128_GCM_SHA256],
         kx_groups: vec![kx_group::X25519],
-        ..default_provider()
+        ..Arc::unwrap_or_clone(scm_proto::tls::provider())
     };
     let builder = ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(scm_proto::tls::TLS13_ONLY)?
         .with_root_certificates(roots);
     let mut config = match identity {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
-            let chain = rustls_pemfile::certs(&mut std::fs::read(cert)?.as_slice())
-                .collect::<Result<Vec<_>, _>>()?;
-            let key = rustls_pemfile::private_key(&mut std::fs::read(key)?.as_slice())?
-                .ok_or_else(|| LoadError::Spec(format!("no private key in {}", key.display())))?;
+            let chain = scm_proto::tls::load_certs(cert).map_err(pem_err)?;
+            let key = scm_proto::tls::load_key(key).map_err(pem_err)?;
             builder.with_client_auth_cert(chain, key)?
         }
     };

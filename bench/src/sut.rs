@@ -390,8 +390,8 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let c = make_certs(&dir).unwrap();
         let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut fs::read(&c.ca).unwrap().as_slice()) {
-            roots.add(cert.unwrap()).unwrap();
+        for cert in scm_proto::tls::load_certs(&c.ca).unwrap() {
+            roots.add(cert).unwrap();
         }
         assert_eq!(roots.len(), 1);
         let key = fs::read_to_string(&c.key).unwrap();

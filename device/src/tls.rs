@@ -4,33 +4,30 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, ServerName};
+use scm_proto::tls::TlsError;
 
 use crate::error::DeviceError;
 
 /// Reads the PEM CA certificates at `path`.
 pub fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, DeviceError> {
-    let pem = std::fs::read(path).map_err(|source| DeviceError::File {
-        what: "CA certificate",
-        path: path.to_owned(),
-        source,
-    })?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| DeviceError::File {
+    scm_proto::tls::load_certs(path).map_err(|e| match e {
+        TlsError::Read { path, source } => DeviceError::File {
             what: "CA certificate",
-            path: path.to_owned(),
+            path,
             source,
-        })?;
-    if certs.is_empty() {
-        return Err(DeviceError::BadFile {
+        },
+        TlsError::Empty { path, .. } => DeviceError::BadFile {
+            what: "CA certificate",
+            path,
+            why: "no certificate in the PEM file".into(),
+        },
+        other => DeviceError::BadFile {
             what: "CA certificate",
             path: path.to_owned(),
-            why: "no certificate in the PEM file".into(),
-        });
-    }
-    Ok(certs)
+            why: other.to_string(),
+        },
+    })
 }
 
 /// A TLS client config trusting only `ca` (TLS 1.3 and 1.2 for the Security server; the proxies
@@ -38,16 +35,14 @@ pub fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, DeviceError>
 pub fn client_config(
     ca: &[CertificateDer<'static>],
 ) -> Result<Arc<rustls::ClientConfig>, DeviceError> {
-    let mut roots = RootCertStore::empty();
+    let mut roots = rustls::RootCertStore::empty();
     for c in ca {
         roots.add(c.clone())?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(scm_proto::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     Ok(Arc::new(config))
 }
 

@@ -7,14 +7,22 @@
 //! - [`version`]: app version ordering used by the update and minimum-version policy.
 //! - [`failover`]: preferred order with failback over a list of Security servers.
 //! - [`redact`]: what `Debug` prints in place of a secret.
+//! - [`duration`]: the parser of every duration flag.
+//! - `tls` (feature `tls`): the TLS profile — crypto provider, versions, PEM loading.
+//! - `shutdown` (feature `shutdown`): the SIGTERM/SIGINT future of every long-running process.
 //!
 //! `docs/protocol.md` describes the same contract in prose.
 
 pub mod api;
 pub mod crypto;
+pub mod duration;
 pub mod failover;
 pub mod preamble;
 pub mod redact;
+#[cfg(feature = "shutdown")]
+pub mod shutdown;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod version;
 
 /// The TLS exporter label whose output the channel-binding MAC covers (RFC 8446 §7.5).

@@ -436,6 +436,13 @@ pub struct LdapArgs {
     #[arg(long, env = "SCM_LDAP_SYNC_INTERVAL", default_value = "30m", value_parser = parse_duration)]
     pub ldap_sync_interval: Duration,
 
+    /// Entries per page of the sync's searches (RFC 2696 simple paged results), so a directory
+    /// with more users than the server's size limit syncs whole. At most the server's page
+    /// limit: Active Directory's MaxPageSize is 1000 by default.
+    #[arg(long, env = "SCM_LDAP_PAGE_SIZE", default_value_t = 500,
+          value_parser = clap::value_parser!(u16).range(1..=10_000))]
+    pub ldap_page_size: u16,
+
     /// PEM CA certificate(s) that sign the LDAP server's certificate (ldaps:// and
     /// --ldap-starttls). Default: the system's trusted roots.
     #[arg(long, env = "SCM_LDAP_CA")]
@@ -755,31 +762,9 @@ pub enum LdapCmd {
     Sync,
 }
 
-/// Parses durations like `500ms`, `30s`, `15m`, `12h`, `1d` (a bare number means seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (num, unit) = text.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 30s, 15m, 12h"))?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "" | "s" => n.checked_mul(1000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        "d" => n.checked_mul(86_400_000),
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {text:?}: use ms, s, m, h or d"
-            ));
-        }
-    }
-    .ok_or_else(|| format!("duration {text:?} is too large"))?;
-    Ok(Duration::from_millis(ms))
-}
+/// The parser of every duration flag (`500ms`, `30s`, `15m`, `12h`, `1d`, a bare number of
+/// seconds; at most [`scm_proto::duration::MAX_DURATION`]), shared with the proxy.
+pub use scm_proto::duration::parse_duration;
 
 #[cfg(test)]
 mod tests {

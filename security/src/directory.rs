@@ -11,6 +11,7 @@ use std::time::Duration;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
+use ldap3::adapters::{Adapter, EntriesOnly, PagedResults};
 use ldap3::{LdapConnAsync, LdapConnSettings, Scope, SearchEntry};
 use tokio::sync::Semaphore;
 
@@ -56,26 +57,22 @@ pub struct LdapConfig {
     pub member_attr: String,
     /// Sync interval.
     pub sync_interval: Duration,
+    /// Entries per page of the sync's paged searches.
+    pub page_size: u16,
     /// Upgrade `ldap://` with StartTLS.
     pub starttls: bool,
     /// TLS settings trusting `--ldap-ca` (None: ldap3's default, the system roots).
-    pub tls: Option<Arc<rustls_ldap::ClientConfig>>,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
-/// A TLS client configuration (rustls 0.21, what ldap3 takes) trusting the CAs in `ca`.
-fn ldap_tls(ca: &std::path::Path) -> Result<Arc<rustls_ldap::ClientConfig>, Error> {
-    let mut roots = rustls_ldap::RootCertStore::empty();
-    for c in crate::tls::load_certs(ca)? {
-        roots
-            .add(&rustls_ldap::Certificate(c.to_vec()))
-            .map_err(|e| Error::Tls(format!("--ldap-ca {}: {e}", ca.display())))?;
-    }
-    Ok(Arc::new(
-        rustls_ldap::ClientConfig::builder()
-            .with_safe_defaults()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    ))
+/// A TLS client configuration trusting the CAs in `ca` (on the workspace's one provider).
+fn ldap_tls(ca: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, Error> {
+    let roots = crate::tls::load_roots(ca)?;
+    let config = scm_proto::tls::client_builder()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 impl LdapConfig {
@@ -151,6 +148,7 @@ impl LdapConfig {
             group_name_attr: a.ldap_group_name_attr.clone(),
             member_attr: a.ldap_member_attr.clone(),
             sync_interval: a.ldap_sync_interval,
+            page_size: a.ldap_page_size,
             starttls: a.ldap_starttls,
             tls: tls_config,
         }))
@@ -431,6 +429,38 @@ async fn ldap_bind(cfg: &LdapConfig, dn: &str, password: &str) -> Result<bool, E
     }
 }
 
+/// Searches the subtree at `base` with the simple paged results control (RFC 2696), pages of
+/// `cfg.page_size`: a directory answers a plain search with at most its size limit (1000 entries
+/// in Active Directory) and then "size limit exceeded"; paged, it returns every entry. Each page
+/// is one operation under [`LDAP_TIMEOUT`].
+async fn paged_search(
+    ldap: &mut ldap3::Ldap,
+    cfg: &LdapConfig,
+    base: &str,
+    filter: &str,
+    attrs: Vec<&str>,
+) -> Result<Vec<SearchEntry>, Error> {
+    let adapters: Vec<Box<dyn Adapter<_, _>>> = vec![
+        Box::new(EntriesOnly::new()),
+        Box::new(PagedResults::new(i32::from(cfg.page_size))),
+    ];
+    let mut stream = ldap
+        .with_timeout(LDAP_TIMEOUT)
+        .streaming_search_with(adapters, base, Scope::Subtree, filter, attrs)
+        .await
+        .map_err(|e| ldap_err(cfg, e))?;
+    let mut entries = Vec::new();
+    while let Some(e) = stream.next().await.map_err(|e| ldap_err(cfg, e))? {
+        entries.push(SearchEntry::construct(e));
+    }
+    stream
+        .finish()
+        .await
+        .success()
+        .map_err(|e| ldap_err(cfg, e))?;
+    Ok(entries)
+}
+
 /// Reads (user name → DN) and (lowercased member DN → groups).
 async fn ldap_read(
     cfg: &LdapConfig,
@@ -443,20 +473,16 @@ async fn ldap_read(
             .and_then(|r| r.success())
             .map_err(|e| ldap_err(cfg, e))?;
     }
-    let (entries, _) = ldap
-        .with_timeout(LDAP_TIMEOUT)
-        .search(
-            &cfg.user_base,
-            Scope::Subtree,
-            &cfg.user_filter,
-            vec![cfg.user_attr.as_str()],
-        )
-        .await
-        .and_then(|r| r.success())
-        .map_err(|e| ldap_err(cfg, e))?;
+    let entries = paged_search(
+        &mut ldap,
+        cfg,
+        &cfg.user_base,
+        &cfg.user_filter,
+        vec![cfg.user_attr.as_str()],
+    )
+    .await?;
     let mut users = HashMap::new();
     for e in entries {
-        let e = SearchEntry::construct(e);
         let Some(name) = e.attrs.get(&cfg.user_attr).and_then(|v| v.first()) else {
             continue;
         };
@@ -468,19 +494,15 @@ async fn ldap_read(
     }
     let mut groups: HashMap<String, BTreeSet<String>> = HashMap::new();
     if let Some(base) = &cfg.group_base {
-        let (entries, _) = ldap
-            .with_timeout(LDAP_TIMEOUT)
-            .search(
-                base,
-                Scope::Subtree,
-                &cfg.group_filter,
-                vec![cfg.group_name_attr.as_str(), cfg.member_attr.as_str()],
-            )
-            .await
-            .and_then(|r| r.success())
-            .map_err(|e| ldap_err(cfg, e))?;
+        let entries = paged_search(
+            &mut ldap,
+            cfg,
+            base,
+            &cfg.group_filter,
+            vec![cfg.group_name_attr.as_str(), cfg.member_attr.as_str()],
+        )
+        .await?;
         for e in entries {
-            let e = SearchEntry::construct(e);
             let Some(group) = e.attrs.get(&cfg.group_name_attr).and_then(|v| v.first()) else {
                 continue;
             };

@@ -38,50 +38,37 @@ pub struct ClientCert(pub Arc<CertificateDer<'static>>);
 #[derive(Debug, Clone, Copy)]
 pub struct IoTimeout(pub Duration);
 
-/// The crypto provider every configuration uses.
+/// The crypto provider every configuration uses: the workspace's TLS profile.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    scm_proto::tls::provider()
+}
+
+/// This crate's error for the TLS profile's: an unreadable file stays an I/O error on its path.
+fn tls_error(e: scm_proto::tls::TlsError) -> Error {
+    match e {
+        scm_proto::tls::TlsError::Read { path, source } => Error::io(path, source),
+        other => Error::Tls(other.to_string()),
+    }
 }
 
 /// Reads a PEM certificate chain.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let certs = rustls_pemfile::certs(&mut data.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::io(path, e))?;
-    if certs.is_empty() {
-        return Err(Error::Tls(format!(
-            "{}: no certificate found",
-            path.display()
-        )));
-    }
-    Ok(certs)
+    scm_proto::tls::load_certs(path).map_err(tls_error)
 }
 
 /// Reads a PEM private key.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
-    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    rustls_pemfile::private_key(&mut data.as_slice())
-        .map_err(|e| Error::io(path, e))?
-        .ok_or_else(|| Error::Tls(format!("{}: no private key found", path.display())))
+    scm_proto::tls::load_key(path).map_err(tls_error)
 }
 
 /// Reads PEM CA certificates into a root store.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, Error> {
-    let mut roots = RootCertStore::empty();
-    for c in load_certs(path)? {
-        roots
-            .add(c)
-            .map_err(|e| Error::Tls(format!("{}: {e}", path.display())))?;
-    }
-    Ok(roots)
+    scm_proto::tls::load_roots(path).map_err(tls_error)
 }
 
 fn server_builder()
 -> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::WantsVerifier>, Error> {
-    rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| Error::Tls(e.to_string()))
+    scm_proto::tls::server_builder(scm_proto::tls::TLS13_AND_12).map_err(tls_error)
 }
 
 fn finish(mut cfg: rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
@@ -111,17 +98,7 @@ pub fn mtls_server_config(
 pub fn load_crls(
     path: &Path,
 ) -> Result<Vec<rustls_pki_types::CertificateRevocationListDer<'static>>, Error> {
-    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let crls = rustls_pemfile::crls(&mut data.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::io(path, e))?;
-    if crls.is_empty() {
-        return Err(Error::Tls(format!(
-            "{}: no \"X509 CRL\" PEM block found",
-            path.display()
-        )));
-    }
-    Ok(crls)
+    scm_proto::tls::load_crls(path).map_err(tls_error)
 }
 
 /// [`mtls_server_config`], refusing at the handshake a client certificate revoked by a CRL in
@@ -153,9 +130,8 @@ pub fn client_config(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
 ) -> Result<rustls::ClientConfig, Error> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Tls(e.to_string()))?
+    let builder = scm_proto::tls::client_builder()
+        .map_err(tls_error)?
         .with_root_certificates(load_roots(ca)?);
     let mut cfg = match identity {
         Some((cert, key)) => builder

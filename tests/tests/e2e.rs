@@ -730,11 +730,8 @@ async fn idle_tunnels_are_closed() {
 /// name as the audience, and answers the claims (200) or why it refused (401).
 async fn verifying_backend(stack: &Stack, audience: &'static str) -> std::net::SocketAddr {
     use hyper::body::Incoming;
-    let ca = std::fs::read(stack.certs.join("ca.pem")).unwrap();
     let client = reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .use_preconfigured_tls(trusting_ca(stack))
         .build()
         .unwrap();
     let jwks_url = format!(
@@ -897,12 +894,19 @@ async fn http_back_ends_verify_the_signed_identity() {
     python_snippet_verifies(&stack, &web_token, "web");
 }
 
+/// A client TLS config (the workspace's TLS profile) trusting only the stack's CA: reqwest is
+/// built without a crypto provider of its own.
+fn trusting_ca(stack: &Stack) -> rustls::ClientConfig {
+    let roots = scm_proto::tls::load_roots(&stack.certs.join("ca.pem")).unwrap();
+    scm_proto::tls::client_builder()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
 async fn reqwest_jwks(stack: &Stack) -> jsonwebtoken::jwk::JwkSet {
-    let ca = std::fs::read(stack.certs.join("ca.pem")).unwrap();
     reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .use_preconfigured_tls(trusting_ca(stack))
         .build()
         .unwrap()
         .get(format!(

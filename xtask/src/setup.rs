@@ -40,6 +40,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
 /// The bpf-linker release known to build against the nightly toolchain's LLVM here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The cargo-deny release `deny.toml` is written for (built from crates.io: about four minutes on
+/// two cores, once per machine).
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
 /// Options of `cargo xtask setup`.
 #[derive(Debug, Default, clap::Args)]
 pub struct SetupArgs {
@@ -55,6 +59,7 @@ pub fn run(args: &SetupArgs) -> Result<()> {
         ("apt packages", apt as fn(bool) -> Result<Option<String>>),
         ("nightly rust-src", rust_src),
         ("bpf-linker", bpf_linker),
+        ("cargo-deny", cargo_deny),
         ("bpffs at /sys/fs/bpf", bpffs),
     ] {
         match step(args.check)? {
@@ -146,6 +151,29 @@ fn rust_src(check: bool) -> Result<Option<String>> {
 fn llvm_prefix() -> PathBuf {
     let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
     home.join(".local/share/scm/rust-llvm")
+}
+
+/// cargo-deny for `cargo deny check` (licences, bans, sources, advisories) in CI.
+fn cargo_deny(check: bool) -> Result<Option<String>> {
+    let want = format!("cargo-deny {CARGO_DENY_VERSION}");
+    let have = output(Command::new("cargo").args(["deny", "--version"]));
+    if have.as_deref().map(str::trim) == Some(want.as_str()) {
+        return Ok(None);
+    }
+    if check {
+        return Ok(Some(format!(
+            "{want} is not installed; `cargo xtask setup` builds it (about four minutes)"
+        )));
+    }
+    eprintln!("setup: building {want} (about four minutes)");
+    cmd::run(Command::new("cargo").args([
+        "install",
+        "cargo-deny",
+        "--locked",
+        "--version",
+        CARGO_DENY_VERSION,
+    ]))?;
+    Ok(None)
 }
 
 fn bpf_linker(check: bool) -> Result<Option<String>> {

@@ -138,26 +138,9 @@ pub struct ServeArgs {
     pub no_identity_assertion: bool,
 }
 
-/// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (num, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 250ms, 5s, 2m, 1h"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!(
-            "invalid duration unit in {text:?}: use ms, s, m or h"
-        )),
-    }
-}
+/// The parser of every duration flag (`250ms`, `5s`, `2m`, `1h`, `1d`, a bare number of
+/// seconds; at most [`scm_proto::duration::MAX_DURATION`]), shared with the Security server.
+pub use scm_proto::duration::parse_duration;
 
 #[cfg(test)]
 mod tests {

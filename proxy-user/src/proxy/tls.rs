@@ -6,82 +6,11 @@
 //! protocol (CONFIG_TLS). Start-up tries it on a loopback socket; without it the proxy keeps
 //! rustls in user space, which is the same protocol on the wire.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 
-use rustls::RootCertStore;
-use rustls::crypto::CryptoProvider;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-/// A TLS configuration that could not be built.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum TlsError {
-    /// A PEM file could not be read.
-    #[error("reading {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// A PEM file holds nothing usable.
-    #[error("{path}: no {what} found in PEM file")]
-    Empty {
-        /// The file.
-        path: PathBuf,
-        /// What was expected.
-        what: &'static str,
-    },
-    /// rustls refused the material.
-    #[error("{what}: {source}")]
-    Rustls {
-        /// What was being built.
-        what: &'static str,
-        /// Why.
-        source: rustls::Error,
-    },
-}
-
-/// The crypto provider every config in this crate uses (named explicitly because other crates in
-/// the build may enable a second one).
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
-/// Reads every certificate in a PEM file.
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let read = |source| TlsError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let pem = std::fs::read(path).map_err(read)?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(read)?;
-    if certs.is_empty() {
-        return Err(TlsError::Empty {
-            path: path.to_owned(),
-            what: "certificate",
-        });
-    }
-    Ok(certs)
-}
-
-/// Reads the first private key in a PEM file.
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let read = |source| TlsError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let pem = std::fs::read(path).map_err(read)?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(read)?
-        .ok_or_else(|| TlsError::Empty {
-            path: path.to_owned(),
-            what: "private key",
-        })
-}
+pub use scm_proto::tls::{TlsError, load_certs, load_key, provider};
 
 /// The device-facing config from PEM files: see [`device_server_config`].
 pub fn server_config(
@@ -105,29 +34,18 @@ pub fn device_server_config(
     key: PrivateKeyDer<'static>,
     ktls: bool,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|source| TlsError::Rustls {
-            what: "device TLS config",
-            source,
-        })?
+    let mut config = scm_proto::tls::server_builder(scm_proto::tls::TLS13_ONLY)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|source| TlsError::Rustls {
-            what: "proxy certificate and key",
-            source,
-        })?;
+        .map_err(TlsError::rustls("proxy certificate and key"))?;
     // kTLS takes the traffic secrets out of rustls after the handshake.
     config.enable_secret_extraction = true;
     if ktls {
         config.send_tls13_tickets = 0;
     } else {
         config.send_tls13_tickets = 2;
-        config.ticketer =
-            rustls::crypto::aws_lc_rs::Ticketer::new().map_err(|source| TlsError::Rustls {
-                what: "session ticket keys",
-                source,
-            })?;
+        config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
+            .map_err(TlsError::rustls("session ticket keys"))?;
     }
     Ok(config)
 }
@@ -138,25 +56,11 @@ pub fn security_client_config(
     cert: &Path,
     key: &Path,
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for c in load_certs(ca)? {
-        roots.add(c).map_err(|source| TlsError::Rustls {
-            what: "Security server CA",
-            source,
-        })?;
-    }
-    rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|source| TlsError::Rustls {
-            what: "Security client TLS config",
-            source,
-        })?
+    let roots = scm_proto::tls::roots(load_certs(ca)?, "Security server CA")?;
+    scm_proto::tls::client_builder()?
         .with_root_certificates(roots)
         .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-        .map_err(|source| TlsError::Rustls {
-            what: "proxy client certificate and key",
-            source,
-        })
+        .map_err(TlsError::rustls("proxy client certificate and key"))
 }
 
 /// Whether the kernel accepts the TLS upper-layer protocol on a TCP socket (what kTLS needs).
@@ -194,6 +98,7 @@ pub async fn kernel_supports_ktls() -> bool {
 mod tests {
     use super::*;
     use rustls::HandshakeKind;
+    use std::sync::Arc;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     /// One handshake over an in-memory pipe; answers how the client saw it.
@@ -230,7 +135,7 @@ mod tests {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert).unwrap();
         let client = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
+            .with_protocol_versions(scm_proto::tls::TLS13_ONLY)
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();

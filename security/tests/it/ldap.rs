@@ -77,16 +77,26 @@ fn find(name: &str) -> Option<PathBuf> {
 impl Slapd {
     /// Starts slapd with the test directory, or skips loudly (fails under CI).
     pub fn start() -> Option<Slapd> {
-        Self::start_with(None)
+        Self::start_with(None, None)
+    }
+
+    /// Starts slapd answering at most `limit` entries to a search that is not paged, and pages
+    /// of at most `limit` (as Active Directory's MaxPageSize does, 1000 there); a paged search
+    /// may return any total. The root DN is exempt from limits: search as someone else.
+    pub fn start_size_limited(limit: usize) -> Option<Slapd> {
+        Self::start_with(None, Some(limit))
     }
 
     /// Starts slapd serving TLS too (StartTLS on `url`, and `ldaps_url`) with the certificate
     /// and key `(cert, key)`.
     pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Option<Slapd> {
-        Self::start_with(Some((cert, key)))
+        Self::start_with(Some((cert, key)), None)
     }
 
-    fn start_with(tls: Option<(&std::path::Path, &std::path::Path)>) -> Option<Slapd> {
+    fn start_with(
+        tls: Option<(&std::path::Path, &std::path::Path)>,
+        size_limit: Option<usize>,
+    ) -> Option<Slapd> {
         let (Some(slapd), Some(slapadd)) = (find("slapd"), find("slapadd")) else {
             skip(
                 "slapd",
@@ -120,6 +130,13 @@ impl Slapd {
                 )
             })
             .unwrap_or_default();
+        let limit_lines = size_limit
+            .map(|n| {
+                format!(
+                    "sizelimit size.soft={n} size.hard={n} size.pr={n} size.prtotal=unlimited\n"
+                )
+            })
+            .unwrap_or_default();
         std::fs::write(
             &conf,
             format!(
@@ -128,6 +145,7 @@ impl Slapd {
                  include /etc/ldap/schema/inetorgperson.schema\n\
                  {module_lines}\
                  {tls_lines}\
+                 {limit_lines}\
                  pidfile {dir}/slapd.pid\n\
                  database mdb\n\
                  maxsize 10485760\n\

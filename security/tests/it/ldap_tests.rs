@@ -1,7 +1,8 @@
 //! LDAP against a real slapd: bind authentication, sync of users and groups at start and
 //! periodically, removal of users who leave the directory (ending their sessions); LDAP over
 //! TLS (ldaps:// and StartTLS with --ldap-ca), a wrong CA refused, plain ldap:// refused
-//! without --ldap-insecure-plaintext.
+//! without --ldap-insecure-plaintext; a directory with more users than its size limit synced
+//! whole through paged search (RFC 2696).
 
 use std::time::Duration;
 
@@ -239,4 +240,76 @@ async fn ldap_over_tls() {
             .expect_err("refused");
         assert!(err.to_string().contains(needle), "{url} {extra:?}: {err}");
     }
+}
+
+/// A directory holding more users than the server's size limit (5 here, 1000 in a default Active
+/// Directory): a plain search ends with "size limit exceeded"; the sync pages (RFC 2696 simple
+/// paged results, --ldap-page-size at most the limit) and gets every user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ldap_sync_pages_past_the_size_limit() {
+    const LIMIT: usize = 5;
+    const EXTRA: usize = 12;
+    let Some(slapd) = Slapd::start_size_limited(LIMIT) else {
+        return;
+    };
+    let user_base = format!("ou=people,{BASE}");
+    let ldif: String = (0..EXTRA)
+        .map(|i| {
+            format!(
+                "dn: uid=user{i:02},{user_base}\nobjectClass: inetOrgPerson\nuid: user{i:02}\n\
+                 cn: User {i}\nsn: U\nuserPassword: pw-{i}\n\n"
+            )
+        })
+        .collect();
+    slapd.tool("ldapadd", &[], Some(&ldif));
+    let total = EXTRA + 2; // and carol and dave
+    // The limit holds for the sync's own identity (anonymous: the root DN has no limits).
+    let plain = std::process::Command::new("ldapsearch")
+        .args(["-x", "-H", &slapd.url, "-b", &user_base, "uid"])
+        .output()
+        .expect("ldapsearch (apt install ldap-utils)");
+    let plain = String::from_utf8_lossy(&plain.stdout);
+    assert!(plain.contains("Size limit exceeded"), "{plain}");
+
+    let srv = Server::start(
+        Db::Sqlite,
+        &[
+            "--ldap-url",
+            &slapd.url,
+            "--ldap-user-base",
+            &user_base,
+            "--ldap-page-size",
+            "4",
+            "--ldap-sync-interval",
+            "1h",
+            "--ldap-insecure-plaintext",
+        ],
+    )
+    .await;
+    // The sync at start (an admin sync now could race it), then one on demand.
+    let users = async || srv.admin_ok(Method::GET, "/users", None).await;
+    let synced = eventually(Duration::from_secs(10), async || {
+        users().await.as_array().is_some_and(|a| a.len() == total)
+    })
+    .await;
+    assert!(synced, "every LDAP user synced: {}", users().await);
+    let report = srv.admin_ok(Method::POST, "/ldap/sync", None).await;
+    assert_eq!(report["users"], total, "{report}");
+    let users = users().await;
+    let names: Vec<&str> = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|u| u["name"].as_str())
+        .collect();
+    assert_eq!(names.len(), total, "{users}");
+    assert!(
+        names.contains(&"user11") && names.contains(&"carol"),
+        "{users}"
+    );
+    // A user from a later page authenticates by bind like any other.
+    Device::enroll(&srv, "user11", "pw-11", "phone")
+        .await
+        .login(&srv)
+        .await;
 }
