@@ -30,6 +30,9 @@ pub enum DeviceError {
     /// TLS configuration failed.
     #[error("TLS: {0}")]
     Tls(#[from] rustls::Error),
+    /// The TLS profile could not be set up (the provider refused its versions, or a PEM file).
+    #[error("{0}")]
+    TlsProfile(#[from] scm_proto::tls::TlsError),
     /// The HTTP client could not be built.
     #[error("building the HTTP client: {0}")]
     Client(reqwest::Error),

@@ -240,7 +240,9 @@ async fn main() -> Result<()> {
             );
             tokio::select! {
                 r = scm_device::tunnel::serve(listener, session, resource) => r?,
-                _ = tokio::signal::ctrl_c() => {}
+                r = scm_proto::shutdown::shutdown_signal() => {
+                    r.context("installing the SIGTERM/SIGINT handlers")?;
+                }
             }
         }
         Command::Get { url, include } => {

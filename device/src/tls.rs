@@ -39,8 +39,7 @@ pub fn client_config(
     for c in ca {
         roots.add(c.clone())?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(scm_proto::tls::provider())
-        .with_safe_default_protocol_versions()?
+    let config = scm_proto::tls::client_builder()?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))

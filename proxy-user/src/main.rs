@@ -5,7 +5,6 @@ use std::{io::IsTerminal as _, time::Duration};
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use scm_proxy::xdp::{AttachMode, LoadOptions, XdpIngress};
-use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 /// scm's proxy: terminates devices' TLS, checks their sessions with the Security server and
@@ -140,8 +139,8 @@ async fn xdp_attach(args: AttachArgs) -> anyhow::Result<()> {
         ingress.forward_kernel_logs()?;
     }
     // Install the handlers before attaching so that a signal right after attach still detaches.
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut stop = scm_proto::shutdown::Shutdown::install()
+        .context("installing the SIGTERM/SIGINT handlers")?;
     let mode = ingress.attach(&args.iface, args.mode)?;
     println!(
         "scm_ingress attached to {} in {mode} mode; counters every {:?}; SIGINT or SIGTERM detaches",
@@ -157,8 +156,7 @@ async fn xdp_attach(args: AttachArgs) -> anyhow::Result<()> {
                 let counters = ingress.counters()?;
                 println!("\n[{:.1}s] {}\n{counters}", started.elapsed().as_secs_f64(), args.iface);
             }
-            _ = sigterm.recv() => break "SIGTERM",
-            _ = sigint.recv() => break "SIGINT",
+            signal = stop.recv() => break signal.name(),
         }
     };
     let counters = ingress.counters()?;

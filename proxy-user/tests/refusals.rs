@@ -102,13 +102,10 @@ async fn an_authentication_failure_reaches_the_sink_with_no_logging_at_all() {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ck.cert.der().clone()).unwrap();
     let client = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
+        scm_proto::tls::client_builder()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(listen).await.is_err() {

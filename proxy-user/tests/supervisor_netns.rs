@@ -58,13 +58,10 @@ impl Certs {
         let mut roots = RootCertStore::empty();
         roots.add(ck.cert.der().clone()).unwrap();
         let client = Arc::new(
-            ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
+            scm_proto::tls::client_builder()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
         );
         Self { dir, client }
     }

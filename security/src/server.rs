@@ -59,18 +59,18 @@ impl Running {
 
     /// Runs until a task ends (they end only on shutdown), SIGINT or SIGTERM.
     pub async fn wait(mut self) {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
+        let stop = async {
+            match scm_proto::shutdown::Shutdown::install() {
+                Ok(mut s) => s.recv().await,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers");
+                    std::future::pending().await
                 }
-                Err(_) => std::future::pending().await,
             }
         };
         tokio::select! {
             _ = self.tasks.join_next() => {}
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
-            () = term => tracing::info!("terminated; shutting down"),
+            signal = stop => tracing::info!(%signal, "stop signal; shutting down"),
         }
         self.shutdown().await;
     }

@@ -433,13 +433,10 @@ mod tests {
     }
 
     fn client(urls: Vec<String>, failback: Duration, metrics: Arc<Metrics>) -> SecurityClient {
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
+        let tls = scm_proto::tls::client_builder()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
         SecurityClient::new(urls, tls, Duration::from_secs(2), failback, metrics).unwrap()
     }
 

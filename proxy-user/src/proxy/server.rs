@@ -221,16 +221,11 @@ pub async fn serve_with(args: ServeArgs, hooks: ServeHooks) -> Result<(), ServeE
 }
 
 async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+    match scm_proto::shutdown::shutdown_signal().await {
+        Ok(signal) => tracing::info!(%signal, "stop signal"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers");
+            std::future::pending().await
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
     }
 }

@@ -172,10 +172,8 @@ pub async fn run(
     );
 
     let mut hup = signal(SignalKind::hangup()).map_err(io_err("installing the SIGHUP handler"))?;
-    let mut term =
-        signal(SignalKind::terminate()).map_err(io_err("installing the SIGTERM handler"))?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(io_err("installing the SIGINT handler"))?;
+    let mut stop = scm_proto::shutdown::Shutdown::install()
+        .map_err(io_err("installing the SIGTERM/SIGINT handlers"))?;
     loop {
         tokio::select! {
             Some(ev) = rx.recv() => match ev {
@@ -187,8 +185,10 @@ pub async fn run(
                 sup.rolling_restart().await?;
                 info!("rolling restart done");
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            signal = stop.recv() => {
+                info!(%signal, "stop signal");
+                break;
+            }
         }
     }
     info!("stopping the workers and removing the pins");

@@ -32,6 +32,8 @@ async fn main() -> anyhow::Result<()> {
     println!("echo on {}, http on {}", cli.echo, cli.http);
     tokio::spawn(scm_e2e::backend::serve_echo(echo));
     tokio::spawn(scm_e2e::backend::serve_http(http));
-    tokio::signal::ctrl_c().await?;
+    scm_proto::shutdown::shutdown_signal()
+        .await
+        .context("installing the SIGTERM/SIGINT handlers")?;
     Ok(())
 }
