@@ -315,7 +315,7 @@ pub fn read_device_state(text: &str) -> Result<ScmCredentials> {
     Ok(ScmCredentials {
         session_id: s("/session/session_id")?,
         session_key: s("/session/session_key")?,
-        // scm-device flattens the device config into the enrolment.
+        // scm-device flattens the device config into the enrollment.
         app_id: s("/enrollment/app_id")?,
         app_version: s("/enrollment/app_version")?,
         device_id: s("/enrollment/device_id")?,

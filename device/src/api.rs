@@ -1,5 +1,5 @@
 //! The Security server's device API over TLS, trying each configured URL in turn: a transport
-//! failure or a 5xx moves on to the next one (users log in again there; nobody re-enrols), and
+//! failure or a 5xx moves on to the next one (users log in again there; nobody re-enrolls), and
 //! the first URL is tried again every failback interval until it answers
 //! ([`scm_proto::failover`], the same policy as the proxy's).
 

@@ -1,4 +1,4 @@
-//! Enrolment and the enrolled identity: which Security servers, which CA, which user, device and
+//! Enrollment and the enrolled identity: which Security servers, which CA, which user, device and
 //! app, and the shared key the Security server issued for them. Logging in is
 //! [`crate::session`]'s business (it adds `Device::login`), so this module knows nothing of
 //! sessions.
@@ -36,7 +36,7 @@ pub struct Enrollment {
     /// The device's config.
     #[serde(flatten)]
     pub config: DeviceConfig,
-    /// The user name as typed at enrolment (`user` or `user@site`).
+    /// The user name as typed at enrollment (`user` or `user@site`).
     pub username: String,
     /// The key's id.
     pub key_id: String,
@@ -64,7 +64,7 @@ pub struct Device {
 }
 
 impl Device {
-    /// Enrols with the user's credentials; the shared key comes back inside TLS, once.
+    /// Enrolls with the user's credentials; the shared key comes back inside TLS, once.
     pub async fn enroll(
         config: DeviceConfig,
         username: &str,
@@ -80,7 +80,7 @@ impl Device {
             app_id: config.app_id.clone(),
             activation_code,
         };
-        let resp: EnrollResponse = api.post("enrolment", PATH_ENROLL, &req, None).await?;
+        let resp: EnrollResponse = api.post("enrollment", PATH_ENROLL, &req, None).await?;
         let shared_key = SharedKey::from_b64(&resp.shared_key)?;
         Ok(Self {
             enrollment: Enrollment {
@@ -95,7 +95,7 @@ impl Device {
         })
     }
 
-    /// Rebuilds a device from a saved enrolment.
+    /// Rebuilds a device from a saved enrollment.
     pub fn from_enrollment(enrollment: Enrollment) -> Result<Self, DeviceError> {
         let tls = crate::tls::client_config(&crate::tls::load_ca(&enrollment.config.ca_file)?)?;
         let api = SecurityApi::new(enrollment.config.security_urls.clone(), &tls)?;

@@ -9,7 +9,7 @@
 //! ```
 //!
 //! - [`api`]: the Security server's device API, with fail-over across several URLs.
-//! - [`device`]: enrolment and the enrolled identity ([`Device`]).
+//! - [`device`]: enrollment and the enrolled identity ([`Device`]).
 //! - [`session`]: login, opening connections through a proxy, logout ([`Session`]).
 //! - [`http`]: HTTP requests to an http-mode resource through a proxy.
 //! - [`tunnel`]: a local listener forwarding to a tcp-mode resource (like `ssh -L`).

@@ -1,4 +1,4 @@
-//! `scm-device`: the device client's command line. State (enrolment and session) lives in one
+//! `scm-device`: the device client's command line. State (enrollment and session) lives in one
 //! JSON file, mode 0600, named by --state.
 
 use std::path::PathBuf;
@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use scm_device::state::State;
 use scm_device::{Device, DeviceConfig, Session};
 
-/// scm's device client: enrol, log in, reach intranet resources through a proxy, update, log out.
+/// scm's device client: enroll, log in, reach intranet resources through a proxy, update, log out.
 ///
 /// Typical use:
 ///   scm-device --state alice.json enroll --security-url https://127.0.0.1:8443 --ca ca.pem \
@@ -23,7 +23,7 @@ use scm_device::{Device, DeviceConfig, Session};
 #[derive(Debug, Parser)]
 #[command(name = "scm-device", version, verbatim_doc_comment)]
 struct Cli {
-    /// The state file (enrolment with its shared key, and the session). Created with mode 0600.
+    /// The state file (enrollment with its shared key, and the session). Created with mode 0600.
     #[arg(
         long,
         global = true,
@@ -37,7 +37,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Enrol this device and app for a user: the Security server issues the shared key.
+    /// Enroll this device and app for a user: the Security server issues the shared key.
     Enroll {
         /// Security server base URL (repeat for fail-over instances).
         #[arg(
@@ -150,7 +150,7 @@ fn password(given: Option<&SecretArg>) -> Result<String> {
 fn load(cli: &Cli) -> Result<(State, Device)> {
     let state = State::load(&cli.state).with_context(|| {
         format!(
-            "no enrolment at {} (run `scm-device enroll` first)",
+            "no enrollment at {} (run `scm-device enroll` first)",
             cli.state.display()
         )
     })?;

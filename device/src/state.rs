@@ -1,4 +1,4 @@
-//! The CLI's state file: the enrolment (with the shared key) and the current session, as JSON,
+//! The CLI's state file: the enrollment (with the shared key) and the current session, as JSON,
 //! written with mode 0600 through a temporary file so a crash never leaves half a file.
 
 use std::io::Write as _;
@@ -11,11 +11,11 @@ use crate::device::Enrollment;
 use crate::error::DeviceError;
 use crate::session::SavedSession;
 
-/// Everything the CLI keeps between commands. Its `Debug` shows no secret: the enrolment hides
+/// Everything the CLI keeps between commands. Its `Debug` shows no secret: the enrollment hides
 /// the shared key and the session its id and key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct State {
-    /// The enrolment.
+    /// The enrollment.
     pub enrollment: Enrollment,
     /// The current session, if logged in.
     #[serde(default, skip_serializing_if = "Option::is_none")]

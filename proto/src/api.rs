@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::session_tag;
 use crate::redact::{Redacted, optional};
 
-/// Device API: enrol a (device, app) for a user with valid credentials.
+/// Device API: enroll a (device, app) for a user with valid credentials.
 pub const PATH_ENROLL: &str = "/v1/enroll";
 /// Device API: get a fresh single-use login challenge.
 pub const PATH_CHALLENGE: &str = "/v1/challenge";

@@ -45,7 +45,7 @@ async fn populate(store: &Store, master: &MasterKey, n: usize) -> anyhow::Result
             ));
             let a = j * 2;
             audit.push_str(&format!(
-                "{sep}(1764000000, 'enrol', ${}, ${}, '10.0.0.1', 'device=d app=mail')",
+                "{sep}(1764000000, 'enroll', ${}, ${}, '10.0.0.1', 'device=d app=mail')",
                 a + 1,
                 a + 2
             ));

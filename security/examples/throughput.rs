@@ -154,10 +154,10 @@ async fn main() {
         .json(&json!({"username": "bench", "password": "bench-password", "device_id": "bench-device", "app_id": "mail"}))
         .send()
         .await
-        .expect("enrol")
+        .expect("enroll")
         .json()
         .await
-        .expect("enrol json");
+        .expect("enroll json");
     let key = SharedKey::from_b64(&e.shared_key).expect("key");
     let key_id = e.key_id.clone();
 

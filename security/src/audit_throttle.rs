@@ -139,7 +139,7 @@ mod tests {
         }
         assert_eq!(t.record("login_failed", b, "u", "x"), Verdict::Write);
         // Full: a third pair is only counted.
-        assert_eq!(t.record("enrol_failed", a, "u", "x"), Verdict::Counted);
+        assert_eq!(t.record("enroll_failed", a, "u", "x"), Verdict::Counted);
         assert_eq!(
             t.flush(false),
             (vec![], 1),

@@ -20,7 +20,7 @@ Examples:
   echo s3cret | scm-security admin --ca certs/ca.pem --token-file data/admin.token \\
       users add alice --groups staff --password-stdin";
 
-/// scm Security server: directory, device enrolment, sessions, app distribution and the proxies' API.
+/// scm Security server: directory, device enrollment, sessions, app distribution and the proxies' API.
 #[derive(Debug, Parser)]
 #[command(name = "scm-security", version, after_help = TOP_HELP)]
 pub struct Cli {
@@ -107,7 +107,7 @@ pub struct RestoreArgs {
 
 const SERVE_HELP: &str = "\
 Listeners:
-  --listen        device API (HTTPS): enrol, challenge, login, logout, app updates and downloads
+  --listen        device API (HTTPS): enroll, challenge, login, logout, app updates and downloads
   --proxy-listen  proxies' API (HTTPS, client certificate from --client-ca required)
   --admin-listen  admin API (HTTPS, bearer token from --admin-token-file); keep it on loopback
   --forward-auth-listen  off unless given: nginx auth_request (HTTPS, client certificate from
@@ -115,7 +115,7 @@ Listeners:
 
 Files created on first start if missing (mode 0600): the master key (32 random bytes, base64)
 and the admin token. Shared keys are stored AES-256-GCM encrypted under the master key: losing
-the master key means every device must enrol again.
+the master key means every device must enroll again.
 
 Durations are written like 500ms, 30s, 15m, 12h, 1d.
 
@@ -194,7 +194,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_LOCKOUT_DURATION", default_value = "15m", value_parser = parse_duration)]
     pub lockout_duration: Duration,
 
-    /// Failed logins or enrolments from one source address per --source-window before that
+    /// Failed logins or enrollments from one source address per --source-window before that
     /// address is refused (429) until the window passes.
     #[arg(long, env = "SCM_SOURCE_FAILURE_LIMIT", default_value_t = 30)]
     pub source_failure_limit: u32,
@@ -220,7 +220,7 @@ pub struct ServeArgs {
     pub source_prefix_v6: u8,
 
     /// Password checks (argon2id, ~19 MiB each) waiting for a hashing slot beyond which new
-    /// logins and enrolments are answered 503 busy instead of queueing without bound.
+    /// logins and enrollments are answered 503 busy instead of queueing without bound.
     #[arg(long, env = "SCM_MAX_HASH_QUEUE", default_value_t = 64)]
     pub max_hash_queue: usize,
 
@@ -235,7 +235,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_CONNECTION_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub connection_idle_timeout: Duration,
 
-    /// Require an admin-issued activation code (`admin users activation-code`) to enrol.
+    /// Require an admin-issued activation code (`admin users activation-code`) to enroll.
     #[arg(long, env = "SCM_REQUIRE_ACTIVATION_CODE")]
     pub require_activation_code: bool,
 
@@ -277,12 +277,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// Enrolment waits until a synchronous PostgreSQL standby has applied the new key
+    /// Enrollment waits until a synchronous PostgreSQL standby has applied the new key
     /// (synchronous_commit = remote_apply); refused with 503 no_sync_standby when none streams.
     #[arg(long, env = "SCM_REQUIRE_SYNC_COMMIT")]
     pub require_sync_commit: bool,
 
-    /// Longest wait for the synchronous standby's confirmation of an enrolment.
+    /// Longest wait for the synchronous standby's confirmation of an enrollment.
     #[arg(long, env = "SCM_SYNC_COMMIT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub sync_commit_timeout: Duration,
 
@@ -618,7 +618,7 @@ pub enum UsersCmd {
 /// `admin devices ...`.
 #[derive(Debug, Clone, Subcommand)]
 pub enum DevicesCmd {
-    /// List enrolments.
+    /// List enrollments.
     List {
         /// Only this user's.
         #[arg(long)]

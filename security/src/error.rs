@@ -84,14 +84,14 @@ impl From<Error> for ApiError {
                 "read_only_standby",
                 format!(
                     "this Security server's database is a read-only standby ({what}): \
-                     enrol and make admin changes at the primary, or promote this standby"
+                     enroll and make admin changes at the primary, or promote this standby"
                 ),
             ),
             Error::NoSyncStandby(why) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_sync_standby",
                 format!(
-                    "enrolment needs a synchronous standby (--require-sync-commit) and {why}; \
+                    "enrollment needs a synchronous standby (--require-sync-commit) and {why}; \
                      nothing was enrolled"
                 ),
             ),
@@ -99,8 +99,8 @@ impl From<Error> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "sync_commit_timeout",
                 format!(
-                    "no synchronous standby confirmed the enrolment within {after:?}; \
-                     enrol again once the standby is back"
+                    "no synchronous standby confirmed the enrollment within {after:?}; \
+                     enroll again once the standby is back"
                 ),
             ),
             Error::HashQueueFull(_) => ApiError::new(

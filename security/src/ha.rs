@@ -151,7 +151,7 @@ pub(crate) async fn watcher(
         };
         if prev.read_only && !o.read_only {
             tracing::warn!(
-                "the database was promoted to primary: taking enrolments and admin changes"
+                "the database was promoted to primary: taking enrollments and admin changes"
             );
         } else if !prev.read_only && o.read_only {
             tracing::warn!("the database became a read-only standby: refusing writes");

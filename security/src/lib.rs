@@ -1,4 +1,4 @@
-//! scm's Security server: the user directory (local and LDAP), device enrolment with shared keys
+//! scm's Security server: the user directory (local and LDAP), device enrollment with shared keys
 //! sealed at rest, in-memory sessions, app distribution, the resource and site catalogs, and the
 //! three HTTPS APIs (device, proxies' with mutual TLS, admin). `docs/security-server.md` is the
 //! manual.

@@ -23,7 +23,7 @@ use crate::store::Store;
 pub struct Settings {
     /// Data directory.
     pub data_dir: PathBuf,
-    /// Whether enrolment needs an activation code.
+    /// Whether enrollment needs an activation code.
     pub require_activation_code: bool,
     /// Site of new users.
     pub default_site: String,

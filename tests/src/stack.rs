@@ -562,7 +562,7 @@ impl Stack {
         }
     }
 
-    /// Enrols `user` on a new device running app version `app_version`.
+    /// Enrolls `user` on a new device running app version `app_version`.
     pub async fn enroll(&self, user: &str, device_id: &str, app_version: &str) -> Result<Device> {
         Ok(Device::enroll(
             self.device_config(device_id, app_version),

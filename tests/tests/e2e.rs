@@ -24,7 +24,7 @@ async fn login(stack: &Stack, user: &str, device: &str, version: &str) -> Sessio
     let d = stack
         .enroll(user, device, version)
         .await
-        .expect("enrolment");
+        .expect("enrollment");
     Session::login(&d, PASSWORD).await.expect("login")
 }
 
@@ -75,7 +75,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_steps_end_to_end() {
     let stack = stack().await;
-    // 1-2: TLS to the Security server, enrol, log in (proof of the shared key).
+    // 1-2: TLS to the Security server, enroll, log in (proof of the shared key).
     let device = stack.enroll("alice", "phone-1", "1.0.0").await.unwrap();
     let session = Session::login(&device, PASSWORD).await.unwrap();
     assert_eq!(session.saved().user, "alice");
@@ -544,7 +544,7 @@ async fn proxy_keeps_serving_cached_sessions_while_security_restarts() {
         .expect("the tunnel of a session the restarted server forgot is closed");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
     assert_eq!(refused(alice.open("echo").await).0, Status::SessionInvalid);
-    // Devices log in again on the restarted server; nobody re-enrols.
+    // Devices log in again on the restarted server; nobody re-enrolls.
     let d = alice.device().clone();
     let relogged = Session::login(&d, PASSWORD).await.unwrap();
     let mut s = relogged.open("echo").await.unwrap();

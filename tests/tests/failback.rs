@@ -61,7 +61,7 @@ async fn device_and_proxy_fail_back_to_the_first_security_server() {
     let first_url = format!("https://{}", stack.device_api);
     let second_url = format!("https://{}", b[0]);
 
-    // Enrol with both Security URLs, first the stack's.
+    // Enroll with both Security URLs, first the stack's.
     let enrolled = stack.enroll("alice", "phone-1", "1.0.0").await.unwrap();
     let mut e = enrolled.enrollment().clone();
     e.config.security_urls.push(second_url.clone());

@@ -2,7 +2,7 @@
 //! given two Security URLs, keep working when the first Security server is SIGKILLed. The second
 //! Security server holds a copy of the first one's key store (a `scm-security backup` restored
 //! with `scm-security restore`, with the same master key file), so the device logs in there with
-//! its existing shared key — nobody re-enrols — and the proxy validates the new session there.
+//! its existing shared key — nobody re-enrolls — and the proxy validates the new session there.
 
 use std::net::SocketAddr;
 
@@ -23,7 +23,7 @@ async fn device_and_proxy_fail_over_to_the_second_security_server() {
     .await
     .expect("stack");
 
-    // Enrol with both Security URLs, first the stack's.
+    // Enroll with both Security URLs, first the stack's.
     let enrolled = stack.enroll("alice", "phone-1", "1.0.0").await.unwrap();
     let mut e = enrolled.enrollment().clone();
     e.config.security_urls.push(format!("https://{}", b[0]));

@@ -21,7 +21,7 @@ async fn login(stack: &Stack, user: &str, device: &str, version: &str) -> Sessio
     let d = stack
         .enroll(user, device, version)
         .await
-        .expect("enrolment");
+        .expect("enrollment");
     Session::login(&d, PASSWORD).await.expect("login")
 }
 

@@ -27,7 +27,7 @@ pub struct DemoArgs {
 enum Which {
     /// The workflow, then the XDP program.
     All,
-    /// The six steps: Security server, proxy, back ends, and a device that enrols, logs in,
+    /// The six steps: Security server, proxy, back ends, and a device that enrolls, logs in,
     /// tunnels, sends an HTTP request, updates and logs out.
     Workflow,
     /// The ingress XDP program with live counters, in a namespace pair.

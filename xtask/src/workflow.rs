@@ -1,7 +1,7 @@
 //! The workflow demo: the seeds' six steps with real processes on 127.0.0.1.
 //!
 //! A Security server on a fresh SQLite file, a proxy with mutual TLS to it, a tcp echo and an http
-//! back end, then a device that enrols, logs in, tunnels, sends an HTTP request, checks and fetches
+//! back end, then a device that enrolls, logs in, tunnels, sends an HTTP request, checks and fetches
 //! an update and logs out. Every command is printed before it runs, so the demo doubles as a
 //! walk-through of the operator's and the device's command lines.
 
@@ -303,7 +303,7 @@ fn workflow(bin: &Path, dir: &Path) -> Result<()> {
     let tls_path = metric_lines("scm_proxy_tls_path")?;
     println!("    record encryption: {}", tls_path.join(", "));
 
-    header("device: enrolment (TLS to the Security server; it issues the 256-bit shared key)");
+    header("device: enrollment (TLS to the Security server; it issues the 256-bit shared key)");
     step(
         &mut device(&[
             "enroll",

@@ -1,4 +1,4 @@
-//! The device API: challenge, enrol, login, logout, app update check and download.
+//! The device API: challenge, enroll, login, logout, app update check and download.
 
 use std::net::IpAddr;
 
@@ -239,13 +239,13 @@ async fn enroll(
     if st.settings.require_activation_code && req.activation_code.is_none() {
         return Err(ApiError::forbidden(
             "activation_code_required",
-            "this server requires an activation code from an admin to enrol",
+            "this server requires an activation code from an admin to enroll",
         ));
     }
     if st.lockouts.is_locked(&name.to_owned()) {
         return Err(locked_out());
     }
-    let user = authenticate(&st, "enrol_failed", name, site, &req.password, ip).await?;
+    let user = authenticate(&st, "enroll_failed", name, site, &req.password, ip).await?;
     let code = req.activation_code.as_deref().map(code_hash);
     if let Some(h) = &code
         && !st.store.consume_activation_code(h, &user.name).await?
@@ -254,7 +254,7 @@ async fn enroll(
             "bad_activation_code",
             "the activation code is wrong, used or expired",
         );
-        return Err(failure(&st, "enrol_failed", name, ip, e).await);
+        return Err(failure(&st, "enroll_failed", name, ip, e).await);
     }
     let key = SharedKey::generate();
     let key_id = format!("k_{}", hex::encode(crypto::random_bytes::<16>()));
@@ -283,7 +283,7 @@ async fn enroll(
     }
     tracing::info!(user = %user.name, device = %req.device_id, app = %req.app_id, %key_id, "enrolled");
     st.audit(
-        "enrol",
+        "enroll",
         &user.name,
         &key_id,
         &ip.to_string(),
@@ -364,7 +364,7 @@ async fn login(
         return Err(source_failure(&st, "login_failed", name, ip, e).await);
     };
     if key_row.revoked_at.is_some() {
-        let e = ApiError::unauthorized("key_revoked", "this device key was revoked; enrol again");
+        let e = ApiError::unauthorized("key_revoked", "this device key was revoked; enroll again");
         return Err(source_failure(&st, "login_failed", name, ip, e).await);
     }
     let shared = st.master.open(&key_row.key_id, &key_row.sealed_key)?;

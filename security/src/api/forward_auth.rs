@@ -170,7 +170,7 @@ async fn check(
     let mut resp = StatusCode::OK.into_response();
     let h = resp.headers_mut();
     let mut put = |name: &'static str, value: &str| {
-        // Every value is a name checked at enrolment or login (visible ASCII); one that were not
+        // Every value is a name checked at enrollment or login (visible ASCII); one that were not
         // a valid header value is left out rather than sent mangled.
         if let Ok(v) = HeaderValue::from_str(value) {
             h.insert(name, v);

@@ -1,4 +1,4 @@
-//! The HTTPS APIs: [`device`] (enrol, login, apps), [`proxy`] (validation, revocations, catalog;
+//! The HTTPS APIs: [`device`] (enroll, login, apps), [`proxy`] (validation, revocations, catalog;
 //! mutual TLS), [`admin`] (token) and [`forward_auth`] (nginx `auth_request`; mutual TLS, opt-in). This module holds what they share: the strict JSON body
 //! extractor and the JSON answers for unknown paths and methods.
 

@@ -1,5 +1,5 @@
-//! Activation codes: only their SHA-256 is stored; one enrolment uses one up, and a failed
-//! enrolment gives it back.
+//! Activation codes: only their SHA-256 is stored; one enrollment uses one up, and a failed
+//! enrollment gives it back.
 
 use super::db::{Store, unix_now};
 use crate::error::{DbContext as _, Error};
@@ -45,7 +45,7 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Undoes [`Store::consume_activation_code`] when the enrolment it served failed afterwards.
+    /// Undoes [`Store::consume_activation_code`] when the enrollment it served failed afterwards.
     pub async fn release_activation_code(&self, code_hash: &str) -> Result<(), Error> {
         sqlx::query("UPDATE activation_codes SET used_at = NULL WHERE code_hash = $1")
             .bind(code_hash)

@@ -12,7 +12,7 @@ pub struct AuditRow {
     pub id: i64,
     /// Unix seconds.
     pub at: i64,
-    /// e.g. `login`, `login_failed`, `enrol`, `key_revoked`, `admin`.
+    /// e.g. `login`, `login_failed`, `enroll`, `key_revoked`, `admin`.
     pub kind: String,
     /// Who did it (user name, `admin`, `system`).
     pub actor: String,

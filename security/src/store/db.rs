@@ -20,7 +20,7 @@ pub enum Backend {
 pub struct Store {
     pub(super) pool: AnyPool,
     pub(super) backend: Backend,
-    /// When set, enrolments wait this long at most for a synchronous standby (PostgreSQL).
+    /// When set, enrollments wait this long at most for a synchronous standby (PostgreSQL).
     pub(super) sync_commit: Option<std::time::Duration>,
 }
 

@@ -1,5 +1,5 @@
 //! Enrolled device keys, one live key per (user, device, app), sealed under the master key; an
-//! enrolment revokes the key it replaces, and the admin revokes one key or a whole device.
+//! enrollment revokes the key it replaces, and the admin revokes one key or a whole device.
 
 use serde::{Deserialize, Serialize};
 use sqlx::AnyConnection;
@@ -22,7 +22,7 @@ pub struct KeyRow {
     /// Sealed shared key.
     #[serde(skip)]
     pub sealed_key: Vec<u8>,
-    /// Enrolment time.
+    /// Enrollment time.
     pub created_at: i64,
     /// Revocation time, if revoked.
     pub revoked_at: Option<i64>,

@@ -51,7 +51,7 @@ impl Store {
             }
             tracing::warn!(
                 "the database is a read-only hot standby: serving logins and validations, \
-                 refusing enrolments and admin changes until it is promoted"
+                 refusing enrollments and admin changes until it is promoted"
             );
             return Ok(store);
         }

@@ -1,5 +1,5 @@
 //! The wait for a synchronous standby (PostgreSQL streaming replication): with
-//! `--require-sync-commit`, an enrolment commits with `synchronous_commit = remote_apply`, is
+//! `--require-sync-commit`, an enrollment commits with `synchronous_commit = remote_apply`, is
 //! refused at once when no synchronous standby is streaming, and fails after the timeout rather
 //! than hang.
 
@@ -11,7 +11,7 @@ use super::db::{Backend, Store};
 use crate::error::{DbContext as _, Error};
 
 impl Store {
-    /// Makes enrolments wait for a synchronous standby (`synchronous_commit = remote_apply`),
+    /// Makes enrollments wait for a synchronous standby (`synchronous_commit = remote_apply`),
     /// at most `timeout`. PostgreSQL only.
     pub fn require_sync_commit(&mut self, timeout: Duration) -> Result<(), Error> {
         if self.backend != Backend::Postgres {

@@ -271,7 +271,7 @@ async fn binary_round_trips() {
     let apps = env.admin(&["apps", "list"], None);
     assert!(apps.contains("mail") && apps.contains("0.9"), "{apps}");
 
-    // A device enrols and logs in against the process.
+    // A device enrolls and logs in against the process.
     let certs = tmp.path().join("certs");
     let remote = Remote {
         client: client(&certs, None),
@@ -315,7 +315,7 @@ async fn binary_round_trips() {
     assert!(code.contains("activation code for alice"), "{code}");
     env.admin(&["keys", "revoke", &dev.key_id], None);
     let audit = env.admin(&["audit", "--limit", "100"], None);
-    for kind in ["login", "enrol", "session_revoked", "key_revoked", "admin"] {
+    for kind in ["login", "enroll", "session_revoked", "key_revoked", "admin"] {
         assert!(audit.contains(kind), "{kind} missing from {audit}");
     }
 

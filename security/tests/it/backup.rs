@@ -1,5 +1,5 @@
 //! Backup and restore: a snapshot restored onto a new instance (new database, new data dir,
-//! the real `scm-security restore` binary) lets the old devices log in without re-enrolment;
+//! the real `scm-security restore` binary) lets the old devices log in without re-enrollment;
 //! corrupt, truncated, tampered, newer-schema snapshots, a wrong master key and a non-empty
 //! target are refused with clear errors; the manifest's MAC refuses an edited manifest, and even
 //! under a valid MAC (or `--allow-unauthenticated`) a name that would leave the data folder or a

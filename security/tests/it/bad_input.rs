@@ -156,7 +156,7 @@ async fn bad_input_is_refused_cleanly(db: Db) {
         401,
         "unknown_challenge",
     );
-    // Enrolment with ids the preamble could not carry.
+    // Enrollment with ids the preamble could not carry.
     for (field, val) in [
         ("device_id", "has space"),
         ("app_id", ""),

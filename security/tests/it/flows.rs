@@ -1,4 +1,4 @@
-//! The device and proxy flows, each on SQLite and PostgreSQL: enrolment, login, replay, challenge
+//! The device and proxy flows, each on SQLite and PostgreSQL: enrollment, login, replay, challenge
 //! expiry, lockout, source limit, session expiry, logout and revocation reaching a subscriber,
 //! validation over mutual TLS, apps, activation codes, sites, and keys at rest.
 
@@ -18,7 +18,7 @@ use crate::both_backends;
 use crate::support::{Db, Device, Server, assert_error, eventually, send};
 
 both_backends!(
-    enrol_login_validate_logout,
+    enroll_login_validate_logout,
     login_replay_and_bad_mac_refused,
     challenge_expiry,
     lockout_per_user,
@@ -37,7 +37,7 @@ both_backends!(
     user_changes_and_session_cap,
 );
 
-async fn enrol_login_validate_logout(db: Db) {
+async fn enroll_login_validate_logout(db: Db) {
     let srv = Server::start(db, &[]).await;
     srv.add_user("alice", "alice-pw", &["staff"]).await;
     srv.admin_ok(
@@ -83,13 +83,13 @@ async fn enrol_login_validate_logout(db: Db) {
     assert_eq!(val.app_version, "1.0");
     assert_eq!(val.allowed_resources, vec!["intranet"]);
     assert_eq!(val.session_tag, crypto::session_tag(&r.session_id).0);
-    // The session id never appears in the login or enrol audit entries.
+    // The session id never appears in the login or enroll audit entries.
     let audit = srv
         .admin_ok(Method::GET, "/audit?limit=100", None)
         .await
         .to_string();
     assert!(audit.contains("\"login\""));
-    assert!(audit.contains("\"enrol\""));
+    assert!(audit.contains("\"enroll\""));
     assert!(!audit.contains(&r.session_id));
 
     let (s, _) = send(
@@ -248,7 +248,7 @@ async fn lockout_per_user(db: Db) {
             "bad_credentials",
         );
     }
-    // Locked: even the right password is refused, and enrolment too.
+    // Locked: even the right password is refused, and enrollment too.
     assert_error(&dev.try_login(&srv).await.err().unwrap(), 403, "locked_out");
     let e = Device::try_enroll(&srv, "alice", "alice-pw", "phone-9", None)
         .await

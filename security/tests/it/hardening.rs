@@ -33,7 +33,7 @@ fn h2_client(srv: &Server) -> Client {
         .expect("h2 client")
 }
 
-/// Sends `n` enrolments at once, each made by `body(i)`; returns the error codes answered.
+/// Sends `n` enrollments at once, each made by `body(i)`; returns the error codes answered.
 async fn storm(client: &Client, url: &str, n: usize, body: impl Fn(usize) -> Value) -> Vec<String> {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
@@ -53,7 +53,7 @@ fn count(codes: &[String], code: &str) -> usize {
     codes.iter().filter(|c| *c == code).count()
 }
 
-fn wrong_enrol(user: &str) -> impl Fn(usize) -> Value {
+fn wrong_enroll(user: &str) -> impl Fn(usize) -> Value {
     let user = user.to_owned();
     move |i| json!({"username": user, "password": format!("guess-{i}"), "device_id": format!("d{i}"), "app_id": "mail"})
 }
@@ -71,7 +71,7 @@ async fn concurrent_guesses_are_bounded_by_the_lockout(db: Db) {
     .await;
     for (user, client) in [("alice", srv.device.clone()), ("bob", h2_client(&srv))] {
         srv.add_user(user, "right-pw", &[]).await;
-        let codes = storm(&client, &srv.device_url, 200, wrong_enrol(user)).await;
+        let codes = storm(&client, &srv.device_url, 200, wrong_enroll(user)).await;
         let checked = count(&codes, "bad_credentials");
         assert!(
             (1..=5).contains(&checked),
@@ -303,7 +303,7 @@ async fn one_source_at_its_cap_cannot_stop_another_source() {
         ninth.is_err(),
         "a ninth connection from one source was served"
     );
-    // Another source enrols and logs in meanwhile.
+    // Another source enrolls and logs in meanwhile.
     let other = Remote {
         client: Client::builder()
             .use_preconfigured_tls(

@@ -1,7 +1,7 @@
 //! Live sync on PostgreSQL streaming replication, with real processes: a primary `scm-security`
-//! on the primary cluster (enrolment waits for synchronous commit) and a failover `scm-security`
+//! on the primary cluster (enrollment waits for synchronous commit) and a failover `scm-security`
 //! on the hot standby. The standby instance serves logins and validations and refuses writes
-//! with 503 `read_only_standby`; a stalled standby turns enrolment into 503
+//! with 503 `read_only_standby`; a stalled standby turns enrollment into 503
 //! `sync_commit_timeout` and shows as lag, a gone one as no standby and 503 `no_sync_standby`;
 //! after SIGKILL of the primary PostgreSQL and the primary `scm-security`
 //! and the standby's promotion, every device enrolled before the kill logs in at the failover
@@ -110,7 +110,7 @@ impl Instance {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_to_promoted_standby_loses_no_enrolment() {
+async fn failover_to_promoted_standby_loses_no_enrollment() {
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("[{:>6.1}s] {what}", t0.elapsed().as_secs_f64());
     let Some(pair) = replicated_pair().await else {
@@ -187,7 +187,7 @@ async fn failover_to_promoted_standby_loses_no_enrolment() {
     .await;
     assert_error(&(s, v), 503, "read_only_standby");
 
-    // A stalled standby: synchronous commit cannot complete, the enrolment says so.
+    // A stalled standby: synchronous commit cannot complete, the enrollment says so.
     let receiver = pair
         .standby
         .scalar("postgres", "SELECT pid::BIGINT FROM pg_stat_wal_receiver")
@@ -220,7 +220,7 @@ async fn failover_to_promoted_standby_loses_no_enrolment() {
     step("stalled standby: sync_commit_timeout and lag");
 
     // Still stopped, the standby is gone for the primary once wal_sender_timeout (6 s) passes:
-    // no standby in the metrics, enrolment refused rather than blocked.
+    // no standby in the metrics, enrollment refused rather than blocked.
     assert!(
         eventually(Duration::from_secs(20), async || {
             primary.metric("scm_replication_standbys").await == 0.0
@@ -243,7 +243,7 @@ async fn failover_to_promoted_standby_loses_no_enrolment() {
     );
     step("gone standby: no_sync_standby, then back");
 
-    // Enrol, then kill the primary database and server at once.
+    // Enroll, then kill the primary database and server at once.
     let mut devices = vec![first];
     for i in 1..=12 {
         devices

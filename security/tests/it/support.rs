@@ -1,5 +1,5 @@
 //! Test harness: a Security server on real loopback ports with real TLS (certificates from
-//! `dev-certs`), HTTP clients for its three APIs, and a device that enrols and logs in with the
+//! `dev-certs`), HTTP clients for its three APIs, and a device that enrolls and logs in with the
 //! proto's crypto.
 
 use std::path::{Path, PathBuf};
@@ -282,7 +282,7 @@ pub struct Login {
 }
 
 impl Device {
-    /// Enrols with the server.
+    /// Enrolls with the server.
     pub async fn enroll(
         srv: &impl DeviceApi,
         username: &str,
@@ -291,10 +291,10 @@ impl Device {
     ) -> Device {
         Self::try_enroll(srv, username, password, device_id, None)
             .await
-            .unwrap_or_else(|e| panic!("enrol {username}: {} {}", e.0, e.1))
+            .unwrap_or_else(|e| panic!("enroll {username}: {} {}", e.0, e.1))
     }
 
-    /// Enrols, returning the error answer on failure.
+    /// Enrolls, returning the error answer on failure.
     pub async fn try_enroll(
         srv: &impl DeviceApi,
         username: &str,
