@@ -26,7 +26,8 @@ enum Task {
     /// Install what builds and tests need: apt packages, nightly rust-src, bpf-linker linked
     /// against the nightly toolchain's own LLVM, a mounted bpffs. Idempotent.
     Setup(setup::SetupArgs),
-    /// Check formatting and run clippy with -D warnings on user space and on the eBPF crate.
+    /// Check formatting, run clippy with -D warnings on user space and on the eBPF crate, and
+    /// check the dependency graph with cargo deny (licences, bans and duplicates, sources).
     Lint,
     /// Run setup, then every test of the workspace (the README's test command).
     ///
@@ -68,6 +69,10 @@ fn lint() -> Result<()> {
         "warnings",
     ])?;
     cmd::cargo_ebpf_clippy()?;
+    // The dependency graph: licences, banned crates and duplicate versions (each exception is
+    // explained in deny.toml), sources. Advisories need RustSec's database: `.ci/run` checks
+    // them where a copy is cached.
+    cmd::cargo(&["deny", "--locked", "check", "licenses", "bans", "sources"])?;
     Ok(())
 }
 
