@@ -70,44 +70,13 @@ impl MasterKey {
 
     /// Seals `key` for the row named `key_id`.
     pub fn seal(&self, key_id: &str, key: &SharedKey) -> Result<Sealed, Error> {
-        let nonce_bytes: [u8; NONCE_LEN] = crypto::random_bytes();
-        let ct = self
-            .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce_bytes),
-                Payload {
-                    msg: key.as_bytes(),
-                    aad: key_id.as_bytes(),
-                },
-            )
-            .map_err(|_| Error::Crypto("sealing failed".into()))?;
-        let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
-        out.extend_from_slice(&nonce_bytes);
-        out.extend_from_slice(&ct);
-        Ok(Sealed(out))
+        self.seal_bytes(key_id, key.as_bytes())
     }
 
     /// Opens a sealed key of the row named `key_id`; fails if either was tampered with or the
     /// master key is not the one that sealed it.
     pub fn open(&self, key_id: &str, sealed: &[u8]) -> Result<SharedKey, Error> {
-        if sealed.len() < NONCE_LEN {
-            return Err(Error::Crypto(format!("sealed key {key_id} is truncated")));
-        }
-        let (nonce, ct) = sealed.split_at(NONCE_LEN);
-        let pt = self
-            .cipher
-            .decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: ct,
-                    aad: key_id.as_bytes(),
-                },
-            )
-            .map_err(|_| {
-                Error::Crypto(format!(
-                    "sealed key {key_id} does not open under this master key"
-                ))
-            })?;
+        let pt = self.open_as("key", key_id, sealed)?;
         let bytes = <[u8; KEY_LEN]>::try_from(pt.as_slice())
             .map_err(|_| Error::Crypto(format!("sealed key {key_id} has a bad length")))?;
         Ok(SharedKey(bytes))
@@ -161,8 +130,13 @@ impl MasterKey {
 
     /// Opens what [`MasterKey::seal_bytes`] sealed for `aad`.
     pub fn open_bytes(&self, aad: &str, sealed: &[u8]) -> Result<Vec<u8>, Error> {
+        self.open_as("secret", aad, sealed)
+    }
+
+    /// Opens `sealed` (nonce ‖ ciphertext) for `aad`; `what` names it in the errors.
+    fn open_as(&self, what: &str, aad: &str, sealed: &[u8]) -> Result<Vec<u8>, Error> {
         if sealed.len() < NONCE_LEN {
-            return Err(Error::Crypto(format!("sealed secret {aad} is truncated")));
+            return Err(Error::Crypto(format!("sealed {what} {aad} is truncated")));
         }
         let (nonce, ct) = sealed.split_at(NONCE_LEN);
         self.cipher
@@ -175,7 +149,7 @@ impl MasterKey {
             )
             .map_err(|_| {
                 Error::Crypto(format!(
-                    "sealed secret {aad} does not open under this master key"
+                    "sealed {what} {aad} does not open under this master key"
                 ))
             })
     }

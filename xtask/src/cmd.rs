@@ -77,7 +77,4 @@ pub fn cargo_ebpf_clippy() -> Result<()> {
 }
 
 /// Whether this process runs as root.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
+pub use scm_netns::is_root;
