@@ -16,7 +16,7 @@ use reqwest::{Method, StatusCode};
 use scm_security::backup;
 use serde_json::json;
 
-use crate::support::{Db, Device, Server, certs, eventually, send, skip};
+use crate::support::{Db, Device, Server, certs, eventually, plain_http, send, skip};
 
 const BIN: &str = env!("CARGO_BIN_EXE_scm-security");
 
@@ -382,7 +382,9 @@ async fn scheduler_keeps_n_and_exports_metrics() {
         .unwrap()
         .metrics_addr
         .expect("metrics listener");
-    let text = reqwest::get(format!("http://{addr}/metrics"))
+    let text = plain_http()
+        .get(format!("http://{addr}/metrics"))
+        .send()
         .await
         .unwrap()
         .text()

@@ -16,7 +16,8 @@ use serde_json::json;
 
 use crate::pg::replicated_pair;
 use crate::support::{
-    Db, Device, Remote, Server, assert_error, certs, client, eventually, free_port, send,
+    Db, Device, Remote, Server, assert_error, certs, client, eventually, free_port, plain_http,
+    send,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_scm-security");
@@ -83,7 +84,9 @@ fn serve(dir: &Path, certs: &Path, name: &str, url: &str, extra: &[&str]) -> Ins
 
 impl Instance {
     async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(&self.metrics)
+        let text = plain_http()
+            .get(&self.metrics)
+            .send()
             .await
             .unwrap()
             .text()

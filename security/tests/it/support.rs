@@ -60,6 +60,20 @@ pub fn client(certs: &Path, identity: Option<(&str, &str)>) -> Client {
         .expect("client")
 }
 
+/// A client for the plain-HTTP listeners (`/metrics`). reqwest builds its TLS settings even for
+/// `http://`, and with no default crypto provider compiled in it needs the shared profile.
+pub fn plain_http() -> Client {
+    let tls = scm_proto::tls::client_builder()
+        .expect("TLS profile")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
 /// `serve` flags for a server in `dir`, with `extra` flags appended.
 pub fn serve_args(dir: &Path, certs: &Path, db: &Db, extra: &[&str]) -> ServeArgs {
     let mut argv: Vec<String> = vec![
