@@ -15,6 +15,7 @@
 //! - [`tunnel`]: a local listener forwarding to a tcp-mode resource (like `ssh -L`).
 //! - [`state`]: the state file the CLI keeps between commands (mode 0600).
 //! - [`update`]: "is there an update for me" and the checked download.
+#![warn(unreachable_pub)]
 
 pub mod api;
 pub mod device;

@@ -9,6 +9,7 @@
 //!
 //! It drives `ip` (iproute2) and needs root. It depends on nothing heavier than `libc`, so xtask
 //! can use it without building the workspace's libraries.
+#![warn(unreachable_pub)]
 
 use std::fmt;
 use std::fs::File;

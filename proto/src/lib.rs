@@ -12,6 +12,7 @@
 //! - `shutdown` (feature `shutdown`): the SIGTERM/SIGINT future of every long-running process.
 //!
 //! `docs/protocol.md` describes the same contract in prose.
+#![warn(unreachable_pub)]
 
 pub mod api;
 pub mod crypto;

@@ -3,6 +3,7 @@
 //!
 //! Everything here is `no_std` and panic-free so that the kernel program and the host tests run
 //! the very same parser.
+#![warn(unreachable_pub)]
 #![no_std]
 
 #[cfg(any(test, feature = "testing"))]

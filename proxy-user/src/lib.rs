@@ -1,5 +1,6 @@
 //! scm's proxy: device TLS termination, session checks, relaying, and the loader of the eBPF
 //! data plane.
+#![warn(unreachable_pub)]
 
 pub mod proxy;
 pub mod steer;

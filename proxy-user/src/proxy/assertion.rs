@@ -23,7 +23,7 @@ const MAX_MARGIN: Duration = Duration::from_secs(15);
 /// Why a request got no assertion.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
-pub enum AssertionError {
+pub(super) enum AssertionError {
     /// No Security server answered.
     #[error("no Security server could sign the identity assertion: {0}")]
     Unavailable(String),
@@ -38,7 +38,7 @@ pub enum AssertionError {
 }
 
 /// Gets the assertion of one connection's (session, resource), cached.
-pub type AssertionFn = Box<
+pub(super) type AssertionFn = Box<
     dyn Fn() -> Pin<Box<dyn Future<Output = Result<HeaderValue, AssertionError>> + Send>>
         + Send
         + Sync,
@@ -52,13 +52,13 @@ struct Cached {
 
 /// The assertions this proxy holds, by (session tag, resource).
 #[derive(Default)]
-pub struct AssertionCache {
+pub(super) struct AssertionCache {
     map: Mutex<HashMap<(SessionTag, String), Cached>>,
 }
 
 impl AssertionCache {
     /// The cached assertion for `(tag, resource)`, or a new one from the Security server.
-    pub async fn get(
+    pub(super) async fn get(
         &self,
         security: &SecurityClient,
         id: &SessionId,
@@ -112,7 +112,7 @@ impl AssertionCache {
     }
 
     /// Forgets a session's assertions (it was revoked).
-    pub fn forget(&self, tag: &SessionTag) {
+    pub(super) fn forget(&self, tag: &SessionTag) {
         self.map
             .lock()
             .unwrap_or_else(|e| e.into_inner())

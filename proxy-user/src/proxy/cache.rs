@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 /// A live session as the Security server described it.
 #[derive(Debug, Clone)]
-pub struct SessionInfo {
+pub(super) struct SessionInfo {
     /// Non-secret tag, for logs and revocations.
     pub tag: SessionTag,
     /// Canonical user name.
@@ -40,7 +40,7 @@ pub struct SessionInfo {
 
 impl SessionInfo {
     /// Builds the session from the validate answer, checking the key material.
-    pub fn from_response(r: ValidateResponse) -> Result<Self, KeyError> {
+    pub(super) fn from_response(r: ValidateResponse) -> Result<Self, KeyError> {
         Ok(Self {
             session_key: SessionKey::from_b64(&r.session_key)?,
             tag: SessionTag(r.session_tag),
@@ -55,12 +55,12 @@ impl SessionInfo {
     }
 
     /// Whether the absolute expiry has passed.
-    pub fn expired(&self) -> bool {
+    pub(super) fn expired(&self) -> bool {
         self.time_left().is_zero()
     }
 
     /// Time until the absolute expiry (zero once it has passed), by this host's clock.
-    pub fn time_left(&self) -> Duration {
+    pub(super) fn time_left(&self) -> Duration {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO);
@@ -82,14 +82,14 @@ struct Inner {
 }
 
 /// Validated sessions, each served for at most `ttl` after its validation.
-pub struct SessionCache {
+pub(super) struct SessionCache {
     ttl: Duration,
     inner: Mutex<Inner>,
 }
 
 impl SessionCache {
     /// An empty cache.
-    pub fn new(ttl: Duration) -> Self {
+    pub(super) fn new(ttl: Duration) -> Self {
         Self {
             ttl,
             inner: Mutex::default(),
@@ -102,7 +102,7 @@ impl SessionCache {
     }
 
     /// The cached session, if validated less than a TTL ago and not expired.
-    pub fn get(&self, id: &SessionId) -> Option<std::sync::Arc<SessionInfo>> {
+    pub(super) fn get(&self, id: &SessionId) -> Option<std::sync::Arc<SessionInfo>> {
         let mut inner = self.lock();
         let entry = inner.by_id.get(id)?;
         if entry.fetched.elapsed() < self.ttl && !entry.info.expired() {
@@ -114,7 +114,7 @@ impl SessionCache {
 
     /// Remembers a freshly validated session. Returns false (and keeps nothing) if the session
     /// was revoked while its validation was in flight.
-    pub fn insert(&self, id: SessionId, info: std::sync::Arc<SessionInfo>) -> bool {
+    pub(super) fn insert(&self, id: SessionId, info: std::sync::Arc<SessionInfo>) -> bool {
         let mut inner = self.lock();
         let ttl = self.ttl;
         inner.tombstones.retain(|_, at| at.elapsed() < ttl);
@@ -135,7 +135,7 @@ impl SessionCache {
     }
 
     /// Forgets every cached session (revocation tombstones stay); returns how many there were.
-    pub fn clear(&self) -> usize {
+    pub(super) fn clear(&self) -> usize {
         let mut inner = self.lock();
         let n = inner.by_id.len();
         inner.by_id.clear();
@@ -143,7 +143,7 @@ impl SessionCache {
     }
 
     /// Forgets the session with this tag and refuses to cache it again for one TTL.
-    pub fn revoke(&self, tag: &SessionTag) -> bool {
+    pub(super) fn revoke(&self, tag: &SessionTag) -> bool {
         let mut inner = self.lock();
         inner.tombstones.insert(tag.clone(), Instant::now());
         let before = inner.by_id.len();
@@ -152,7 +152,7 @@ impl SessionCache {
     }
 
     /// Whether the tag was revoked within the last TTL.
-    pub fn is_revoked(&self, tag: &SessionTag) -> bool {
+    pub(super) fn is_revoked(&self, tag: &SessionTag) -> bool {
         self.lock()
             .tombstones
             .get(tag)
@@ -161,13 +161,13 @@ impl SessionCache {
 
     /// Number of cached sessions.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.lock().by_id.len()
     }
 
     /// Whether nothing is cached.
     #[cfg(test)]
-    pub fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }
@@ -176,13 +176,13 @@ type ConnMap = HashMap<SessionTag, (SessionId, HashMap<u64, CancellationToken>)>
 
 /// The open connections of each session.
 #[derive(Default)]
-pub struct Connections {
+pub(super) struct Connections {
     next: AtomicU64,
     map: Mutex<ConnMap>,
 }
 
 /// A registered connection; dropping it unregisters it.
-pub struct ConnGuard<'a> {
+pub(super) struct ConnGuard<'a> {
     owner: &'a Connections,
     tag: SessionTag,
     id: u64,
@@ -196,7 +196,7 @@ impl Connections {
     }
 
     /// Registers a connection of the session `session` (whose tag is `tag`).
-    pub fn register(&self, tag: &SessionTag, session: &SessionId) -> ConnGuard<'_> {
+    pub(super) fn register(&self, tag: &SessionTag, session: &SessionId) -> ConnGuard<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let token = CancellationToken::new();
         self.lock()
@@ -213,7 +213,7 @@ impl Connections {
     }
 
     /// Cancels every open connection of the session; returns how many.
-    pub fn cut(&self, tag: &SessionTag) -> usize {
+    pub(super) fn cut(&self, tag: &SessionTag) -> usize {
         let Some((_, conns)) = self.lock().remove(tag) else {
             return 0;
         };
@@ -224,7 +224,7 @@ impl Connections {
     }
 
     /// The sessions that have open connections.
-    pub fn sessions(&self) -> Vec<(SessionTag, SessionId)> {
+    pub(super) fn sessions(&self) -> Vec<(SessionTag, SessionId)> {
         self.lock()
             .iter()
             .map(|(tag, (id, _))| (tag.clone(), id.clone()))

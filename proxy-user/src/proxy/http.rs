@@ -24,21 +24,21 @@ use super::metrics::Metrics;
 use super::policy::Refusal;
 
 /// Header naming the user, added to every request to the back end.
-pub const HEADER_USER: &str = "x-scm-user";
+pub(super) const HEADER_USER: &str = "x-scm-user";
 /// Header with the user's groups, comma-separated.
-pub const HEADER_GROUPS: &str = "x-scm-groups";
+pub(super) const HEADER_GROUPS: &str = "x-scm-groups";
 /// Header with the device id.
-pub const HEADER_DEVICE: &str = "x-scm-device";
+pub(super) const HEADER_DEVICE: &str = "x-scm-device";
 /// Header with the app id and version (`app/1.2.3`).
-pub const HEADER_APP: &str = "x-scm-app";
+pub(super) const HEADER_APP: &str = "x-scm-app";
 
 /// The body type of every response the proxy returns.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub(super) type ProxyBody = BoxBody<Bytes, hyper::Error>;
 /// The pooled client used to reach http back ends.
-pub type BackendClient = Client<HttpConnector, Incoming>;
+pub(super) type BackendClient = Client<HttpConnector, Incoming>;
 
 /// A client for back ends with a connect timeout.
-pub fn backend_client(connect_timeout: Duration) -> BackendClient {
+pub(super) fn backend_client(connect_timeout: Duration) -> BackendClient {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(connect_timeout));
     connector.set_nodelay(true);
@@ -49,7 +49,7 @@ pub fn backend_client(connect_timeout: Duration) -> BackendClient {
 
 /// Who the requests on this connection come from.
 #[derive(Debug, Clone)]
-pub struct Identity {
+pub(super) struct Identity {
     /// User name.
     pub user: String,
     /// The user's groups.
@@ -61,7 +61,7 @@ pub struct Identity {
 }
 
 /// Everything one device connection's requests need.
-pub struct HttpContext {
+pub(super) struct HttpContext {
     /// Resource name (for messages).
     pub resource: String,
     /// Back end `host:port`.
@@ -107,7 +107,7 @@ const HOP_BY_HOP: [&str; 8] = [
 
 /// Removes hop-by-hop headers (and those the `connection` header names) and every `x-scm-*`
 /// header, so a device can neither spoof identity nor leak anything to the back end through them.
-pub fn strip_headers(headers: &mut HeaderMap) {
+pub(super) fn strip_headers(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(hyper::header::CONNECTION)
         .iter()
@@ -136,7 +136,7 @@ pub fn strip_headers(headers: &mut HeaderMap) {
 /// or WSGI back ends, treat `x_scm_user` as `x-scm-user`), and every client-supplied forwarding
 /// header (`forwarded`, `x-real-ip`, `x-forwarded-*`, also in their `_` spellings), which only
 /// the proxy may set.
-pub fn strip_device_supplied(headers: &mut HeaderMap) {
+pub(super) fn strip_device_supplied(headers: &mut HeaderMap) {
     let spoofable = |name: &str| {
         let n = name.replace('_', "-");
         n.starts_with("x-scm-")
@@ -155,7 +155,7 @@ pub fn strip_device_supplied(headers: &mut HeaderMap) {
 }
 
 /// Adds the identity headers.
-pub fn add_identity(headers: &mut HeaderMap, id: &Identity, peer: SocketAddr) {
+pub(super) fn add_identity(headers: &mut HeaderMap, id: &Identity, peer: SocketAddr) {
     let pairs = [
         (HEADER_USER, id.user.clone()),
         (HEADER_GROUPS, id.groups.join(",")),
@@ -261,7 +261,7 @@ async fn forward(ctx: Arc<HttpContext>, mut req: Request<Incoming>) -> Response<
 
 /// Serves HTTP/1.1 requests from the device until it closes, stays idle for `idle`, or `cancel`
 /// fires (session revoked).
-pub async fn serve_http<S>(
+pub(super) async fn serve_http<S>(
     stream: S,
     ctx: Arc<HttpContext>,
     cancel: &CancellationToken,

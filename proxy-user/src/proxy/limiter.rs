@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Most sources the table tracks at once.
-pub const MAX_SOURCES: usize = 100_000;
+pub(super) const MAX_SOURCES: usize = 100_000;
 
 /// When a source is blocked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,11 +33,11 @@ pub struct FailurePolicy {
 /// The key a source is counted under: an IPv4 address, or an IPv6 address with the bits past
 /// the prefix cleared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SourceKey(IpAddr);
+pub(super) struct SourceKey(IpAddr);
 
 impl SourceKey {
     /// The key of `addr` under a `/ipv6_prefix` aggregation (IPv4-mapped IPv6 counts as IPv4).
-    pub fn new(addr: IpAddr, ipv6_prefix: u8) -> Self {
+    pub(super) fn new(addr: IpAddr, ipv6_prefix: u8) -> Self {
         Self(proxy_common::steer::source_prefix(
             addr,
             u32::from(ipv6_prefix),
@@ -69,7 +69,7 @@ struct Inner {
     clippy::enum_variant_names,
     reason = "`Counted::Counted` reads as meant: counted, and nothing more"
 )]
-pub enum Counted {
+pub(super) enum Counted {
     /// Counted; the source is not blocked.
     Counted,
     /// This failure blocked the source.
@@ -81,7 +81,7 @@ pub enum Counted {
 }
 
 /// Failure counts and blocks per source.
-pub struct SourceLimiter {
+pub(super) struct SourceLimiter {
     policy: FailurePolicy,
     max: usize,
     inner: Mutex<Inner>,
@@ -89,7 +89,7 @@ pub struct SourceLimiter {
 
 impl SourceLimiter {
     /// An empty table under `policy`, holding at most `max` sources.
-    pub fn new(policy: FailurePolicy, max: usize) -> Self {
+    pub(super) fn new(policy: FailurePolicy, max: usize) -> Self {
         Self {
             policy,
             max,
@@ -98,7 +98,7 @@ impl SourceLimiter {
     }
 
     /// The policy.
-    pub fn policy(&self) -> FailurePolicy {
+    pub(super) fn policy(&self) -> FailurePolicy {
         self.policy
     }
 
@@ -108,12 +108,12 @@ impl SourceLimiter {
     }
 
     /// The key `addr` is counted under.
-    pub fn key(&self, addr: IpAddr) -> SourceKey {
+    pub(super) fn key(&self, addr: IpAddr) -> SourceKey {
         SourceKey::new(addr, self.policy.ipv6_prefix)
     }
 
     /// How much longer `addr`'s source stays blocked, if it is.
-    pub fn blocked(&self, addr: IpAddr) -> Option<Duration> {
+    pub(super) fn blocked(&self, addr: IpAddr) -> Option<Duration> {
         if self.policy.threshold == 0 {
             return None;
         }
@@ -124,7 +124,7 @@ impl SourceLimiter {
     }
 
     /// Counts one failure from `addr`.
-    pub fn failure(&self, addr: IpAddr) -> Counted {
+    pub(super) fn failure(&self, addr: IpAddr) -> Counted {
         let p = self.policy;
         if p.threshold == 0 {
             return Counted::Off;
@@ -173,13 +173,13 @@ impl SourceLimiter {
 
     /// Sources tracked.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.lock().map.len()
     }
 
     /// Whether no source is tracked.
     #[cfg(test)]
-    pub fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 }

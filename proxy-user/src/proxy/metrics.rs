@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 
 /// Every metric the proxy exports, all prefixed `scm_proxy_`.
 #[derive(Clone)]
-pub struct Metrics {
+pub(super) struct Metrics {
     registry: Registry,
     /// Device connections accepted.
     pub connections: IntCounter,
@@ -64,7 +64,7 @@ fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterV
 
 impl Metrics {
     /// A fresh registry holding every metric at zero.
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         let r = Registry::new();
         let connections_open =
             IntGauge::new("scm_proxy_connections_open", "Device connections open now.")
@@ -150,7 +150,7 @@ impl Metrics {
     }
 
     /// The metrics in the Prometheus text format.
-    pub fn render(&self) -> String {
+    pub(super) fn render(&self) -> String {
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metrics.
         let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out);
@@ -158,7 +158,7 @@ impl Metrics {
     }
 
     /// Counts an error of the given class.
-    pub fn error(&self, class: &str) {
+    pub(super) fn error(&self, class: &str) {
         self.errors.with_label_values(&[class]).inc();
     }
 }
@@ -170,7 +170,7 @@ impl Default for Metrics {
 }
 
 /// Serves `GET /metrics` (and 404 for anything else) on an already bound listener, forever.
-pub async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
+pub(super) async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             continue;

@@ -12,7 +12,7 @@ use super::cache::SessionInfo;
 
 /// A refused connection: the status and reason sent back in the preamble reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
+pub(super) struct Refusal {
     /// The reply status.
     pub status: Status,
     /// Why, for the device's user (never contains secrets).
@@ -21,7 +21,7 @@ pub struct Refusal {
 
 impl Refusal {
     /// A refusal with a reason.
-    pub fn new(status: Status, reason: impl Into<String>) -> Self {
+    pub(super) fn new(status: Status, reason: impl Into<String>) -> Self {
         Self {
             status,
             reason: reason.into(),
@@ -31,7 +31,7 @@ impl Refusal {
 
 /// The resource catalog and the app policy, as last fetched from the Security server.
 #[derive(Debug, Default, Clone)]
-pub struct Catalog {
+pub(super) struct Catalog {
     /// Resources by name.
     pub resources: HashMap<String, Resource>,
     /// App policies by app id.
@@ -40,7 +40,7 @@ pub struct Catalog {
 
 impl Catalog {
     /// Indexes lists as the Security server serves them.
-    pub fn new(resources: Vec<Resource>, apps: Vec<AppPolicy>) -> Self {
+    pub(super) fn new(resources: Vec<Resource>, apps: Vec<AppPolicy>) -> Self {
         Self {
             resources: resources.into_iter().map(|r| (r.name.clone(), r)).collect(),
             apps: apps.into_iter().map(|a| (a.app_id.clone(), a)).collect(),
@@ -50,7 +50,7 @@ impl Catalog {
 
 /// Checks that the preamble's MAC was made with the session key over this TLS connection's
 /// exporter (constant-time comparison). A session id replayed on another connection fails here.
-pub fn check_binding(
+pub(super) fn check_binding(
     session: &SessionInfo,
     preamble: &Preamble,
     exporter: &[u8],
@@ -68,7 +68,7 @@ pub fn check_binding(
 /// Checks the app context: the same device, app and app version as at login (so the version the
 /// policy is checked against is the one the Security server saw; a device that updated its app
 /// logs in again), a well-formed version at or above the app's minimum and not revoked.
-pub fn check_app(
+pub(super) fn check_app(
     apps: &HashMap<String, AppPolicy>,
     session: &SessionInfo,
     preamble: &Preamble,
@@ -129,7 +129,7 @@ pub fn check_app(
 }
 
 /// Finds the resource and checks the group rule: the user must be in one of its allowed groups.
-pub fn check_resource<'a>(
+pub(super) fn check_resource<'a>(
     resources: &'a HashMap<String, Resource>,
     session: &SessionInfo,
     name: &str,

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Why no preamble could be read.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ReadError {
+pub(super) enum ReadError {
     /// The bytes are not a valid preamble.
     #[error(transparent)]
     Invalid(#[from] PreambleError),
@@ -27,7 +27,7 @@ pub enum ReadError {
 
 impl ReadError {
     /// A short label for the errors metric.
-    pub fn class(&self) -> &'static str {
+    pub(super) fn class(&self) -> &'static str {
         match self {
             ReadError::Invalid(PreambleError::TooLong(_)) => "preamble_oversized",
             ReadError::Invalid(_) => "preamble_malformed",
@@ -48,7 +48,7 @@ fn io_error(e: std::io::Error) -> ReadError {
 
 /// Reads and decodes one preamble, giving up after `deadline`. Never buffers more than
 /// [`scm_proto::preamble::MAX_BODY_LEN`] bytes.
-pub async fn read_preamble<S: AsyncRead + Unpin>(
+pub(super) async fn read_preamble<S: AsyncRead + Unpin>(
     stream: &mut S,
     deadline: Duration,
 ) -> Result<Preamble, ReadError> {
@@ -66,7 +66,7 @@ pub async fn read_preamble<S: AsyncRead + Unpin>(
 }
 
 /// Writes the reply and flushes it. A refusal is followed by a TLS close by the caller.
-pub async fn write_reply<S: AsyncWrite + Unpin>(
+pub(super) async fn write_reply<S: AsyncWrite + Unpin>(
     stream: &mut S,
     status: Status,
     reason: &str,

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 /// How a relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RelayEnd {
+pub(super) enum RelayEnd {
     /// Both sides finished (each direction reached end of stream).
     Done,
     /// One side failed; the other was dropped.
@@ -25,7 +25,7 @@ pub enum RelayEnd {
 
 /// Relay settings.
 #[derive(Debug, Clone, Copy)]
-pub struct RelayOptions {
+pub(super) struct RelayOptions {
     /// Bytes buffered per direction.
     pub buffer_size: usize,
     /// Close after this long without a byte either way.
@@ -61,7 +61,7 @@ where
 
 /// Relays between `device` and `backend` until both directions end, one fails, the idle timeout
 /// passes, or `cancel` fires. `up` and `down` count bytes to the back end and to the device.
-pub async fn relay<D, B>(
+pub(super) async fn relay<D, B>(
     device: D,
     backend: B,
     opts: RelayOptions,

@@ -48,7 +48,7 @@ pub enum SecurityError {
 
 /// The Security server's verdict on a session.
 #[derive(Debug, Clone)]
-pub enum Validation {
+pub(super) enum Validation {
     /// Live: what the proxy needs to know about it.
     Valid(Arc<SessionInfo>),
     /// Unknown, expired, logged out or revoked.
@@ -73,7 +73,7 @@ impl<T> ListOf<T> {
 }
 
 /// An open revocation stream and the server it comes from.
-pub struct RevocationStream {
+pub(super) struct RevocationStream {
     /// Index of the server in the configured list.
     pub idx: usize,
     /// Its base URL.
@@ -84,7 +84,7 @@ pub struct RevocationStream {
 
 /// Client of one or more Security servers, preferring the one that last answered and coming back
 /// to the first when it answers again.
-pub struct SecurityClient {
+pub(super) struct SecurityClient {
     urls: Vec<String>,
     failover: Failover,
     http: reqwest::Client,
@@ -95,7 +95,7 @@ pub struct SecurityClient {
 impl SecurityClient {
     /// A client for `urls` (base URLs such as `https://127.0.0.1:8444`), in order of preference,
     /// trying the first again every `failback` while away from it.
-    pub fn new(
+    pub(super) fn new(
         urls: Vec<String>,
         tls: rustls::ClientConfig,
         timeout: Duration,
@@ -123,19 +123,19 @@ impl SecurityClient {
 
     /// The URL calls go to first.
     #[cfg(test)]
-    pub fn current_url(&self) -> &str {
+    pub(super) fn current_url(&self) -> &str {
         &self.urls[self.failover.current()]
     }
 
     /// Index of the server calls go to first.
     #[cfg(test)]
-    pub fn current(&self) -> usize {
+    pub(super) fn current(&self) -> usize {
         self.failover.current()
     }
 
     /// Whether the revocation stream, on server `stream_idx`, should try the first server now:
     /// the request path is back on it already, or the first server's retry is due.
-    pub fn stream_should_fail_back(&self, stream_idx: usize) -> bool {
+    pub(super) fn stream_should_fail_back(&self, stream_idx: usize) -> bool {
         stream_idx != 0
             && (self.failover.current() == 0 || self.failover.failback_due_at(Instant::now()))
     }
@@ -210,7 +210,7 @@ impl SecurityClient {
     /// Security server checks the device's binding MAC before the validation counts as activity,
     /// and answers `binding_failed` if it does not hold; without it (a revalidation of a session
     /// whose connections are already bound) the validation counts as activity.
-    pub async fn validate(
+    pub(super) async fn validate(
         &self,
         id: &SessionId,
         binding: Option<BindingProof>,
@@ -251,7 +251,7 @@ impl SecurityClient {
 
     /// Asks for a signed identity assertion of a session for one resource: `Ok(Err(_))` when
     /// the Security server refuses (session ended, resource not allowed).
-    pub async fn assertion(
+    pub(super) async fn assertion(
         &self,
         id: &SessionId,
         resource: &str,
@@ -303,18 +303,18 @@ impl SecurityClient {
     }
 
     /// The resource catalog.
-    pub async fn resources(&self) -> Result<Vec<Resource>, SecurityError> {
+    pub(super) async fn resources(&self) -> Result<Vec<Resource>, SecurityError> {
         self.list(PATH_PROXY_RESOURCES).await
     }
 
     /// The app policy.
-    pub async fn apps(&self) -> Result<Vec<AppPolicy>, SecurityError> {
+    pub(super) async fn apps(&self) -> Result<Vec<AppPolicy>, SecurityError> {
         self.list(PATH_PROXY_APPS).await
     }
 
     /// Opens the revocation stream (newline-delimited JSON `ProxyEvent`s) wherever the failover
     /// plan finds a server; the caller reads it.
-    pub async fn revocations(&self) -> Result<RevocationStream, SecurityError> {
+    pub(super) async fn revocations(&self) -> Result<RevocationStream, SecurityError> {
         let (idx, url, resp) = self
             .call(PATH_PROXY_REVOCATIONS, |c, u| c.get(u), None)
             .await?;
@@ -323,7 +323,7 @@ impl SecurityClient {
 
     /// Opens the revocation stream at the first (preferred) server only; when it answers, the
     /// request path moves back there too (a failback, logged and counted once).
-    pub async fn revocations_at_first(&self) -> Result<RevocationStream, SecurityError> {
+    pub(super) async fn revocations_at_first(&self) -> Result<RevocationStream, SecurityError> {
         let from = self.failover.current();
         let build = |c: &reqwest::Client, u: String| c.get(u);
         let resp = self
@@ -359,7 +359,7 @@ fn stream_answer(
 /// line that is not UTF-8 is handed on as the replacement character, so it is counted and
 /// logged as an unreadable event like any other line that does not parse.
 #[derive(Debug)]
-pub struct LineBuffer {
+pub(super) struct LineBuffer {
     buf: bytes::BytesMut,
     codec: tokio_util::codec::LinesCodec,
 }
@@ -375,10 +375,10 @@ impl Default for LineBuffer {
 
 impl LineBuffer {
     /// Largest line kept; longer ones are dropped whole.
-    pub const MAX_LINE: usize = 64 * 1024;
+    pub(super) const MAX_LINE: usize = 64 * 1024;
 
     /// Feeds bytes, returning the complete lines they finish.
-    pub fn push(&mut self, bytes: &[u8]) -> Vec<Vec<u8>> {
+    pub(super) fn push(&mut self, bytes: &[u8]) -> Vec<Vec<u8>> {
         use tokio_util::codec::{Decoder as _, LinesCodecError};
         self.buf.extend_from_slice(bytes);
         let mut lines = Vec::new();
