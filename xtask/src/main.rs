@@ -72,6 +72,7 @@ fn lint() -> Result<()> {
     // The dependency graph: licences, banned crates and duplicate versions (each exception is
     // explained in deny.toml), sources. Advisories need RustSec's database: `.ci/run` checks
     // them where a copy is cached.
+    setup::ensure_cargo_deny()?;
     cmd::cargo(&["deny", "--locked", "check", "licenses", "bans", "sources"])?;
     Ok(())
 }

@@ -59,7 +59,6 @@ pub fn run(args: &SetupArgs) -> Result<()> {
         ("apt packages", apt as fn(bool) -> Result<Option<String>>),
         ("nightly rust-src", rust_src),
         ("bpf-linker", bpf_linker),
-        ("cargo-deny", cargo_deny),
         ("bpffs at /sys/fs/bpf", bpffs),
     ] {
         match step(args.check)? {
@@ -153,7 +152,16 @@ fn llvm_prefix() -> PathBuf {
     home.join(".local/share/scm/rust-llvm")
 }
 
-/// cargo-deny for `cargo deny check` (licences, bans, sources, advisories) in CI.
+/// Installs cargo-deny for `cargo xtask lint` and CI (licences, bans, sources, advisories) if this
+/// release is missing. Not a step of `setup`: the demo and the tests do not need it, and building
+/// it costs a fresh machine four minutes.
+pub fn ensure_cargo_deny() -> Result<()> {
+    match cargo_deny(false)? {
+        None => Ok(()),
+        Some(what) => anyhow::bail!("cargo-deny: {what}"),
+    }
+}
+
 fn cargo_deny(check: bool) -> Result<Option<String>> {
     let want = format!("cargo-deny {CARGO_DENY_VERSION}");
     let have = output(Command::new("cargo").args(["deny", "--version"]));
