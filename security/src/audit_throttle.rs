@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::sessions::now_ms;
+use crate::clock::now_ms;
 
 /// One (kind, source) window.
 #[derive(Debug, Clone)]

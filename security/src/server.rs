@@ -11,12 +11,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin_token::{self, AdminToken};
+use crate::challenges::Challenges;
 use crate::config::ServeArgs;
 use crate::directory::{Directory, LdapConfig};
 use crate::error::Error;
+use crate::limits::{Lockouts, SourceLimiter};
 use crate::master_key::{self, MasterKey};
 use crate::secrets::ensure_secret_file;
-use crate::sessions::{Challenges, Lockouts, Sessions, SourceLimiter};
+use crate::sessions::Sessions;
 use crate::state::{Settings, Shared, State};
 use crate::store::Store;
 

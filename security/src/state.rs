@@ -11,11 +11,13 @@ use crate::admin_token::AdminToken;
 use crate::assertion::Assertions;
 use crate::audit_throttle::{AuditThrottle, Verdict};
 use crate::backup::BackupStats;
+use crate::challenges::Challenges;
 use crate::directory::Directory;
 use crate::error::Error;
 use crate::ha::HaStatus;
+use crate::limits::{Lockouts, SourceLimiter};
 use crate::master_key::MasterKey;
-use crate::sessions::{Challenges, Lockouts, Sessions, SourceLimiter};
+use crate::sessions::Sessions;
 use crate::store::Store;
 
 /// Settings the handlers need, resolved from the flags.
@@ -103,7 +105,7 @@ impl State {
         ip: &std::net::IpAddr,
         detail: &str,
     ) {
-        let source = crate::sessions::source_key(*ip, self.source_prefix_v6);
+        let source = crate::limits::source_key(*ip, self.source_prefix_v6);
         if self.audit_throttle.record(kind, source, actor, detail) == Verdict::Write {
             self.audit(kind, actor, actor, &source.to_string(), detail)
                 .await;

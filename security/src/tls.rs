@@ -307,7 +307,7 @@ pub async fn serve(
                 }
             },
         };
-        let key = crate::sessions::source_key(peer.ip(), limits.v6_prefix);
+        let key = crate::limits::source_key(peer.ip(), limits.v6_prefix);
         let Some(source_slot) = per_source.take(key, limits.per_source) else {
             tracing::debug!(listener = name, source = %key, cap = limits.per_source, "connection refused: this source holds its cap of open connections");
             drop(tcp);

@@ -20,9 +20,11 @@ use sha2::{Digest as _, Sha256};
 use super::{
     ApiJson, admit, bearer, method_not_allowed, not_found, path_error, query_error, rate_limited,
 };
+use crate::challenges::ChallengeError;
 use crate::directory::AuthError;
 use crate::error::ApiError;
-use crate::sessions::{Attempt, ChallengeError, NewSession, Refused};
+use crate::limits::{Attempt, Refused};
+use crate::sessions::NewSession;
 use crate::state::Shared;
 use crate::store::{KeyRow, UserRow, unix_now};
 use crate::tls::Peer;

@@ -161,7 +161,7 @@ pub fn rate_limited() -> ApiError {
 }
 
 /// Refuses a source address the per-source limiter has blocked, before any other work.
-pub fn admit(limiter: &crate::sessions::SourceLimiter, ip: IpAddr) -> Result<(), ApiError> {
+pub fn admit(limiter: &crate::limits::SourceLimiter, ip: IpAddr) -> Result<(), ApiError> {
     if limiter.is_blocked(ip) {
         return Err(rate_limited());
     }

@@ -23,9 +23,10 @@ use scm_proto::crypto;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{ApiJson, method_not_allowed, not_found};
+use crate::clock::now_ms;
 use crate::error::ApiError;
 use crate::proxyauth::{AdmittedProxy, AllowList};
-use crate::sessions::{Lookup, Session, now_ms};
+use crate::sessions::{Lookup, Session};
 use crate::state::Shared;
 
 /// The proxies' API routes behind the proxy allow-list (an empty one admits any certificate from
