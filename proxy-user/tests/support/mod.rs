@@ -4,25 +4,16 @@
 //! Each test binary includes this module and uses part of it.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
-use std::io::Write as _;
-
 /// Whether a test that needs root may run. Outside root it skips with a loud message; under
 /// `CI=true` (CI runs as root) a missing privilege is a failure, never a silent skip.
 pub fn require_root(test: &str) -> bool {
     if nix::unistd::Uid::effective().is_root() {
         return true;
     }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test}: needs root (BPF, network namespaces) and CI=true forbids skipping it");
-    }
-    // Straight to the stderr handle: the test harness captures eprintln! of passing tests, and
-    // a skip must be seen.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n################################################################################\n\
-         ## SKIPPED {test}: needs root (BPF and network namespaces).\n\
-         ## Run the tests as root; with CI=true this is a failure instead of a skip.\n\
-         ################################################################################\n"
+    scm_netns::skip::skip(
+        test,
+        "root",
+        "BPF and network namespaces; run the tests as root",
     );
     false
 }
