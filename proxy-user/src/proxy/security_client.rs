@@ -219,33 +219,29 @@ impl SecurityClient {
             session_id: id.expose().to_owned(),
             binding,
         };
-        let (_, url, resp) = self
-            .call(
-                PATH_PROXY_VALIDATE,
-                |c, u| c.post(u).json(&body),
-                Some(self.timeout),
-            )
-            .await?;
-        let status = resp.status();
-        let bad = |why: String| SecurityError::BadAnswer {
-            url: url.clone(),
-            path: PATH_PROXY_VALIDATE,
-            why,
-        };
-        if status.is_success() {
-            let v: ValidateResponse = resp.json().await.map_err(|e| bad(e.to_string()))?;
-            let info = SessionInfo::from_response(v).map_err(|e| bad(e.to_string()))?;
-            return Ok(Validation::Valid(Arc::new(info)));
-        }
-        let text = resp.text().await.unwrap_or_default();
-        let body = serde_json::from_str::<ErrorBody>(&text).unwrap_or(ErrorBody {
-            code: "invalid_session".into(),
-            message: format!("HTTP {status}"),
-        });
-        if matches!(status.as_u16(), 400 | 401 | 403 | 404 | 410) {
-            Ok(Validation::Invalid(body))
-        } else {
-            Err(bad(format!("HTTP {status}: {}", body.message)))
+        match self
+            .post::<_, ValidateResponse>(PATH_PROXY_VALIDATE, &body)
+            .await?
+        {
+            Answer::Ok(url, v) => {
+                let info = SessionInfo::from_response(v).map_err(|e| SecurityError::BadAnswer {
+                    url,
+                    path: PATH_PROXY_VALIDATE,
+                    why: e.to_string(),
+                })?;
+                Ok(Validation::Valid(Arc::new(info)))
+            }
+            Answer::Refused(url, status, body) => {
+                if matches!(status, 400 | 401 | 403 | 404 | 410) {
+                    // A refusal whose body does not parse still ends the session.
+                    Ok(Validation::Invalid(body.unwrap_or(ErrorBody {
+                        code: "invalid_session".into(),
+                        message: format!("HTTP {status}"),
+                    })))
+                } else {
+                    Err(refusal_error(url, PATH_PROXY_VALIDATE, status, body))
+                }
+            }
         }
     }
 
@@ -261,28 +257,39 @@ impl SecurityClient {
             session_id: id.expose().to_owned(),
             resource: resource.to_owned(),
         };
+        match self.post(PATH_PROXY_ASSERTION, &body).await? {
+            Answer::Ok(_, a) => Ok(Ok(a)),
+            Answer::Refused(_, 403 | 404, Some(body)) => Ok(Err(body)),
+            Answer::Refused(url, status, body) => {
+                Err(refusal_error(url, PATH_PROXY_ASSERTION, status, body))
+            }
+        }
+    }
+
+    /// POSTs `body` as JSON to `path` (over the URL list): the parsed answer of a success, or
+    /// the status and (if it parses) the error body of anything else.
+    async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &'static str,
+        body: &B,
+    ) -> Result<Answer<T>, SecurityError> {
         let (_, url, resp) = self
-            .call(
-                PATH_PROXY_ASSERTION,
-                |c, u| c.post(u).json(&body),
-                Some(self.timeout),
-            )
+            .call(path, |c, u| c.post(u).json(body), Some(self.timeout))
             .await?;
         let status = resp.status();
-        let bad = |why: String| SecurityError::BadAnswer {
-            url: url.clone(),
-            path: PATH_PROXY_ASSERTION,
-            why,
-        };
         if status.is_success() {
-            return resp.json().await.map(Ok).map_err(|e| bad(e.to_string()));
+            return match resp.json().await {
+                Ok(v) => Ok(Answer::Ok(url, v)),
+                Err(e) => Err(SecurityError::BadAnswer {
+                    url,
+                    path,
+                    why: e.to_string(),
+                }),
+            };
         }
         let text = resp.text().await.unwrap_or_default();
-        match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(body) if matches!(status.as_u16(), 403 | 404) => Ok(Err(body)),
-            Ok(body) => Err(bad(format!("HTTP {status}: {}", body.message))),
-            Err(_) => Err(bad(format!("HTTP {status}"))),
-        }
+        let body = serde_json::from_str::<ErrorBody>(&text).ok();
+        Ok(Answer::Refused(url, status.as_u16(), body))
     }
 
     async fn list<T: serde::de::DeserializeOwned>(
@@ -401,6 +408,28 @@ impl LineBuffer {
         }
         lines
     }
+}
+
+/// What one POST to the Security server came back with (the URL that answered first).
+enum Answer<T> {
+    /// A success, parsed.
+    Ok(String, T),
+    /// Any other status, with its error body if it parses.
+    Refused(String, u16, Option<ErrorBody>),
+}
+
+/// A refusal the caller does not expect: a bad answer naming the status and the server's words.
+fn refusal_error(
+    url: String,
+    path: &'static str,
+    status: u16,
+    body: Option<ErrorBody>,
+) -> SecurityError {
+    let why = match body {
+        Some(b) => format!("HTTP {status}: {}", b.message),
+        None => format!("HTTP {status}"),
+    };
+    SecurityError::BadAnswer { url, path, why }
 }
 
 #[cfg(test)]
