@@ -217,7 +217,7 @@ async fn main() -> Result<()> {
             let session = device.login(&password(pw.as_ref())?).await?;
             state.session = Some(session.saved().clone());
             state.save(&cli.state)?;
-            let s = session.saved();
+            let s = &session.saved().login;
             println!(
                 "logged in as {} (groups {}; site {}); session {}; proxies {}",
                 s.user,
@@ -262,7 +262,7 @@ async fn main() -> Result<()> {
         }
         Command::Update { what } => {
             let (state, device) = load(&cli)?;
-            let bearer = state.session.as_ref().map(|s| s.session_id.clone());
+            let bearer = state.session.as_ref().map(|s| s.login.session_id.clone());
             let check = device.update_check(bearer.as_deref()).await?;
             match what {
                 UpdateCommand::Check => {
@@ -312,7 +312,7 @@ async fn main() -> Result<()> {
                 e.config.platform,
                 e.config.security_urls.join(",")
             );
-            match &state.session {
+            match state.session.as_ref().map(|s| &s.login) {
                 Some(s) => println!(
                     "session {} as {}; proxies {}",
                     scm_proto::crypto::session_tag(&s.session_id),

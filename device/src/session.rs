@@ -26,44 +26,25 @@ pub type ProxyStream = tokio_rustls::client::TlsStream<TcpStream>;
 /// How long a proxy has to accept TCP, finish TLS and answer the preamble.
 const PROXY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What the CLI saves between commands (holds the session id and key: mode 0600).
+/// What the CLI saves between commands (holds the session id and key: mode 0600): the login
+/// answer as it came, and the session key derived from it. Flattened, so the saved JSON has the
+/// answer's fields beside `session_key`.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct SavedSession {
-    /// The session id.
-    pub session_id: String,
     /// The derived session key, base64.
     pub session_key: String,
-    /// The login answer (user, groups, site, proxies, expiries).
-    pub user: String,
-    /// The user's groups.
-    pub groups: Vec<String>,
-    /// The user's site.
-    pub site: String,
-    /// The site's proxies (`host:port`).
-    pub proxy_urls: Vec<String>,
-    /// Idle timeout in seconds.
-    pub idle_timeout_secs: u64,
-    /// Absolute expiry, Unix seconds.
-    pub absolute_expires_at: u64,
+    /// The login answer (session id, user, groups, site, proxies, expiries).
+    #[serde(flatten)]
+    pub login: LoginResponse,
 }
 
 impl std::fmt::Debug for SavedSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The id and the key are what a thief needs: the tag names the session instead.
+        // The key is what a thief needs; the answer's own Debug redacts the id and shows its tag.
         f.debug_struct("SavedSession")
-            .field("session_id", &scm_proto::redact::Redacted)
-            .field(
-                "session_tag",
-                &scm_proto::crypto::session_tag(&self.session_id),
-            )
             .field("session_key", &scm_proto::redact::Redacted)
-            .field("user", &self.user)
-            .field("groups", &self.groups)
-            .field("site", &self.site)
-            .field("proxy_urls", &self.proxy_urls)
-            .field("idle_timeout_secs", &self.idle_timeout_secs)
-            .field("absolute_expires_at", &self.absolute_expires_at)
-            .finish_non_exhaustive()
+            .field("login", &self.login)
+            .finish()
     }
 }
 
@@ -88,8 +69,8 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("tag", &self.id.tag())
-            .field("user", &self.saved.user)
-            .field("proxies", &self.saved.proxy_urls)
+            .field("user", &self.saved.login.user)
+            .field("proxies", &self.saved.login.proxy_urls)
             .finish_non_exhaustive()
     }
 }
@@ -136,14 +117,8 @@ impl Session {
         Ok(Self {
             device: device.clone(),
             saved: SavedSession {
-                session_id: resp.session_id,
                 session_key: key.to_b64(),
-                user: resp.user,
-                groups: resp.groups,
-                site: resp.site,
-                proxy_urls: resp.proxy_urls,
-                idle_timeout_secs: resp.idle_timeout_secs,
-                absolute_expires_at: resp.absolute_expires_at,
+                login: resp,
             },
             id,
             key,
@@ -152,7 +127,7 @@ impl Session {
 
     /// Rebuilds a session saved by [`Session::saved`].
     pub fn restore(device: &Device, saved: SavedSession) -> Result<Self, DeviceError> {
-        let id = SessionId::parse(&saved.session_id)
+        let id = SessionId::parse(&saved.login.session_id)
             .ok_or_else(|| DeviceError::Usage("the saved session id is malformed".into()))?;
         Ok(Self {
             device: device.clone(),
@@ -191,7 +166,7 @@ impl Session {
 
     /// The site's proxies, in order of preference.
     pub fn proxies(&self) -> &[String] {
-        &self.saved.proxy_urls
+        &self.saved.login.proxy_urls
     }
 
     /// Opens TLS 1.3 to a proxy, without sending anything.
@@ -278,14 +253,14 @@ impl Session {
     /// final (another proxy would refuse too); an unreachable proxy moves on to the next.
     pub async fn open(&self, resource: &str) -> Result<ProxyStream, DeviceError> {
         let mut last = String::from("the site has no proxy");
-        for proxy in &self.saved.proxy_urls {
+        for proxy in &self.saved.login.proxy_urls {
             match self.open_via(proxy, resource).await {
                 Err(DeviceError::ProxyUnreachable { last: l, .. }) => last = l,
                 other => return other,
             }
         }
         Err(DeviceError::ProxyUnreachable {
-            tried: self.saved.proxy_urls.len(),
+            tried: self.saved.login.proxy_urls.len(),
             last,
         })
     }

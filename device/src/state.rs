@@ -89,14 +89,16 @@ mod tests {
                 shared_key: key.to_b64(),
             },
             session: Some(SavedSession {
-                session_id: id.expose().to_owned(),
                 session_key: session_key.to_b64(),
-                user: "alice".into(),
-                groups: vec!["staff".into()],
-                site: "main".into(),
-                proxy_urls: vec!["127.0.0.1:9443".into()],
-                idle_timeout_secs: 900,
-                absolute_expires_at: 1,
+                login: scm_proto::api::LoginResponse {
+                    session_id: id.expose().to_owned(),
+                    user: "alice".into(),
+                    groups: vec!["staff".into()],
+                    site: "main".into(),
+                    proxy_urls: vec!["127.0.0.1:9443".into()],
+                    idle_timeout_secs: 900,
+                    absolute_expires_at: 1,
+                },
             }),
         };
         let printed = format!("{state:?}");

@@ -78,7 +78,7 @@ async fn six_steps_end_to_end() {
     // 1-2: TLS to the Security server, enroll, log in (proof of the shared key).
     let device = stack.enroll("alice", "phone-1", "1.0.0").await.unwrap();
     let session = Session::login(&device, PASSWORD).await.unwrap();
-    assert_eq!(session.saved().user, "alice");
+    assert_eq!(session.saved().login.user, "alice");
     assert_eq!(session.proxies(), [stack.proxy_addr.to_string()]);
     // 3-6: TLS to the proxy, preamble, validation, relay to the tcp back end.
     let mut tunnel = session.open("echo").await.unwrap();
@@ -119,7 +119,7 @@ async fn six_steps_end_to_end() {
     assert!(!everything.contains(session.id().expose()));
 
     // Updates: 1.1.0 is newer than 1.0.0; the download's sha256 is checked.
-    let bearer = session.saved().session_id.clone();
+    let bearer = session.saved().login.session_id.clone();
     let check = device.update_check(Some(&bearer)).await.unwrap();
     assert!(check.update_available && check.current_allowed);
     let latest = check.latest.unwrap();
