@@ -9,3 +9,4 @@ pub mod load;
 pub mod plot;
 pub mod procfs;
 pub mod report;
+pub mod trials;

@@ -28,8 +28,7 @@ use crate::topology::{BE_ADDR, DUT_ADDR, Topology};
 /// Options of `scm-bench run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// A short run (under 3 minutes) for a first look: shorter loads, 128 MiB transfers,
-    /// 2 000 idle connections.
+    /// Short trials (about 3 minutes each) for a first look: shorter loads, 128 MiB transfers.
     #[arg(long)]
     pub quick: bool,
     /// Where the markdown, JSON and SVG results go.
@@ -43,9 +42,16 @@ pub struct RunArgs {
     #[arg(long, default_value = ".")]
     pub repo: PathBuf,
     /// Record a perf profile of the proxy under test during each max-rate run and write its flat
-    /// report to OUT/perf-SYSTEM.txt (needs `perf`, Debian package linux-perf).
+    /// report to OUT/perf-SYSTEM.txt (needs `perf`, Debian package linux-perf; the last trial's
+    /// profile is kept).
     #[arg(long)]
     pub perf: bool,
+    /// Interleaved trials: nginx, scm, nginx, scm, … this many times each. The table gives each
+    /// figure's median and range and each ratio's median and range over the trials, and names a
+    /// winner only where every trial agrees. On a shared machine one run's ratio has swung by
+    /// ±30%: fewer than 5 trials is for a first look only.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=50))]
+    pub trials: u16,
 }
 
 /// Sizes of one run.
@@ -66,7 +72,9 @@ impl Params {
                 secs: 3.0,
                 connections: 50,
                 bulk_bytes: 128 << 20,
-                idle_connections: 2_000,
+                // The data-plane goal is memory at 10 000 idle connections: the quick run
+                // measures it there too (a few seconds per side).
+                idle_connections: 10_000,
                 connect_concurrency: 32,
                 rate_fractions: vec![0.25, 0.5, 0.8],
             }
@@ -117,6 +125,43 @@ struct Bench {
     notes: Vec<String>,
     /// Where perf reports go, when profiling.
     perf_out: Option<PathBuf>,
+    /// The trial running and how many there are, for the progress line.
+    trial: (usize, usize),
+    /// Whether the kernel has TLS, for the kTLS rows.
+    ktls: KernelTls,
+}
+
+/// Whether this kernel can take TLS records (`tls` in tcp_available_ulp, after asking for the
+/// module), which decides whether the kTLS rows are measured.
+#[derive(Debug, Clone)]
+struct KernelTls {
+    available: bool,
+    /// What tcp_available_ulp listed.
+    ulps: String,
+}
+
+impl KernelTls {
+    fn detect() -> Self {
+        // The module may be there but not loaded; a kernel without it makes this fail quietly.
+        let _ = Command::new("modprobe")
+            .args(["-q", "tls"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let ulps = fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        Self {
+            available: ulps.split_whitespace().any(|u| u == "tls"),
+            ulps,
+        }
+    }
+
+    /// Why the kTLS rows are empty, where they are.
+    fn missing(&self) -> Option<String> {
+        (!self.available).then(|| "not measured: kernel without TLS".to_owned())
+    }
 }
 
 /// Flag set by SIGINT/SIGTERM so a run stops between steps and cleans up.
@@ -157,7 +202,8 @@ impl Bench {
     /// Runs one load in the client namespace on CPU 1 and reads the proxy's CPU time around it.
     fn load(&self, what: &str, pid: u32, spec: &LoadSpec) -> Result<Measured> {
         check_stop()?;
-        self.bar.set_message(what.to_owned());
+        self.bar
+            .set_message(format!("trial {}/{}: {what}", self.trial.0, self.trial.1));
         let cpu0 = tree_cpu_seconds(pid);
         let out = self
             .topo
@@ -626,15 +672,8 @@ fn rows_small(
     nginx: &SystemFigures,
     fractions: &[(f64, f64)],
 ) {
-    let row = |metric: String, unit: &str, s: Option<f64>, n: Option<f64>, higher: bool| Row {
-        figure: 1,
-        metric,
-        unit: unit.into(),
-        scm_system: scm_name.into(),
-        nginx_system: nginx_name.into(),
-        scm: s,
-        nginx: n,
-        higher_is_better: higher,
+    let row = |metric: String, unit: &str, s: Option<f64>, n: Option<f64>, higher: bool| {
+        Row::single(1, metric, unit, (scm_name, nginx_name), (s, n), higher)
     };
     rows.push(row(
         "max requests/s, 1 KiB keep-alive".into(),
@@ -666,10 +705,10 @@ fn rows_small(
             ("p99", |l| l.p99_us),
         ] {
             rows.push(row(
-                format!(
-                    "{label} latency at {:.0}% of nginx's max ({rate:.0} req/s)",
-                    fraction * 100.0
-                ),
+                // The rate itself differs between trials (it is a fraction of that trial's
+                // nginx max): the label names the fraction so the trials merge, and the notes
+                // list each trial's rates.
+                format!("{label} latency at {:.0}% of nginx's max", fraction * 100.0),
                 "ms",
                 pick(scm, q),
                 pick(Some(nginx), q),
@@ -761,33 +800,65 @@ fn run_in(args: &RunArgs, p: Params, work: &Path) -> Result<Report> {
                 .into(),
         );
     }
-    plan_progress(&bench, auth.is_some(), scm_env.is_some());
+    if !bench.ktls.available {
+        let ulps = if bench.ktls.ulps.is_empty() {
+            "nothing"
+        } else {
+            &bench.ktls.ulps
+        };
+        let line = format!(
+            "kTLS rows not measured: kernel without TLS (tcp_available_ulp lists {ulps}); no \
+             figure from an emulated guest stands in for them"
+        );
+        bench.notes.push(line);
+    }
+    let trials = usize::from(args.trials);
+    plan_progress(&bench, auth.is_some(), scm_env.is_some(), trials);
 
     let r = ceilings(&mut bench, &mut report);
     note_err(&mut bench, "machine ceilings", r);
 
-    let nginx = measure_nginx(
-        &mut bench,
-        work,
-        scm_env.as_ref(),
-        auth.as_ref(),
-        &mut report,
-    )?;
-    let scm = match (&scm_env, &args.scm_bin_dir) {
-        (Some(sec), Some(dir)) => measure_scm(&mut bench, dir, work, sec, &nginx),
-        _ => ScmFigures::default(),
-    };
-    bench.bar.finish_and_clear();
-
     let mib = bench.p.bulk_bytes >> 20;
-    let rows = &mut report.rows;
-    rows_figure1(rows, &nginx, &scm);
-    rows_bulk(rows, &nginx, &scm, mib);
-    rows_steering(rows, &nginx, &scm, mib);
-    rows_connects(rows, &nginx, &scm);
-    rows_idle(rows, &nginx, &scm, bench.p.idle_connections);
-    curves(&mut report.curves, &nginx, &scm);
-    utilisation_notes(&mut bench.notes, &nginx, &scm);
+    let mut trial_rows = Vec::with_capacity(trials);
+    for trial in 1..=trials {
+        bench.trial = (trial, trials);
+        // nginx first in every trial: scm-proxy is offered the rates of this trial's nginx max,
+        // and the two sides of a trial run minutes apart, so their ratio sees one machine.
+        let nginx = measure_nginx(
+            &mut bench,
+            work,
+            scm_env.as_ref(),
+            auth.as_ref(),
+            &mut report,
+        )?;
+        let scm = match (&scm_env, &args.scm_bin_dir) {
+            (Some(sec), Some(dir)) => measure_scm(&mut bench, dir, work, sec, &nginx),
+            _ => ScmFigures::default(),
+        };
+        let mut rows = Vec::new();
+        rows_figure1(&mut rows, &nginx, &scm);
+        rows_bulk(&mut rows, &nginx, &scm, mib);
+        rows_steering(&mut rows, &nginx, &scm, mib);
+        rows_connects(&mut rows, &nginx, &scm);
+        rows_idle(&mut rows, &nginx, &scm, bench.p.idle_connections);
+        rows_steering_overhead(&mut rows, &scm, mib);
+        rows_ktls(&mut rows, &bench.ktls, &scm, &nginx, mib);
+        trial_rows.push(rows);
+        rate_note(&mut bench.notes, trial, &nginx);
+        if trial == trials {
+            curves(&mut report.curves, &nginx, &scm);
+            utilisation_notes(&mut bench.notes, &nginx, &scm);
+        }
+    }
+    bench.bar.finish_and_clear();
+    report.rows = scm_bench::trials::merge(&trial_rows);
+    report.trials = trials;
+    report.goals = scm_bench::trials::check(&goals(mib), &report.rows);
+    if trials > 1 {
+        bench.notes.push(format!(
+            "the latency curves and the utilisation notes are the last trial's ({trials} of {trials})"
+        ));
+    }
     report.meta.notes = std::mem::take(&mut bench.notes);
     // The back ends stop before the Security server (dropped after them) and the namespaces.
     drop(backends);
@@ -815,6 +886,8 @@ impl Bench {
             bar,
             notes: Vec::new(),
             perf_out: args.perf.then(|| args.out.clone()),
+            trial: (0, usize::from(args.trials)),
+            ktls: KernelTls::detect(),
         })
     }
 }
@@ -891,15 +964,15 @@ fn start_security(bench: &mut Bench, args: &RunArgs, work: &Path) -> Option<scm:
 }
 
 /// Sets the progress bar's length to the number of steps this run will take.
-fn plan_progress(bench: &Bench, nginx_auth: bool, scm: bool) {
+fn plan_progress(bench: &Bench, nginx_auth: bool, scm: bool, trials: usize) {
     let nginx_http_systems = if nginx_auth { 3 } else { 1 };
     let rates_n = bench.p.rate_fractions.len() as u64;
     let cached_connects = if nginx_auth { 2 } else { 0 };
-    let steps = 3 // ceilings: aes, ecdsa, raw TCP
-        + nginx_http_systems + 1 + rates_n * 2 // nginx max (http systems, stream), rates
+    let per_trial = nginx_http_systems + 1 + rates_n * 2 // nginx max (http systems, stream), rates
         + 2 + 2 + cached_connects + 1 + 1 // nginx bulk, connects, idle, wrk
         + if scm { 2 + rates_n * 2 + 2 + 2 + 1 + 3 } else { 0 };
-    bench.bar.set_length(steps);
+    // ceilings: aes, ecdsa, raw TCP
+    bench.bar.set_length(3 + per_trial * trials as u64);
 }
 
 /// Figure 1's offered rates: fractions of a measured max.
@@ -928,6 +1001,8 @@ struct NginxFigures {
     stream: Target,
     stream_fig: SystemFigures,
     stream_rates: Vec<(f64, f64)>,
+    /// nginx stream with OpenSSL's kernel TLS, where the kernel has TLS.
+    stream_ktls: Option<SystemFigures>,
 }
 
 /// nginx under test, on CPU 0: every figure for its http and stream listeners.
@@ -1000,6 +1075,23 @@ fn measure_nginx(
         (plain.name, f)
     });
     let (stream_fig, stream_rates) = measure_nginx_stream(bench, &stream);
+    let stream_ktls = bench.ktls.available.then(|| {
+        let t = Target {
+            name: NGINX_KTLS.into(),
+            port: port::NGINX_STREAM_KTLS_HTTP,
+            ..stream.clone()
+        };
+        let mut f = measure_system(bench, &t, None, false, false, false);
+        let bulk = Target {
+            port: port::NGINX_STREAM_KTLS_BULK,
+            ..t
+        };
+        let r = bench.bulk(&bulk, false);
+        f.bulk_down = note_err(bench, "nginx stream kTLS bulk down", r);
+        let r = bench.bulk(&bulk, true);
+        f.bulk_up = note_err(bench, "nginx stream kTLS bulk up", r);
+        f
+    });
     drop(nginx);
     Ok(NginxFigures {
         http_peer,
@@ -1010,6 +1102,7 @@ fn measure_nginx(
         stream,
         stream_fig,
         stream_rates,
+        stream_ktls,
     })
 }
 
@@ -1080,6 +1173,8 @@ struct ScmFigures {
     http: Option<SystemFigures>,
     tunnel: Option<SystemFigures>,
     steered: Option<SystemFigures>,
+    /// The tunnel with `--tls-path ktls`, where the kernel has TLS.
+    ktls: Option<SystemFigures>,
 }
 
 /// scm-proxy on CPU 0: http mode and the tunnel at nginx's rates, then the tunnel behind the XDP
@@ -1092,7 +1187,7 @@ fn measure_scm(
     nginx: &NginxFigures,
 ) -> ScmFigures {
     let mut out = ScmFigures::default();
-    let r = ScmSut::start(&bench.topo, dir, work, &bench.certs, sec, None);
+    let r = ScmSut::start(&bench.topo, dir, work, &bench.certs, sec, None, "userspace");
     let Some(proxy) = note_err(bench, "starting scm-proxy", r) else {
         return out;
     };
@@ -1120,14 +1215,33 @@ fn measure_scm(
     out.tunnel = Some(measure_system(bench, &t, Some(&rates), true, false, true));
     drop(proxy);
     let pin = PathBuf::from(format!("/sys/fs/bpf/scmb-{}", std::process::id()));
-    let r = ScmSut::start(&bench.topo, dir, work, &bench.certs, sec, Some(pin));
+    let r = ScmSut::start(
+        &bench.topo,
+        dir,
+        work,
+        &bench.certs,
+        sec,
+        Some(pin),
+        "userspace",
+    );
     if let Some(steered) = note_err(bench, "starting scm-proxy with steering", r) {
         let t = Target {
             name: STEERED.into(),
             pid: steered.pid(),
-            ..t
+            ..t.clone()
         };
         out.steered = Some(measure_system(bench, &t, None, true, false, false));
+    }
+    if bench.ktls.available {
+        let r = ScmSut::start(&bench.topo, dir, work, &bench.certs, sec, None, "ktls");
+        if let Some(k) = note_err(bench, "starting scm-proxy with --tls-path ktls", r) {
+            let t = Target {
+                name: SCM_KTLS.into(),
+                pid: k.pid(),
+                ..t
+            };
+            out.ktls = Some(measure_system(bench, &t, None, true, false, false));
+        }
     }
     out
 }
@@ -1136,6 +1250,242 @@ fn measure_scm(
 const SCM_HTTP: &str = "scm-proxy http";
 const SCM_TUNNEL: &str = "scm-proxy tunnel";
 const STEERED: &str = "scm-proxy tunnel + XDP steering";
+const SCM_KTLS: &str = "scm-proxy tunnel, kTLS";
+const NGINX_KTLS: &str = "nginx stream, kTLS";
+
+/// The steering overhead: the tunnel behind XDP steering against the same tunnel without it.
+fn rows_steering_overhead(rows: &mut Vec<Row>, scm: &ScmFigures, mib: u64) {
+    let (sf, tf) = (scm.steered.as_ref(), scm.tunnel.as_ref());
+    let systems = (STEERED, SCM_TUNNEL);
+    let max = |f: Option<&SystemFigures>| f.and_then(|f| f.max.as_ref()).map(|m| m.load.per_sec);
+    let per_cpu = |f: Option<&SystemFigures>| {
+        f.and_then(|f| f.max.as_ref())
+            .and_then(Measured::per_cpu_sec)
+    };
+    let down = |f: Option<&SystemFigures>| {
+        f.and_then(|f| f.bulk_down.as_ref())
+            .map(|m| m.load.per_sec / 1e6)
+    };
+    let up = |f: Option<&SystemFigures>| {
+        f.and_then(|f| f.bulk_up.as_ref())
+            .map(|m| m.load.per_sec / 1e6)
+    };
+    let fig = scm_bench::report::STEERING_FIGURE;
+    rows.push(row(
+        fig,
+        "max requests/s through the tunnel, 1 KiB keep-alive".into(),
+        "req/s",
+        systems,
+        (max(sf), max(tf)),
+        true,
+    ));
+    rows.push(row(
+        fig,
+        "  per proxy CPU-second".into(),
+        "req/CPU-s",
+        systems,
+        (per_cpu(sf), per_cpu(tf)),
+        true,
+    ));
+    rows.push(row(
+        fig,
+        format!("bulk {mib} MiB down"),
+        "MB/s",
+        systems,
+        (down(sf), down(tf)),
+        true,
+    ));
+    rows.push(row(
+        fig,
+        format!("bulk {mib} MiB up"),
+        "MB/s",
+        systems,
+        (up(sf), up(tf)),
+        true,
+    ));
+}
+
+/// The kTLS rows: scm-proxy's tunnel with `--tls-path ktls` against nginx stream with its own
+/// kTLS, or the reason they are empty.
+fn rows_ktls(
+    rows: &mut Vec<Row>,
+    ktls: &KernelTls,
+    scm: &ScmFigures,
+    nginx: &NginxFigures,
+    mib: u64,
+) {
+    let (sf, nf) = (scm.ktls.as_ref(), nginx.stream_ktls.as_ref());
+    let systems = (SCM_KTLS, NGINX_KTLS);
+    let missing = ktls.missing();
+    let mut push = |metric: String, unit: &str, v: (Option<f64>, Option<f64>), higher: bool| {
+        let mut r = row(1, metric, unit, systems, v, higher);
+        r.missing.clone_from(&missing);
+        rows.push(r);
+    };
+    let max = |f: Option<&SystemFigures>| f.and_then(|f| f.max.as_ref()).map(|m| m.load.per_sec);
+    let per_cpu = |f: Option<&SystemFigures>| {
+        f.and_then(|f| f.max.as_ref())
+            .and_then(Measured::per_cpu_sec)
+    };
+    push(
+        "kTLS: max requests/s through the tunnel, 1 KiB keep-alive".into(),
+        "req/s",
+        (max(sf), max(nf)),
+        true,
+    );
+    push(
+        "kTLS:   per proxy CPU-second".into(),
+        "req/CPU-s",
+        (per_cpu(sf), per_cpu(nf)),
+        true,
+    );
+    for (dir, pick) in [
+        (
+            "down",
+            (|f: &SystemFigures| f.bulk_down.clone()) as fn(&SystemFigures) -> Option<Measured>,
+        ),
+        ("up", |f| f.bulk_up.clone()),
+    ] {
+        let (s, n) = (sf.and_then(pick), nf.and_then(pick));
+        push(
+            format!("kTLS: bulk {mib} MiB {dir}"),
+            "MB/s",
+            (
+                s.as_ref().map(|m| m.load.per_sec / 1e6),
+                n.as_ref().map(|m| m.load.per_sec / 1e6),
+            ),
+            true,
+        );
+        push(
+            format!("kTLS: proxy CPU per GB, {dir}"),
+            "CPU-s/GB",
+            (
+                s.as_ref().map(|m| m.cpu_secs / gb(m)),
+                n.as_ref().map(|m| m.cpu_secs / gb(m)),
+            ),
+            false,
+        );
+    }
+}
+
+/// Each trial's offered rates (fractions of that trial's nginx max), for reading the latency
+/// rows, which merge the trials by fraction.
+fn rate_note(notes: &mut Vec<String>, trial: usize, nginx: &NginxFigures) {
+    let list = |rates: &[(f64, f64)]| {
+        rates
+            .iter()
+            .map(|(f, r)| format!("{:.0}%: {r:.0}", f * 100.0))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    notes.push(format!(
+        "trial {trial}: requests/s offered at fractions of nginx's max: http {}; tunnel {}",
+        list(&nginx.http_rates),
+        list(&nginx.stream_rates)
+    ));
+}
+
+/// The data plane's goals on this machine (the data-plane issue), as bounds on the trials.
+fn goals(mib: u64) -> Vec<scm_bench::trials::Goal> {
+    use scm_bench::trials::Goal;
+    let ratio = |what: &str,
+                 figure: u8,
+                 metric: &str,
+                 systems: (&str, &str),
+                 bound: f64,
+                 at_least: bool| Goal {
+        what: what.into(),
+        figure,
+        metric: metric.into(),
+        scm_system: systems.0.into(),
+        peer_system: systems.1.into(),
+        bound,
+        at_least,
+    };
+    let steer = scm_bench::report::STEERING_FIGURE;
+    vec![
+        ratio(
+            "http keep-alive requests per proxy CPU-second / nginx + auth_request",
+            1,
+            "requests per proxy CPU-second",
+            (SCM_HTTP, "nginx http + auth_request"),
+            2.0,
+            true,
+        ),
+        ratio(
+            "tunnel keep-alive requests per proxy CPU-second / nginx stream",
+            1,
+            "requests per proxy CPU-second",
+            (SCM_TUNNEL, "nginx stream"),
+            1.3,
+            true,
+        ),
+        ratio(
+            "http p99 at 80% of nginx's max / nginx's",
+            1,
+            "p99 latency at 80%",
+            (SCM_HTTP, "nginx http + auth_request"),
+            1.0,
+            false,
+        ),
+        ratio(
+            "tunnel p99 at 80% of nginx's max / nginx's",
+            1,
+            "p99 latency at 80%",
+            (SCM_TUNNEL, "nginx stream"),
+            1.0,
+            false,
+        ),
+        ratio(
+            "proxy CPU per GB down / nginx stream",
+            2,
+            "proxy CPU per GB, down",
+            (SCM_TUNNEL, "nginx stream"),
+            0.5,
+            false,
+        ),
+        ratio(
+            "proxy CPU per GB up / nginx stream",
+            2,
+            "proxy CPU per GB, up",
+            (SCM_TUNNEL, "nginx stream"),
+            0.5,
+            false,
+        ),
+        ratio(
+            "steering: tunnel requests/s with / without",
+            steer,
+            "max requests/s",
+            (STEERED, SCM_TUNNEL),
+            0.97,
+            true,
+        ),
+        ratio(
+            "steering: bulk down with / without",
+            steer,
+            &format!("bulk {mib} MiB down"),
+            (STEERED, SCM_TUNNEL),
+            0.97,
+            true,
+        ),
+        ratio(
+            "steering: bulk up with / without",
+            steer,
+            &format!("bulk {mib} MiB up"),
+            (STEERED, SCM_TUNNEL),
+            0.97,
+            true,
+        ),
+        ratio(
+            "proxy RSS per idle connection (KiB)",
+            4,
+            "proxy RSS per idle connection",
+            (SCM_TUNNEL, ""),
+            16.0,
+            false,
+        ),
+    ]
+}
 
 /// One row of the table: `systems` is (scm, nginx), `values` their figures.
 fn row(
@@ -1146,16 +1496,7 @@ fn row(
     values: (Option<f64>, Option<f64>),
     higher_is_better: bool,
 ) -> Row {
-    Row {
-        figure,
-        metric,
-        unit: unit.into(),
-        scm_system: systems.0.into(),
-        nginx_system: systems.1.into(),
-        scm: values.0,
-        nginx: values.1,
-        higher_is_better,
-    }
+    Row::single(figure, metric, unit, systems, values, higher_is_better)
 }
 
 /// Figure 1 (requests and latency at nginx's rates) for each http pair and the tunnel.

@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::trials::{GoalResult, Spread, TIE_BAND, Verdict};
+
 /// Where and with what the figures were measured.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Meta {
@@ -51,22 +53,73 @@ pub struct Row {
     pub nginx: Option<f64>,
     /// Whether a larger value is better (throughput) or worse (latency, memory).
     pub higher_is_better: bool,
+    /// scm's value in each trial that measured it (`scm` is their median).
+    #[serde(default)]
+    pub scm_trials: Vec<f64>,
+    /// The peer's value in each trial that measured it (`nginx` is their median).
+    #[serde(default)]
+    pub nginx_trials: Vec<f64>,
+    /// scm / peer of each trial that measured both.
+    #[serde(default)]
+    pub ratio_trials: Vec<f64>,
+    /// Why the row was not measured (e.g. "not measured: kernel without TLS"), shown in place
+    /// of a missing value.
+    #[serde(default)]
+    pub missing: Option<String>,
 }
 
 impl Row {
-    /// scm / nginx, when both exist and nginx's is not zero.
+    /// A row of one measurement (no trials merged yet).
+    pub fn single(
+        figure: u8,
+        metric: String,
+        unit: &str,
+        systems: (&str, &str),
+        values: (Option<f64>, Option<f64>),
+        higher_is_better: bool,
+    ) -> Row {
+        Row {
+            figure,
+            metric,
+            unit: unit.into(),
+            scm_system: systems.0.into(),
+            nginx_system: systems.1.into(),
+            scm: values.0,
+            nginx: values.1,
+            higher_is_better,
+            scm_trials: Vec::new(),
+            nginx_trials: Vec::new(),
+            ratio_trials: Vec::new(),
+            missing: None,
+        }
+    }
+
+    /// The trials' ratios, where several trials measured both sides.
+    pub fn ratio_spread(&self) -> Option<Spread> {
+        Spread::of(&self.ratio_trials).filter(|s| s.n >= 2)
+    }
+
+    /// scm / nginx: the median of the trials' ratios, or of the one measurement when there are
+    /// no trials, when both exist and nginx's is not zero.
     pub fn ratio(&self) -> Option<f64> {
+        if let Some(s) = Spread::of(&self.ratio_trials) {
+            return Some(s.median);
+        }
         match (self.scm, self.nginx) {
             (Some(s), Some(n)) if n != 0.0 => Some(s / n),
             _ => None,
         }
     }
 
-    /// Which side wins this row, if both were measured (within 2 %: a tie).
+    /// Which side wins this row, if both were measured (within 2 %: a tie). With two or more
+    /// trials, only when every trial's ratio agrees; otherwise the spread is too wide to call.
     pub fn better(&self) -> &'static str {
+        if let Some(s) = self.ratio_spread() {
+            return Verdict::of(&s, self.higher_is_better).word();
+        }
         match self.ratio() {
             None => "",
-            Some(r) if (r - 1.0).abs() <= 0.02 => "tie",
+            Some(r) if (r - 1.0).abs() <= TIE_BAND => "tie",
             Some(r) if (r > 1.0) == self.higher_is_better => "scm",
             Some(_) => "nginx",
         }
@@ -121,6 +174,12 @@ pub struct Report {
     pub ceilings: Vec<Ceiling>,
     /// Cross-checks with other tools (wrk, h2load): what, our value, theirs.
     pub cross_checks: Vec<CrossCheck>,
+    /// How many interleaved trials each figure had (scm, nginx, scm, nginx, …).
+    #[serde(default)]
+    pub trials: usize,
+    /// The data-plane goals, checked against the trials.
+    #[serde(default)]
+    pub goals: Vec<GoalResult>,
 }
 
 /// A figure measured by scm-bench and by an independent tool.
@@ -160,9 +219,32 @@ pub fn fmt_num(v: f64) -> String {
     }
 }
 
-fn cell(v: Option<f64>) -> String {
-    v.map_or_else(|| "not run".to_owned(), fmt_num)
+/// A value: the median with the trials' range when there were several, else the value.
+fn cell(v: Option<f64>, trials: &[f64], missing: Option<&str>) -> String {
+    match (v, Spread::of(trials)) {
+        (Some(_), Some(s)) if s.n >= 2 => format!(
+            "{} [{}–{}]",
+            fmt_num(s.median),
+            fmt_num(s.min),
+            fmt_num(s.max)
+        ),
+        (Some(v), _) => fmt_num(v),
+        (None, _) => missing.unwrap_or("not run").to_owned(),
+    }
 }
+
+/// A ratio: the median of the trials' ratios with their range.
+fn ratio_cell(row: &Row) -> String {
+    match (row.ratio(), row.ratio_spread()) {
+        (Some(_), Some(s)) => format!("{:.2} [{:.2}–{:.2}]", s.median, s.min, s.max),
+        (Some(r), None) => format!("{r:.2}"),
+        (None, _) => String::new(),
+    }
+}
+
+/// The figure of the steering overhead: the tunnel behind XDP steering against the same tunnel
+/// without it (not against nginx), so it has its own table.
+pub const STEERING_FIGURE: u8 = 6;
 
 /// The report as markdown: versions, the side-by-side table, ceilings, cross-checks, notes.
 pub fn markdown(r: &Report) -> String {
@@ -187,22 +269,85 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(s, "| {k} | {} |", v.replace('|', "/"));
     }
     let _ = writeln!(s, "| cpus | {} |", m.cpus);
+    if r.trials >= 2 {
+        let _ = writeln!(
+            s,
+            "\n{} interleaved trials (scm, nginx, nginx, scm, …): each value is the median \
+             [smallest–largest trial]; each ratio is the median [range] of the trials' own \
+             ratios. A winner is named only when every trial's ratio agrees (a tie within {:.0}%).",
+            r.trials,
+            TIE_BAND * 100.0
+        );
+    }
     let _ = writeln!(
         s,
         "\n| # | figure | unit | scm | nginx | scm/nginx | better |\n|---|---|---|---|---|---|---|"
     );
-    for row in &r.rows {
+    for row in r.rows.iter().filter(|r| r.figure != STEERING_FIGURE) {
+        table_row(&mut s, row);
+    }
+    let steering: Vec<&Row> = r
+        .rows
+        .iter()
+        .filter(|r| r.figure == STEERING_FIGURE)
+        .collect();
+    if !steering.is_empty() {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            row.figure,
-            row.metric,
-            row.unit,
-            format_args!("{} ({})", cell(row.scm), row.scm_system),
-            format_args!("{} ({})", cell(row.nginx), row.nginx_system),
-            row.ratio().map_or_else(String::new, |x| format!("{x:.2}")),
-            row.better(),
+            "\n| {STEERING_FIGURE}: steering overhead | unit | with XDP steering | without | with/without | better |\n|---|---|---|---|---|---|"
         );
+        for row in steering {
+            let better = match row.better() {
+                "scm" => "with",
+                "nginx" => "without",
+                other => other,
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                row.metric,
+                row.unit,
+                format_args!(
+                    "{} ({})",
+                    cell(row.scm, &row.scm_trials, row.missing.as_deref()),
+                    row.scm_system
+                ),
+                format_args!(
+                    "{} ({})",
+                    cell(row.nginx, &row.nginx_trials, row.missing.as_deref()),
+                    row.nginx_system
+                ),
+                ratio_cell(row),
+                better,
+            );
+        }
+    }
+    if !r.goals.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n| goal | bound | measured: median [range] | state |\n|---|---|---|---|"
+        );
+        for g in &r.goals {
+            let bound = format!(
+                "{} {}",
+                if g.goal.at_least { "≥" } else { "≤" },
+                fmt_num(g.goal.bound)
+            );
+            let measured = g.measured.map_or_else(String::new, |m| {
+                format!(
+                    "{} [{}–{}]",
+                    fmt_num(m.median),
+                    fmt_num(m.min),
+                    fmt_num(m.max)
+                )
+            });
+            let _ = writeln!(
+                s,
+                "| {} | {bound} | {measured} | {} |",
+                g.goal.what,
+                g.state.word()
+            );
+        }
     }
     if !r.ceilings.is_empty() {
         let _ = writeln!(s, "\n| 5: machine ceiling | value | unit |\n|---|---|---|");
@@ -235,6 +380,29 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
+/// One line of the side-by-side table.
+fn table_row(s: &mut String, row: &Row) {
+    let _ = writeln!(
+        s,
+        "| {} | {} | {} | {} | {} | {} | {} |",
+        row.figure,
+        row.metric,
+        row.unit,
+        format_args!(
+            "{} ({})",
+            cell(row.scm, &row.scm_trials, row.missing.as_deref()),
+            row.scm_system
+        ),
+        format_args!(
+            "{} ({})",
+            cell(row.nginx, &row.nginx_trials, row.missing.as_deref()),
+            row.nginx_system
+        ),
+        ratio_cell(row),
+        row.better(),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +417,10 @@ mod tests {
             scm,
             nginx,
             higher_is_better: higher,
+            scm_trials: Vec::new(),
+            nginx_trials: Vec::new(),
+            ratio_trials: Vec::new(),
+            missing: None,
         }
     }
 
@@ -303,5 +475,53 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         let back: Report = serde_json::from_str(&json).unwrap();
         assert_eq!(back.rows.len(), 2);
+    }
+
+    #[test]
+    fn trials_render_medians_ranges_verdicts_and_goals() {
+        use crate::trials::{Goal, check, merge};
+        let t = |s: f64, n: f64| vec![row(Some(s), Some(n), true)];
+        let mut ktls = row(None, None, true);
+        ktls.metric = "kTLS: bulk".into();
+        ktls.missing = Some("not measured: kernel without TLS".into());
+        let rows = merge(&[
+            [t(90.0, 100.0), vec![ktls.clone()]].concat(),
+            [t(130.0, 100.0), vec![ktls.clone()]].concat(),
+            [t(120.0, 100.0), vec![ktls]].concat(),
+        ]);
+        let goals = check(
+            &[Goal {
+                what: "http per CPU-s / nginx".into(),
+                figure: 1,
+                metric: "max requests/s".into(),
+                scm_system: "scm-proxy http".into(),
+                peer_system: "nginx http".into(),
+                bound: 2.0,
+                at_least: true,
+            }],
+            &rows,
+        );
+        let r = Report {
+            rows,
+            goals,
+            trials: 3,
+            ..Report::default()
+        };
+        let md = markdown(&r);
+        assert!(md.contains("3 interleaved trials"), "{md}");
+        assert!(
+            md.contains(
+                "| 120 [90.0–130] (scm-proxy http) | 100 [100–100] (nginx http) | 1.20 [0.90–1.30] | spread too wide to call |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| not measured: kernel without TLS (scm-proxy http) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| http per CPU-s / nginx | ≥ 2.00 | 1.20 [0.90–1.30] | missed |"),
+            "{md}"
+        );
     }
 }

@@ -344,7 +344,8 @@ impl Drop for ScmSut {
 impl ScmSut {
     /// Starts scm-proxy in the proxy namespace on CPU 0 with the benchmark certificate; with
     /// `steer`, as a supervisor with one worker behind the XDP and sk_lookup steering, its
-    /// programs pinned under that bpffs directory.
+    /// programs pinned under that bpffs directory. `tls_path` is `--tls-path` (`userspace`, or
+    /// `ktls` where the kernel has TLS).
     pub fn start(
         topo: &Topology,
         bin_dir: &Path,
@@ -352,6 +353,7 @@ impl ScmSut {
         certs: &Certs,
         sec: &Security,
         steer: Option<PathBuf>,
+        tls_path: &str,
     ) -> Result<Self> {
         let proxy = bin(bin_dir, "scm-proxy")?;
         let mut cmd = if steer.is_some() {
@@ -398,12 +400,12 @@ impl ScmSut {
                 .arg(sec.certs.join("proxy-client.pem"))
                 .arg("--client-key")
                 .arg(sec.certs.join("proxy-client.key"))
-                .args(["--tls-path", "userspace", "--max-connections", "30000"])
+                .args(["--tls-path", tls_path, "--max-connections", "30000"])
                 .env("RUST_LOG", "warn"),
             work.join(if this.pin_dir.is_some() {
-                "scm-proxy-steer.log"
+                "scm-proxy-steer.log".to_owned()
             } else {
-                "scm-proxy.log"
+                format!("scm-proxy-{tls_path}.log")
             }),
         )?;
         let up = if this.pin_dir.is_some() {

@@ -29,6 +29,10 @@ pub mod port {
     pub const NGINX_STREAM_BULK: u16 = 8446;
     /// nginx stream to the HTTP back end.
     pub const NGINX_STREAM_HTTP: u16 = 8447;
+    /// nginx stream with kernel TLS (`ssl_conf_command Options KTLS`), to the bulk back end.
+    pub const NGINX_STREAM_KTLS_BULK: u16 = 8448;
+    /// nginx stream with kernel TLS, to the HTTP back end.
+    pub const NGINX_STREAM_KTLS_HTTP: u16 = 8449;
     /// scm-proxy.
     pub const SCM: u16 = 9443;
     /// Back end (on BE_ADDR): nginx serving /1k.
@@ -174,13 +178,26 @@ pub fn nginx_sut_conf(dir: &Path, certs: &Certs, auth: Option<&AuthUpstream>) ->
          stream {{\n",
         port::NGINX_PLAIN
     );
-    for (port, to) in [
-        (port::NGINX_STREAM_BULK, port::BACKEND_BULK),
-        (port::NGINX_STREAM_HTTP, port::BACKEND_HTTP),
+    // The same stream servers again with OpenSSL's kernel TLS: nginx's own kTLS, the fair peer
+    // of scm-proxy's. Where the kernel has no TLS OpenSSL silently stays in user space, so they
+    // are measured only where it has (the report says so otherwise).
+    for (port, to, ktls) in [
+        (port::NGINX_STREAM_BULK, port::BACKEND_BULK, ""),
+        (port::NGINX_STREAM_HTTP, port::BACKEND_HTTP, ""),
+        (
+            port::NGINX_STREAM_KTLS_BULK,
+            port::BACKEND_BULK,
+            "        ssl_conf_command Options KTLS;\n",
+        ),
+        (
+            port::NGINX_STREAM_KTLS_HTTP,
+            port::BACKEND_HTTP,
+            "        ssl_conf_command Options KTLS;\n",
+        ),
     ] {
         let _ = write!(
             c,
-            "    server {{\n        listen {DUT_ADDR}:{port} ssl backlog=8192;\n{stream_tls}\
+            "    server {{\n        listen {DUT_ADDR}:{port} ssl backlog=8192;\n{stream_tls}{ktls}\
              \x20       proxy_pass {BE_ADDR}:{to};\n        proxy_timeout 300s;\n    }}\n"
         );
     }
@@ -350,10 +367,19 @@ mod tests {
             client_key: "/s/proxy-client.key".into(),
         };
         let c = nginx_sut_conf(Path::new("/b"), &certs(), Some(&auth));
-        // Five TLS listeners, each TLS 1.3 only with X25519 and AES-128-GCM.
-        assert_eq!(c.matches("ssl_protocols TLSv1.3;").count(), 5);
-        assert_eq!(c.matches("ssl_ecdh_curve X25519;").count(), 5);
-        assert_eq!(c.matches("Ciphersuites TLS_AES_128_GCM_SHA256;").count(), 5);
+        // Seven TLS listeners, each TLS 1.3 only with X25519 and AES-128-GCM; the two kTLS
+        // stream servers differ from the other two only by OpenSSL's KTLS option.
+        assert_eq!(c.matches("ssl_protocols TLSv1.3;").count(), 7);
+        assert_eq!(c.matches("ssl_ecdh_curve X25519;").count(), 7);
+        assert_eq!(c.matches("Ciphersuites TLS_AES_128_GCM_SHA256;").count(), 7);
+        assert_eq!(c.matches("ssl_conf_command Options KTLS;").count(), 2);
+        for port in [port::NGINX_STREAM_KTLS_BULK, port::NGINX_STREAM_KTLS_HTTP] {
+            let server = c
+                .split("server {")
+                .find(|s| s.contains(&format!(":{port} ssl")))
+                .expect("a kTLS stream server");
+            assert!(server.contains("Options KTLS"), "{server}");
+        }
         assert_eq!(c.matches("auth_request /_auth;").count(), 2);
         assert_eq!(c.matches("proxy_cache auth;").count(), 1);
         assert!(c.contains("proxy_pass https://security/v1/auth/forward;"));
@@ -373,7 +399,7 @@ mod tests {
         assert_eq!(c.matches('{').count(), c.matches('}').count());
         let plain = nginx_sut_conf(Path::new("/b"), &certs(), None);
         assert!(!plain.contains("auth_request"));
-        assert_eq!(plain.matches("ssl_protocols").count(), 3);
+        assert_eq!(plain.matches("ssl_protocols").count(), 5);
     }
 
     #[test]

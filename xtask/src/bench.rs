@@ -40,10 +40,13 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// A first look in under 3 minutes (after the build): shorter loads, 128 MiB transfers,
-    /// 2 000 idle connections.
+    /// Short trials (about 3 minutes each, after the build): shorter loads, 128 MiB transfers.
     #[arg(long)]
     quick: bool,
+    /// Interleaved trials of each side (nginx, scm, nginx, scm, …); the report gives medians
+    /// and ranges, and names a winner only where every trial agrees. Below 5 is a first look.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=50))]
+    trials: u16,
     /// Measure nginx only (do not build or run the scm binaries).
     #[arg(long)]
     nginx_only: bool,
@@ -98,6 +101,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if args.quick {
         run.arg("--quick");
     }
+    run.args(["--trials", &args.trials.to_string()]);
     if args.perf {
         run.arg("--perf");
     }
