@@ -347,7 +347,12 @@ impl Proxy {
                     if !self.accept_reply(&mut stream).await {
                         return;
                     }
-                    tracing::info!(mode = "tcp", "relaying");
+                    let how = if matches!(stream, DeviceStream::Kernel(_)) {
+                        "splice"
+                    } else {
+                        "copy"
+                    };
+                    tracing::info!(mode = "tcp", relay = how, "relaying");
                     let opts = RelayOptions {
                         buffer_size: self.args.buffer_size,
                         idle_timeout: self.args.idle_timeout,
