@@ -57,18 +57,25 @@ type TestFn = for<'a> fn(&'a Fixture) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 /// The tests run against one stack (a proxy start costs seconds under emulation); each checks
 /// metric deltas, so their order does not matter.
 const TESTS: &[(&str, TestFn)] = &[
-    ("tunnel_splices_large_transfers_both_ways_checksummed", |f| {
-        Box::pin(tunnel_splices_large_transfers_both_ways_checksummed(f))
-    }),
+    (
+        "tunnel_splices_large_transfers_both_ways_checksummed",
+        |f| Box::pin(tunnel_splices_large_transfers_both_ways_checksummed(f)),
+    ),
     ("http_mode_runs_on_ktls", |f| {
         Box::pin(http_mode_runs_on_ktls(f))
     }),
-    ("a_key_update_from_the_device_ends_the_connection_cleanly", |f| {
-        Box::pin(a_key_update_from_the_device_ends_the_connection_cleanly(f))
-    }),
-    ("an_alert_from_the_device_ends_the_connection_and_is_counted", |f| {
-        Box::pin(an_alert_from_the_device_ends_the_connection_and_is_counted(f))
-    }),
+    (
+        "a_key_update_from_the_device_ends_the_connection_cleanly",
+        |f| Box::pin(a_key_update_from_the_device_ends_the_connection_cleanly(f)),
+    ),
+    (
+        "an_alert_from_the_device_ends_the_connection_and_is_counted",
+        |f| {
+            Box::pin(an_alert_from_the_device_ends_the_connection_and_is_counted(
+                f,
+            ))
+        },
+    ),
     ("revocation_cuts_a_ktls_tunnel", |f| {
         Box::pin(revocation_cuts_a_ktls_tunnel(f))
     }),
@@ -144,7 +151,10 @@ fn run_here(filter: Option<&str>) -> ExitCode {
         .is_ok();
         println!("test {name} ... {}", if ok { "ok" } else { "FAILED" });
         if !ok {
-            println!("proxy log (tail):\n{}", tail(&fixture.stack.proxy_log(), 40));
+            println!(
+                "proxy log (tail):\n{}",
+                tail(&fixture.stack.proxy_log(), 40)
+            );
         }
         results.push((*name, ok));
     }
@@ -184,9 +194,17 @@ fn on_host_without_ktls(filter: Option<&str>) -> ExitCode {
     };
     let exe = std::env::current_exe().expect("current_exe");
     let bins = binaries();
-    let dir = bins.proxy.parent().expect("the binaries' directory").to_owned();
+    let dir = bins
+        .proxy
+        .parent()
+        .expect("the binaries' directory")
+        .to_owned();
     for b in [&bins.security, &bins.device] {
-        assert_eq!(b.parent(), Some(dir.as_path()), "the binaries must share a directory");
+        assert_eq!(
+            b.parent(),
+            Some(dir.as_path()),
+            "the binaries must share a directory"
+        );
     }
     let mut guest = guest
         .file(&exe)
@@ -207,11 +225,18 @@ fn on_host_without_ktls(filter: Option<&str>) -> ExitCode {
     if let Some(f) = filter {
         argv.push(OsStr::new(f));
     }
-    println!("running the kTLS tests in the guest kernel {}", guest.kernel_release());
+    println!(
+        "running the kTLS tests in the guest kernel {}",
+        guest.kernel_release()
+    );
     let run = guest
         .run(&argv)
         .unwrap_or_else(|e| panic!("the guest run failed: {e}"));
-    println!("--- guest ({}) ---\n{}", run.kernel_release, run.output.trim_end());
+    println!(
+        "--- guest ({}) ---\n{}",
+        run.kernel_release,
+        run.output.trim_end()
+    );
     println!("--- guest exit code {} ---", run.exit_code);
     if host == ExitCode::SUCCESS && run.exit_code == 0 {
         ExitCode::SUCCESS
@@ -224,14 +249,32 @@ fn on_host_without_ktls(filter: Option<&str>) -> ExitCode {
 fn ktls_path_is_a_startup_error_without_kernel_tls() {
     let out = Command::new(&binaries().proxy)
         .args(["serve", "--tls-path", "ktls", "--listen", "127.0.0.1:0"])
-        .args(["--tls-cert", "/nonexistent/proxy.pem", "--tls-key", "/nonexistent/proxy.key"])
-        .args(["--security-url", "https://127.0.0.1:1", "--security-ca", "/nonexistent/ca.pem"])
-        .args(["--client-cert", "/nonexistent/c.pem", "--client-key", "/nonexistent/c.key"])
+        .args([
+            "--tls-cert",
+            "/nonexistent/proxy.pem",
+            "--tls-key",
+            "/nonexistent/proxy.key",
+        ])
+        .args([
+            "--security-url",
+            "https://127.0.0.1:1",
+            "--security-ca",
+            "/nonexistent/ca.pem",
+        ])
+        .args([
+            "--client-cert",
+            "/nonexistent/c.pem",
+            "--client-key",
+            "/nonexistent/c.key",
+        ])
         .env_remove("SCM_PROXY_TLS_PATH")
         .output()
         .expect("running scm-proxy");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "scm-proxy started without kernel TLS: {stderr}");
+    assert!(
+        !out.status.success(),
+        "scm-proxy started without kernel TLS: {stderr}"
+    );
     // The kTLS check comes first, so the (missing) certificates are not what it complains of.
     assert!(
         stderr.contains("--tls-path ktls: kernel TLS is not usable here")
@@ -317,7 +360,11 @@ async fn tunnel_splices_large_transfers_both_ways_checksummed(f: &Fixture) {
     let down0 = metric(f, "scm_proxy_bytes_total{direction=\"to_device\"}").await;
     let stat0 = tls_stat();
 
-    let stream = f.session.open("echo").await.expect("opening the echo tunnel");
+    let stream = f
+        .session
+        .open("echo")
+        .await
+        .expect("opening the echo tunnel");
     let payload = Arc::new(pattern(16 << 20, 17));
     let got = echo_all(stream, payload.clone()).await;
     assert_eq!(got.len(), payload.len(), "bytes lost or added");
@@ -370,7 +417,10 @@ async fn http_mode_runs_on_ktls(f: &Fixture) {
     tokio::spawn(conn);
     // Three requests on one keep-alive connection.
     for i in 0..3 {
-        sender.ready().await.expect("the connection takes another request");
+        sender
+            .ready()
+            .await
+            .expect("the connection takes another request");
         let req = hyper::Request::get(format!("/ktls/{i}"))
             .header("host", "web")
             .body(Empty::<Bytes>::new())
@@ -408,7 +458,9 @@ async fn connect(
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.enable_secret_extraction = true;
-    let tcp = TcpStream::connect(f.stack.proxy_addr).await.expect("connect");
+    let tcp = TcpStream::connect(f.stack.proxy_addr)
+        .await
+        .expect("connect");
     tcp.set_nodelay(true).unwrap();
     let name = ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into());
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
@@ -427,7 +479,9 @@ async fn connect(
     let frame = session.preamble(resource, &exporter).encode().unwrap();
     tls.write_all(&frame).await.unwrap();
     tls.flush().await.unwrap();
-    let reply = scm_device::session::read_reply(&mut tls).await.expect("reply");
+    let reply = scm_device::session::read_reply(&mut tls)
+        .await
+        .expect("reply");
     assert_eq!(reply.status, Status::Ok, "{}", reply.reason);
     tls
 }
@@ -461,9 +515,18 @@ async fn expect_end<S: AsyncRead + Unpin>(s: &mut S, what: &str) {
 async fn a_key_update_from_the_device_ends_the_connection_cleanly(f: &Fixture) {
     let ku0 = metric(f, "scm_proxy_ktls_records_total{kind=\"key_update\"}").await;
     let stat0 = tls_stat();
-    let mut s = connect(f, &f.session, vec![suites::TLS13_AES_128_GCM_SHA256], "echo").await;
+    let mut s = connect(
+        f,
+        &f.session,
+        vec![suites::TLS13_AES_128_GCM_SHA256],
+        "echo",
+    )
+    .await;
     echo(&mut s, b"before the key update").await;
-    s.get_mut().1.refresh_traffic_keys().expect("queue a KeyUpdate");
+    s.get_mut()
+        .1
+        .refresh_traffic_keys()
+        .expect("queue a KeyUpdate");
     s.write_all(b"after the key update").await.unwrap();
     s.flush().await.unwrap();
     expect_end(&mut s, "KeyUpdate").await;
@@ -476,7 +539,10 @@ async fn a_key_update_from_the_device_ends_the_connection_cleanly(f: &Fixture) {
         stat0["TlsDecryptError"],
         "the proxy read past the KeyUpdate with stale keys"
     );
-    assert!(f.stack.proxy_log().contains("KeyUpdate"), "no log line says why");
+    assert!(
+        f.stack.proxy_log().contains("KeyUpdate"),
+        "no log line says why"
+    );
     // The proxy is unharmed: the next connection works.
     let mut again = f.session.open("echo").await.expect("reconnect");
     echo_once(&mut again, b"fresh keys").await;
@@ -486,10 +552,14 @@ async fn a_key_update_from_the_device_ends_the_connection_cleanly(f: &Fixture) {
 async fn an_alert_from_the_device_ends_the_connection_and_is_counted(f: &Fixture) {
     use std::os::fd::AsRawFd as _;
     let al0 = metric(f, "scm_proxy_ktls_records_total{kind=\"alert\"}").await;
-    let s = connect(f, &f.session, vec![suites::TLS13_AES_256_GCM_SHA384], "echo").await;
-    let mut k = ktls::config_ktls_client(s)
-        .await
-        .expect("device-side kTLS");
+    let s = connect(
+        f,
+        &f.session,
+        vec![suites::TLS13_AES_256_GCM_SHA384],
+        "echo",
+    )
+    .await;
+    let mut k = ktls::config_ktls_client(s).await.expect("device-side kTLS");
     echo(&mut k, b"both ends in the kernel").await;
     send_alert(k.as_raw_fd(), [2, 40]); // fatal handshake_failure
     expect_end(&mut k, "fatal alert").await;
@@ -524,7 +594,12 @@ fn send_alert(fd: i32, alert: [u8; 2]) {
         *libc::CMSG_DATA(c) = 21; // alert
         libc::sendmsg(fd, &msg, 0)
     };
-    assert_eq!(rc, 2, "sending the alert: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        2,
+        "sending the alert: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 async fn revocation_cuts_a_ktls_tunnel(f: &Fixture) {
@@ -538,14 +613,20 @@ async fn revocation_cuts_a_ktls_tunnel(f: &Fixture) {
     expect_end(&mut s, "revocation").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while metric(f, "scm_proxy_revoked_connections_total").await < rv0 + 1.0 {
-        assert!(std::time::Instant::now() < deadline, "revocation not counted");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "revocation not counted"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 async fn a_cipher_the_kernel_lacks_goes_on_in_userspace(f: &Fixture) {
     let log = f.stack.proxy_log();
-    let Some(line) = log.lines().find(|l| l.contains("record encryption path chosen")) else {
+    let Some(line) = log
+        .lines()
+        .find(|l| l.contains("record encryption path chosen"))
+    else {
         panic!("no start-up line about the encryption path:\n{log}");
     };
     if line.contains("ChaCha20-Poly1305") {
@@ -556,7 +637,11 @@ async fn a_cipher_the_kernel_lacks_goes_on_in_userspace(f: &Fixture) {
         );
         return;
     }
-    let fb0 = metric(f, "scm_proxy_ktls_handoffs_total{result=\"fallback_cipher\"}").await;
+    let fb0 = metric(
+        f,
+        "scm_proxy_ktls_handoffs_total{result=\"fallback_cipher\"}",
+    )
+    .await;
     let us0 = metric(f, "scm_proxy_tls_connections_total{path=\"userspace\"}").await;
     let mut s = connect(
         f,
@@ -568,7 +653,11 @@ async fn a_cipher_the_kernel_lacks_goes_on_in_userspace(f: &Fixture) {
     let payload = pattern(1 << 20, 5);
     echo(&mut s, &payload).await;
     assert_eq!(
-        metric(f, "scm_proxy_ktls_handoffs_total{result=\"fallback_cipher\"}").await,
+        metric(
+            f,
+            "scm_proxy_ktls_handoffs_total{result=\"fallback_cipher\"}"
+        )
+        .await,
         fb0 + 1.0
     );
     assert_eq!(
@@ -576,9 +665,7 @@ async fn a_cipher_the_kernel_lacks_goes_on_in_userspace(f: &Fixture) {
         us0 + 1.0
     );
     assert!(
-        f.stack
-            .proxy_log()
-            .contains("goes on in user-space rustls"),
+        f.stack.proxy_log().contains("goes on in user-space rustls"),
         "no log line for the fallback"
     );
 }

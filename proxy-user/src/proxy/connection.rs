@@ -19,16 +19,16 @@ use tracing::Instrument as _;
 
 use super::cache::SessionInfo;
 use super::http::{HttpContext, Identity, serve_http};
+use super::ktls::{Handoff, KtlsStream};
 use super::limiter::Counted;
 use super::metrics::Metrics;
 use super::policy::{Refusal, check_app, check_binding, check_resource};
 use super::preamble::{ReadError, read_preamble, write_reply};
 use super::refusals::{AuthFailure, AuthFailureKind};
-use super::ktls::{Handoff, KtlsStream};
 use super::relay::{RelayEnd, RelayOptions, relay};
-use super::splice::splice_relay;
 use super::security_client::Validation;
 use super::server::Proxy;
+use super::splice::splice_relay;
 
 struct OpenGuard(Arc<Metrics>);
 

@@ -160,7 +160,10 @@ pub(super) async fn hand_off(
     let (io, conn) = tls.get_ref();
     let suite = conn.negotiated_cipher_suite();
     let Some(suite) = suite.filter(|s| ciphers.accepts(*s)) else {
-        let name = suite.map_or_else(|| "no cipher suite".to_owned(), |s| format!("{:?}", s.suite()));
+        let name = suite.map_or_else(
+            || "no cipher suite".to_owned(),
+            |s| format!("{:?}", s.suite()),
+        );
         return Ok(Handoff::Userspace(Box::new(tls), Fallback::Cipher(name)));
     };
     // Refused, the socket stays plain TCP (the kernel only switches ops on success), so rustls
@@ -313,7 +316,11 @@ pub(super) fn send_control(fd: BorrowedFd<'_>, typ: u8, payload: &[u8]) -> io::R
         (*c).cmsg_type = libc::TLS_SET_RECORD_TYPE;
         (*c).cmsg_len = libc::CMSG_LEN(1) as usize;
         *libc::CMSG_DATA(c) = typ;
-        libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        libc::sendmsg(
+            fd.as_raw_fd(),
+            &msg,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
     };
     if n < 0 {
         Err(io::Error::last_os_error())
@@ -381,7 +388,10 @@ pub(super) fn classify(
         }
         (t, _) => {
             events.with_label_values(&["unexpected"]).inc();
-            tracing::info!(record_type = t, "unexpected TLS record type; connection closed");
+            tracing::info!(
+                record_type = t,
+                "unexpected TLS record type; connection closed"
+            );
             Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("unexpected TLS record type {t} on the kTLS path"),
@@ -395,7 +405,10 @@ pub(super) fn read_error(e: io::Error, events: &IntCounterVec) -> io::Error {
     if e.raw_os_error() == Some(libc::EBADMSG) {
         events.with_label_values(&["decrypt_error"]).inc();
         tracing::info!("a record from the device did not decrypt (kernel TLS); connection closed");
-        return io::Error::new(io::ErrorKind::InvalidData, "kernel TLS: record did not decrypt");
+        return io::Error::new(
+            io::ErrorKind::InvalidData,
+            "kernel TLS: record did not decrypt",
+        );
     }
     e
 }
@@ -545,5 +558,74 @@ pub(super) async fn close_notify(tcp: &TcpStream) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             r => return r,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::Opts;
+
+    fn events() -> IntCounterVec {
+        IntCounterVec::new(Opts::new("records", "records"), &["kind"]).unwrap()
+    }
+
+    /// Any socket: the alerts `classify` sends are best effort, and fail on this one.
+    fn socket() -> std::net::UdpSocket {
+        std::net::UdpSocket::bind("127.0.0.1:0").unwrap()
+    }
+
+    #[test]
+    fn close_notify_ends_the_stream_and_other_alerts_end_the_connection() {
+        let (s, ev) = (socket(), events());
+        assert_eq!(
+            classify(s.as_fd(), RECORD_ALERT, &[1, CLOSE_NOTIFY], &ev).unwrap(),
+            Record::CloseNotify
+        );
+        let e = classify(s.as_fd(), RECORD_ALERT, &[2, 40], &ev).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
+        assert!(e.to_string().contains("40"), "{e}");
+        assert_eq!(ev.with_label_values(&["close_notify"]).get(), 1);
+        assert_eq!(ev.with_label_values(&["alert"]).get(), 1);
+        assert_eq!(
+            classify(s.as_fd(), RECORD_DATA, b"abc", &ev).unwrap(),
+            Record::Data(3)
+        );
+    }
+
+    #[test]
+    fn a_key_update_ends_the_connection_and_is_counted() {
+        let (s, ev) = (socket(), events());
+        // KeyUpdate, length 1, update_not_requested.
+        let e = classify(s.as_fd(), RECORD_HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], &ev).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+        assert_eq!(ev.with_label_values(&["key_update"]).get(), 1);
+        // A NewSessionTicket from a client makes no sense either.
+        assert!(classify(s.as_fd(), RECORD_HANDSHAKE, &[4, 0, 0, 0], &ev).is_err());
+        assert_eq!(ev.with_label_values(&["handshake"]).get(), 1);
+        assert!(classify(s.as_fd(), 20, &[1], &ev).is_err());
+        assert_eq!(ev.with_label_values(&["unexpected"]).get(), 1);
+    }
+
+    #[test]
+    fn only_ciphers_the_kernel_took_are_handed_off() {
+        let c = KernelCiphers {
+            aes_128_gcm: true,
+            aes_256_gcm: true,
+            chacha20_poly1305: false,
+        };
+        assert!(c.accepts(suites::TLS13_AES_128_GCM_SHA256));
+        assert!(c.accepts(suites::TLS13_AES_256_GCM_SHA384));
+        assert!(!c.accepts(suites::TLS13_CHACHA20_POLY1305_SHA256));
+        assert_eq!(c.names(), "AES-128-GCM, AES-256-GCM");
+        assert!(!KernelCiphers::default().any());
+    }
+
+    #[test]
+    fn a_decryption_failure_is_named_and_counted() {
+        let ev = events();
+        let e = read_error(io::Error::from_raw_os_error(libc::EBADMSG), &ev);
+        assert!(e.to_string().contains("did not decrypt"), "{e}");
+        assert_eq!(ev.with_label_values(&["decrypt_error"]).get(), 1);
     }
 }

@@ -21,7 +21,9 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::ktls::{KtlsStream, Record, classify, close_notify, read_error, recv_record, unclean_eof};
+use super::ktls::{
+    KtlsStream, Record, classify, close_notify, read_error, recv_record, unclean_eof,
+};
 use super::relay::{RelayEnd, RelayOptions};
 
 /// Most bytes moved per splice: a default pipe's capacity (16 pages).
@@ -190,8 +192,7 @@ pub(super) async fn splice_relay(
         last: AtomicU64::new(0),
     });
     let both = async {
-        let to_backend =
-            device_to_backend(&device, &backend, pending, &events, &activity, &up);
+        let to_backend = device_to_backend(&device, &backend, pending, &events, &activity, &up);
         let to_device = backend_to_device(&backend, &device, &activity, &down);
         match tokio::try_join!(to_backend, to_device) {
             Ok(_) => RelayEnd::Done,
