@@ -79,6 +79,9 @@ const TESTS: &[(&str, TestFn)] = &[
     ("revocation_cuts_a_ktls_tunnel", |f| {
         Box::pin(revocation_cuts_a_ktls_tunnel(f))
     }),
+    ("an_idle_splice_tunnel_is_closed", |f| {
+        Box::pin(an_idle_splice_tunnel_is_closed(f))
+    }),
     ("a_cipher_the_kernel_lacks_goes_on_in_userspace", |f| {
         Box::pin(a_cipher_the_kernel_lacks_goes_on_in_userspace(f))
     }),
@@ -133,6 +136,8 @@ fn run_here(filter: Option<&str>) -> ExitCode {
     let fixture = rt.block_on(async {
         let stack = Stack::start(StackOptions {
             proxy_args: vec!["--tls-path".into(), "ktls".into()],
+            // Short enough for the idle test, far longer than any pause of the others.
+            idle_timeout: "8s".into(),
             ..StackOptions::default()
         })
         .await
@@ -619,6 +624,25 @@ async fn revocation_cuts_a_ktls_tunnel(f: &Fixture) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The splice relay keeps the user-space relay's idle timeout (8 s on this stack).
+async fn an_idle_splice_tunnel_is_closed(f: &Fixture) {
+    let mut s = f.session.open("echo").await.expect("open");
+    echo_once(&mut s, b"then silence").await;
+    let opened = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+        .await
+        .expect("an idle tunnel must be closed");
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    let after = opened.elapsed();
+    println!("  idle tunnel closed after {after:?}");
+    assert!(
+        after >= Duration::from_secs(7),
+        "closed too early: {after:?}"
+    );
+    assert!(f.stack.proxy_log().contains("closed: idle timeout"));
 }
 
 async fn a_cipher_the_kernel_lacks_goes_on_in_userspace(f: &Fixture) {
