@@ -65,7 +65,7 @@ pub(crate) fn ensure() -> Result<Kernel, GuestError> {
 }
 
 /// The kernel named by the cache's `current` file, if it is there and complete.
-fn cached(cache: &Path) -> Option<Kernel> {
+pub(crate) fn cached(cache: &Path) -> Option<Kernel> {
     let release = fs::read_to_string(cache.join("current"))
         .ok()?
         .trim()

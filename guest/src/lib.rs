@@ -290,7 +290,14 @@ impl Guest {
         }
         let modules = initramfs::resolve_modules(&self.kernel, &self.modules)?;
         let nonce = nonce();
-        let script = init_script(&self.kernel.release, &modules, &self.env, argv, &nonce);
+        let script = init_script(
+            &self.kernel.release,
+            &modules,
+            &self.env,
+            argv,
+            &nonce,
+            host_open_files(),
+        );
         let image = initramfs::build(
             &self.kernel,
             &modules,
@@ -393,6 +400,11 @@ impl Guest {
     }
 }
 
+/// The release of the kernel in the cache, if one is there (nothing is fetched).
+pub fn cached_kernel_release() -> Option<String> {
+    kernel::cached(&cache_dir()).map(|k| k.release)
+}
+
 /// Whether this host kernel has kernel TLS: `tls` in `tcp_available_ulp`, after asking for the
 /// ULP on a fresh socket (that makes a modular kernel load `tls.ko` on its own, no modprobe).
 pub fn host_has_ktls() -> bool {
@@ -415,6 +427,22 @@ pub fn host_has_ktls() -> bool {
     }
     fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
         .is_ok_and(|s| s.split_whitespace().any(|u| u == "tls"))
+}
+
+/// This process's (soft, hard) open-file limits, capped at the kernel's default `nr_open`: the
+/// guest's init starts with the kernel's 1024, and a test that passes on the host must see the
+/// host's limits in the guest, not fail on the harness's.
+fn host_open_files() -> Option<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct it is given, which lives across the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return None;
+    }
+    let cap = 1 << 20;
+    Some((lim.rlim_cur.min(cap), lim.rlim_max.min(cap)))
 }
 
 fn kvm_usable() -> bool {
@@ -473,6 +501,7 @@ fn init_script(
     env: &[(String, String)],
     argv: &[&OsStr],
     nonce: &str,
+    open_files: Option<(u64, u64)>,
 ) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "#!/bin/busybox sh");
@@ -514,6 +543,12 @@ fn init_script(
             s,
             "insmod {} 2>&3 || fail 'insmod {module}'",
             quote(path.as_bytes())
+        );
+    }
+    if let Some((soft, hard)) = open_files {
+        let _ = writeln!(
+            s,
+            "ulimit -H -n {hard} && ulimit -S -n {soft} || fail 'ulimit -n {soft}'"
         );
     }
     let _ = writeln!(s, "cd /");

@@ -25,6 +25,16 @@ fn guest(test: &str) -> Option<Guest> {
     }
 }
 
+/// The `Max open files` line of /proc/self/limits, soft and hard.
+fn open_files_limits() -> String {
+    let limits = std::fs::read_to_string("/proc/self/limits").expect("/proc/self/limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    line.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// Inside the guest: prints what the host test checks, and exits 42.
 fn child() -> ! {
     let ulp = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp").unwrap_or_default();
@@ -35,6 +45,7 @@ fn child() -> ! {
         std::env::var("SCM_GUEST_TEST_WORD").unwrap_or_default()
     );
     println!("child: host_has_ktls={}", scm_guest::host_has_ktls());
+    println!("child: {}", open_files_limits());
     std::process::exit(42)
 }
 
@@ -95,6 +106,14 @@ fn a_host_binary_runs_in_the_guest_kernel_with_tls_and_its_exit_code_comes_back(
     assert!(
         run.output.contains("child: host_has_ktls=true\n"),
         "{}",
+        run.output
+    );
+    // The host's open-file limits, not the 1024 the kernel gives init: tests that pass on the
+    // host (the supervisor's with hundreds of connections) must not fail on the harness.
+    let limits = open_files_limits();
+    assert!(
+        run.output.contains(&format!("child: {limits}\n")),
+        "want the host's {limits:?} in the guest: {}",
         run.output
     );
 }
