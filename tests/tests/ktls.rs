@@ -4,7 +4,8 @@
 //! kernel's own counters in `/proc/net/tls_stat`.
 //!
 //! A host kernel without TLS (this project's machines) cannot run them: there the binary first
-//! checks that `--tls-path ktls` is a clear start-up error, then re-runs itself inside Debian
+//! checks that `--tls-path ktls` is a clear start-up error and that `auto` counts every
+//! connection as user space, then re-runs itself inside Debian
 //! 12's 6.1 cloud kernel (`scm_guest`, one boot for every test, the binaries at the same paths)
 //! and reports the guest's result as its own. A kernel with TLS runs them directly.
 //!
@@ -91,6 +92,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--list") {
         println!("ktls_path_is_a_startup_error_without_kernel_tls: test");
+        println!("without_kernel_tls_auto_counts_every_connection_as_userspace: test");
         for (name, _) in TESTS {
             println!("{name}: test");
         }
@@ -178,6 +180,20 @@ fn on_host_without_ktls(filter: Option<&str>) -> ExitCode {
     let name = "ktls_path_is_a_startup_error_without_kernel_tls";
     if wanted(filter, name) {
         let ok = std::panic::catch_unwind(ktls_path_is_a_startup_error_without_kernel_tls).is_ok();
+        println!("test {name} ... {}", if ok { "ok" } else { "FAILED" });
+        results.push((name, ok));
+    }
+    let name = "without_kernel_tls_auto_counts_every_connection_as_userspace";
+    if wanted(filter, name) {
+        let ok = std::panic::catch_unwind(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio runtime")
+                .block_on(without_kernel_tls_auto_counts_every_connection_as_userspace())
+        })
+        .is_ok();
         println!("test {name} ... {}", if ok { "ok" } else { "FAILED" });
         results.push((name, ok));
     }
@@ -287,6 +303,37 @@ fn ktls_path_is_a_startup_error_without_kernel_tls() {
             && stderr.contains("--tls-path auto or userspace"),
         "unclear start-up error: {stderr}"
     );
+}
+
+/// `--tls-path auto` on this kernel: user space, said at start-up and counted per connection,
+/// with no hand-off attempted.
+async fn without_kernel_tls_auto_counts_every_connection_as_userspace() {
+    let stack = Stack::start(StackOptions::default())
+        .await
+        .expect("starting the stack");
+    let session = login(&stack, "phone-host").await;
+    let mut s = session.open("echo").await.expect("open");
+    echo_once(&mut s, b"user space").await;
+    let m = |k: &'static str| {
+        let stack = &stack;
+        async move { stack.metric(k).await.unwrap() }
+    };
+    assert_eq!(m("scm_proxy_tls_path{path=\"userspace\"}").await, 1.0);
+    assert_eq!(
+        m("scm_proxy_tls_connections_total{path=\"userspace\"}").await,
+        1.0
+    );
+    assert_eq!(
+        m("scm_proxy_tls_connections_total{path=\"ktls\"}").await,
+        0.0
+    );
+    assert_eq!(m("scm_proxy_ktls_handoffs_total{result=\"ok\"}").await, 0.0);
+    let log = stack.proxy_log();
+    assert!(
+        log.contains("tls_path=\"userspace\"") && log.contains("CONFIG_TLS"),
+        "the start-up line must say why: {log}"
+    );
+    assert!(log.contains("relay=\"copy\""), "{log}");
 }
 
 async fn login(stack: &Stack, device: &str) -> Session {
