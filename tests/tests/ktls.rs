@@ -689,7 +689,15 @@ async fn an_idle_splice_tunnel_is_closed(f: &Fixture) {
         after >= Duration::from_secs(7),
         "closed too early: {after:?}"
     );
-    assert!(f.stack.proxy_log().contains("closed: idle timeout"));
+    // The proxy closes the socket before it logs why: give the line a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !f.stack.proxy_log().contains("closed: idle timeout") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no `closed: idle timeout` line"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn a_cipher_the_kernel_lacks_goes_on_in_userspace(f: &Fixture) {

@@ -367,11 +367,12 @@ pub(super) fn classify(
             // The device encrypts with new keys from the next record on; this kernel cannot be
             // given them (TLS_RX rekeying came after Linux 6.1), and reading on would only fail
             // to decrypt. Say so to the device and end the connection; it reconnects.
-            let _ = send_control(fd, RECORD_ALERT, &[2, INTERNAL_ERROR]);
+            // Logged first: once the alert is out, the device may act on it.
             tracing::warn!(
                 "the device sent a TLS KeyUpdate, which kernel TLS cannot follow on receive; \
                  connection closed (the device reconnects with fresh keys)"
             );
+            let _ = send_control(fd, RECORD_ALERT, &[2, INTERNAL_ERROR]);
             Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "TLS KeyUpdate from the device on the kTLS path",
@@ -379,8 +380,8 @@ pub(super) fn classify(
         }
         (RECORD_HANDSHAKE, b) => {
             events.with_label_values(&["handshake"]).inc();
-            let _ = send_control(fd, RECORD_ALERT, &[2, 10]);
             tracing::info!(message = ?b.first(), "unexpected TLS handshake message after the handshake; connection closed");
+            let _ = send_control(fd, RECORD_ALERT, &[2, 10]);
             Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "unexpected TLS handshake message on the kTLS path",
