@@ -8,6 +8,7 @@ mod cmd;
 mod demo;
 mod netns;
 mod setup;
+mod vm;
 mod workflow;
 
 use anyhow::Result;
@@ -29,14 +30,29 @@ enum Task {
     /// Check formatting, run clippy with -D warnings on user space and on the eBPF crate, and
     /// check the dependency graph with cargo deny (licences, bans and duplicates, sources).
     Lint,
-    /// Run setup, then every test of the workspace (the README's test command).
+    /// Run setup, then every test of the workspace (the README's test command), then
+    /// scm-proxy's data-plane tests again inside Debian 12's 6.1 kernel (one qemu boot).
     ///
-    /// Arguments after `--` go to `cargo test`, e.g. `cargo xtask test -- -p scm-proto`.
+    /// Arguments after `--` go to the host's `cargo test`, e.g. `cargo xtask test -- -p scm-proto`.
+    /// The guest run proves the eBPF data plane on the kernel Debian 12 ships; where qemu or the
+    /// kernel package is missing it is skipped with a banner (a failure under CI=true or CI=1).
     Test {
+        /// Skip the guest-kernel run of the data-plane tests.
+        #[arg(long, env = "SCM_TEST_NO_GUEST", conflicts_with = "guest_only")]
+        no_guest: bool,
+        /// Only the guest-kernel run of the data-plane tests (no host `cargo test`).
+        #[arg(long, env = "SCM_TEST_GUEST_ONLY")]
+        guest_only: bool,
+        /// Arguments for the test binaries inside the guest (libtest's: a name filter,
+        /// `--test-threads=1`, ...), repeatable.
+        #[arg(long = "guest-arg", value_name = "ARG", allow_hyphen_values = true)]
+        guest_args: Vec<String>,
         /// Extra arguments for `cargo test`.
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
+    /// Run one command inside Debian 12's 6.1 cloud kernel under qemu: see `cargo xtask vm --help`.
+    Vm(vm::VmArgs),
     /// Run the demo (the README's first command): see `cargo xtask demo --help`.
     Demo(demo::DemoArgs),
     /// Benchmark scm-proxy against nginx side by side: see `cargo xtask bench --help`.
@@ -48,7 +64,16 @@ fn main() -> Result<()> {
     match cli.task {
         Task::Setup(args) => setup::run(&args),
         Task::Lint => lint(),
-        Task::Test { cargo_args } => test(&cargo_args),
+        Task::Test {
+            no_guest,
+            guest_only,
+            guest_args,
+            cargo_args,
+        } => test(&cargo_args, !no_guest, guest_only, &guest_args),
+        Task::Vm(args) => {
+            let code = vm::run(&args)?;
+            std::process::exit(code)
+        }
         Task::Demo(args) => {
             setup::run(&setup::SetupArgs::default())?;
             demo::run(&args)
@@ -77,9 +102,29 @@ fn lint() -> Result<()> {
     Ok(())
 }
 
-fn test(extra: &[String]) -> Result<()> {
+fn test(extra: &[String], guest: bool, guest_only: bool, guest_args: &[String]) -> Result<()> {
     setup::run(&setup::SetupArgs::default())?;
-    let mut args: Vec<&str> = vec!["test", "--locked"];
-    args.extend(extra.iter().map(String::as_str));
-    cmd::cargo(&args)
+    if !guest_only {
+        let mut args: Vec<&str> = vec!["test", "--locked"];
+        args.extend(extra.iter().map(String::as_str));
+        cmd::cargo(&args)?;
+    }
+    if !guest {
+        eprintln!("test: --no-guest: the data-plane tests did not run in the guest kernel");
+        return Ok(());
+    }
+    match vm::data_plane_tests(guest_args) {
+        Err(e)
+            if e.downcast_ref::<scm_guest::GuestError>()
+                .is_some_and(scm_guest::GuestError::is_unavailable) =>
+        {
+            scm_netns::skip::skip(
+                "cargo xtask test (guest kernel)",
+                "qemu, busybox, cpio and Debian's kernel package",
+                &format!("{e:#}; `cargo xtask setup` installs them"),
+            );
+            Ok(())
+        }
+        other => other,
+    }
 }

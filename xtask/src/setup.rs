@@ -35,6 +35,15 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "PyJWT: the end-to-end test runs the documented back-end snippet that verifies assertions",
     ),
     ("python3-cryptography", "ES256 for PyJWT"),
+    (
+        "qemu-system-x86",
+        "the guest running Debian 12's 6.1 kernel (kernel TLS; `cargo xtask vm`, the data-plane tests in `cargo xtask test`)",
+    ),
+    (
+        "busybox-static",
+        "the guest's /init and its tools (mount, insmod, ip, sh)",
+    ),
+    ("cpio", "packing the guest's initramfs"),
 ];
 
 /// The bpf-linker release known to build against the nightly toolchain's LLVM here.
@@ -60,6 +69,7 @@ pub fn run(args: &SetupArgs) -> Result<()> {
         ("nightly rust-src", rust_src),
         ("bpf-linker", bpf_linker),
         ("bpffs at /sys/fs/bpf", bpffs),
+        ("guest kernel", guest_kernel),
     ] {
         match step(args.check)? {
             None => eprintln!("setup: {name}: ok"),
@@ -281,6 +291,37 @@ fn bpffs(check: bool) -> Result<Option<String>> {
     }
     cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     Ok(None)
+}
+
+/// Debian's bookworm cloud kernel in scm-guest's cache (outside target/, so `cargo clean` keeps
+/// it): fetched with `apt-get download`, unpacked, never installed on this host.
+fn guest_kernel(check: bool) -> Result<Option<String>> {
+    if let Some(release) = scm_guest::cached_kernel_release() {
+        eprintln!(
+            "setup: guest kernel {release} cached in {}",
+            scm_guest::cache_dir().display()
+        );
+        return Ok(None);
+    }
+    if check {
+        return Ok(Some(format!(
+            "no {} in {}; `cargo xtask setup` fetches it (27 MB)",
+            scm_guest::METAPACKAGE,
+            scm_guest::cache_dir().display()
+        )));
+    }
+    match scm_guest::Guest::new() {
+        Ok(g) => {
+            eprintln!(
+                "setup: guest kernel {} fetched into {}",
+                g.kernel_release(),
+                scm_guest::cache_dir().display()
+            );
+            Ok(None)
+        }
+        Err(e @ scm_guest::GuestError::Unavailable { .. }) => Ok(Some(e.to_string())),
+        Err(e) => Err(e).context("fetching the guest kernel"),
+    }
 }
 
 /// Facts about the kernel that decide which data paths run; informational only.

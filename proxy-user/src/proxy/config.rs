@@ -10,11 +10,13 @@ use super::limiter::FailurePolicy;
 /// How the proxy encrypts the device side after the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TlsPath {
-    /// kTLS when the kernel accepts the TLS upper-layer protocol, user-space rustls otherwise.
+    /// kTLS when the kernel accepts the TLS upper-layer protocol and the connection's cipher,
+    /// user-space rustls otherwise (decided per connection).
     Auto,
     /// Always user-space rustls (the kernel is never asked).
     Userspace,
-    /// Refuse to start unless the kernel supports kTLS.
+    /// As `auto`, but refuse to start unless the kernel supports kTLS (a connection whose cipher
+    /// the kernel lacks still goes on in user space, counted).
     Ktls,
 }
 
@@ -67,7 +69,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_PROXY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// Record encryption after the handshake: auto (kTLS if the kernel has it), userspace, ktls.
+    /// Record encryption after the handshake: auto (kTLS where the kernel takes the connection's
+    /// cipher, user-space rustls otherwise), userspace, or ktls (as auto, but refuse to start
+    /// without kernel TLS). On kTLS, tcp mode relays with splice(2), zero-copy.
     #[arg(long, env = "SCM_PROXY_TLS_PATH", value_enum, default_value = "auto")]
     pub tls_path: TlsPath,
 

@@ -9,13 +9,17 @@ use scm_proto::api::{BindingProof, Resource, ResourceMode};
 use scm_proto::crypto::SessionId;
 use scm_proto::preamble::{Preamble, Status};
 use scm_proto::{BINDING_EXPORTER_LABEL, BINDING_EXPORTER_LEN};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::cache::SessionInfo;
 use super::http::{HttpContext, Identity, serve_http};
+use super::ktls::{Handoff, KtlsStream};
 use super::limiter::Counted;
 use super::metrics::Metrics;
 use super::policy::{Refusal, check_app, check_binding, check_resource};
@@ -24,8 +28,83 @@ use super::refusals::{AuthFailure, AuthFailureKind};
 use super::relay::{RelayEnd, RelayOptions, relay};
 use super::security_client::Validation;
 use super::server::Proxy;
+use super::splice::splice_relay;
 
 struct OpenGuard(Arc<Metrics>);
+
+/// A device connection after the handshake, on whichever path its records take.
+pub(super) enum DeviceStream {
+    /// User-space rustls (`--tls-path userspace`, or a kernel without TLS).
+    Rustls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// User-space rustls after a kTLS hand-off was not possible for this connection.
+    Corked(Box<tokio_rustls::server::TlsStream<ktls::CorkStream<TcpStream>>>),
+    /// Kernel TLS.
+    Kernel(KtlsStream),
+}
+
+impl DeviceStream {
+    /// The `path` label of `scm_proxy_tls_connections_total`.
+    fn path(&self) -> &'static str {
+        match self {
+            Self::Kernel(_) => "ktls",
+            Self::Rustls(_) | Self::Corked(_) => "userspace",
+        }
+    }
+}
+
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            DeviceStream::Rustls($s) => $e,
+            DeviceStream::Corked($s) => $e,
+            DeviceStream::Kernel($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for DeviceStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        each!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for DeviceStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        each!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        each!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Rustls(s) => s.is_write_vectored(),
+            Self::Corked(s) => s.is_write_vectored(),
+            Self::Kernel(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        each!(self, s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        each!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+}
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
@@ -39,18 +118,35 @@ impl Proxy {
         self.metrics.connections_open.inc();
         let _open = OpenGuard(self.metrics.clone());
         let _ = tcp.set_nodelay(true);
-        if self.ktls {
+        let (stream, exporter) = if let Some(ciphers) = &self.ktls {
             let Some(tls) = self.handshake(ktls::CorkStream::new(tcp), peer).await else {
                 return;
             };
             let Some(exporter) = self.exporter(tls.get_ref().1) else {
                 return;
             };
-            match ktls::config_ktls_server(tls).await {
-                Ok(stream) => self.session(stream, exporter, peer).await,
+            let events = self.metrics.ktls_records.clone();
+            match super::ktls::hand_off(tls, ciphers, events).await {
+                Ok(Handoff::Kernel(k)) => {
+                    self.metrics.ktls_handoffs.with_label_values(&["ok"]).inc();
+                    (DeviceStream::Kernel(k), exporter)
+                }
+                Ok(Handoff::Userspace(tls, why)) => {
+                    self.metrics
+                        .ktls_handoffs
+                        .with_label_values(&[why.label()])
+                        .inc();
+                    tracing::info!(%peer, reason = %why, "kTLS hand-off not possible for this connection; it goes on in user-space rustls");
+                    (DeviceStream::Corked(tls), exporter)
+                }
                 Err(e) => {
-                    self.metrics.error("ktls");
-                    tracing::warn!(%peer, error = %e, "handing the connection to kTLS failed");
+                    self.metrics
+                        .ktls_handoffs
+                        .with_label_values(&["failed"])
+                        .inc();
+                    self.metrics.error("ktls_handoff");
+                    tracing::warn!(%peer, error = %e, "kTLS hand-off failed after rustls gave up its keys; connection closed");
+                    return;
                 }
             }
         } else {
@@ -60,8 +156,13 @@ impl Proxy {
             let Some(exporter) = self.exporter(tls.get_ref().1) else {
                 return;
             };
-            self.session(tls, exporter, peer).await;
-        }
+            (DeviceStream::Rustls(Box::new(tls)), exporter)
+        };
+        self.metrics
+            .tls_connections
+            .with_label_values(&[stream.path()])
+            .inc();
+        self.session(stream, exporter, peer).await;
     }
 
     async fn handshake<IO>(
@@ -144,10 +245,12 @@ impl Proxy {
         }
     }
 
-    async fn session<S>(self: &Arc<Self>, mut stream: S, exporter: [u8; 32], peer: SocketAddr)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
+    async fn session(
+        self: &Arc<Self>,
+        mut stream: DeviceStream,
+        exporter: [u8; 32],
+        peer: SocketAddr,
+    ) {
         let preamble = read_preamble(&mut stream, self.args.preamble_timeout).await;
         // A blocked source is answered before anything is checked or asked of the Security
         // server (its preamble is read first so the device reads the reply, not a reset).
@@ -244,20 +347,26 @@ impl Proxy {
                     if !self.accept_reply(&mut stream).await {
                         return;
                     }
-                    tracing::info!(mode = "tcp", "relaying");
+                    let how = if matches!(stream, DeviceStream::Kernel(_)) {
+                        "splice"
+                    } else {
+                        "copy"
+                    };
+                    tracing::info!(mode = "tcp", relay = how, "relaying");
                     let opts = RelayOptions {
                         buffer_size: self.args.buffer_size,
                         idle_timeout: self.args.idle_timeout,
                     };
-                    let end = relay(
-                        stream,
-                        backend,
-                        opts,
-                        &guard.token,
-                        self.metrics.bytes.with_label_values(&["to_backend"]),
-                        self.metrics.bytes.with_label_values(&["to_device"]),
-                    )
-                    .await;
+                    let up = self.metrics.bytes.with_label_values(&["to_backend"]);
+                    let down = self.metrics.bytes.with_label_values(&["to_device"]);
+                    let end = match stream {
+                        // The payload stays in the kernel: it decrypts into a pipe, encrypts
+                        // out of one.
+                        DeviceStream::Kernel(k) => {
+                            splice_relay(k, backend, opts, &guard.token, up, down).await
+                        }
+                        other => relay(other, backend, opts, &guard.token, up, down).await,
+                    };
                     match end {
                         RelayEnd::Revoked if session.expired() => {
                             self.metrics.revoked_connections.inc();

@@ -39,6 +39,15 @@ pub(super) struct Metrics {
     pub http_requests: IntCounterVec,
     /// 1 for the record-encryption path in use (`ktls` or `userspace`).
     pub tls_path: IntGaugeVec,
+    /// Device connections past the handshake by the path their records took (`ktls`,
+    /// `userspace`).
+    pub tls_connections: IntCounterVec,
+    /// kTLS hand-offs by result (`ok`; `fallback_cipher`, `fallback_ulp`: the connection went
+    /// on in rustls; `failed`: it was closed after rustls gave up its keys).
+    pub ktls_handoffs: IntCounterVec,
+    /// Non-data records and record errors on the kTLS path (`close_notify`, `alert`,
+    /// `key_update`, `handshake`, `unexpected`, `decrypt_error`).
+    pub ktls_records: IntCounterVec,
     /// Switches to another Security server after a failure.
     pub security_failovers: IntCounter,
     /// Switches back to the first (preferred) Security server.
@@ -133,6 +142,24 @@ impl Metrics {
                 "code",
             ),
             tls_path,
+            tls_connections: counter_vec(
+                &r,
+                "tls_connections_total",
+                "Device connections past the handshake by record-encryption path (ktls, userspace).",
+                "path",
+            ),
+            ktls_handoffs: counter_vec(
+                &r,
+                "ktls_handoffs_total",
+                "Hand-offs of a finished handshake to kernel TLS, by result.",
+                "result",
+            ),
+            ktls_records: counter_vec(
+                &r,
+                "ktls_records_total",
+                "Non-data records (and decryption failures) read on the kTLS path, by kind.",
+                "kind",
+            ),
             security_failovers: counter(
                 &r,
                 "security_failovers_total",

@@ -3,7 +3,7 @@
 //! [`server`] starts the proxy and its control plane (`control`: catalog, revalidation,
 //! revocation stream); a connection (`connection`) goes through: TLS 1.3 handshake ([`tls`], kTLS where the kernel has it),
 //! the preamble ([`preamble`]), the session ([`security_client`] behind [`cache`]), the binding MAC
-//! and the app and resource policy ([`policy`]), repeated failures per source ([`limiter`]), then [`relay`] (tcp mode) or [`http`] (http mode).
+//! and the app and resource policy ([`policy`]), repeated failures per source ([`limiter`]), then [`relay`] (tcp mode; `splice` on the kTLS path) or [`http`] (http mode).
 //! `docs/proxy-and-device.md` describes it in prose.
 
 mod assertion;
@@ -12,6 +12,7 @@ pub mod config;
 mod connection;
 mod control;
 mod http;
+mod ktls;
 mod limiter;
 mod metrics;
 mod policy;
@@ -20,6 +21,7 @@ mod refusals;
 mod relay;
 mod security_client;
 mod server;
+mod splice;
 pub mod tls;
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use super::cache::{Connections, SessionCache};
 use super::config::{ServeArgs, TlsPath};
 use super::http::{BackendClient, backend_client};
+use super::ktls::KernelCiphers;
 use super::limiter::{MAX_SOURCES, SourceLimiter};
 use super::metrics::{Metrics, serve_metrics};
 use super::policy::Catalog;
@@ -43,17 +44,21 @@ pub enum ServeError {
     },
     /// `--tls-path ktls` was asked for on a kernel without TLS support.
     #[error(
-        "--tls-path ktls: this kernel does not accept the TLS upper-layer protocol (no CONFIG_TLS \
-         or the tls module is not loaded); use --tls-path auto or userspace"
+        "--tls-path ktls: kernel TLS is not usable here: {reason}; load the tls module \
+         (modprobe tls) on a kernel built with CONFIG_TLS, or use --tls-path auto or userspace"
     )]
-    KtlsUnavailable,
+    KtlsUnavailable {
+        /// What the start-up probe found.
+        reason: &'static str,
+    },
 }
 
 /// The state shared by every connection of one proxy process.
 pub(super) struct Proxy {
     pub(super) args: ServeArgs,
     pub(super) acceptor: TlsAcceptor,
-    pub(super) ktls: bool,
+    /// The ciphers the kernel takes when connections are handed to kTLS; `None`: user space.
+    pub(super) ktls: Option<KernelCiphers>,
     pub(super) security: SecurityClient,
     pub(super) cache: SessionCache,
     pub(super) conns: Connections,
@@ -105,24 +110,19 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
 /// [`serve`], with `hooks` told of what the proxy decides.
 pub async fn serve_with(args: ServeArgs, hooks: ServeHooks) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
-    let ktls = match args.tls_path {
-        TlsPath::Userspace => false,
-        TlsPath::Auto => kernel_supports_ktls().await,
-        TlsPath::Ktls => kernel_supports_ktls()
-            .await
-            .then_some(true)
-            .ok_or(ServeError::KtlsUnavailable)?,
+    let (ktls, reason) = match args.tls_path {
+        TlsPath::Userspace => (None, "forced by --tls-path userspace"),
+        TlsPath::Auto | TlsPath::Ktls => choose_ktls().await,
     };
-    let path = if ktls { "ktls" } else { "userspace" };
+    if args.tls_path == TlsPath::Ktls && ktls.is_none() {
+        return Err(ServeError::KtlsUnavailable { reason });
+    }
+    let path = if ktls.is_some() { "ktls" } else { "userspace" };
     metrics.tls_path.with_label_values(&[path]).set(1);
-    let reason = match (args.tls_path, ktls) {
-        (TlsPath::Userspace, _) => "forced by --tls-path userspace",
-        (_, true) => "the kernel accepts the TLS upper-layer protocol",
-        (_, false) => "the kernel has no TLS upper-layer protocol (CONFIG_TLS)",
-    };
-    tracing::info!(tls_path = path, reason, "record encryption path chosen");
+    let ciphers = ktls.map_or_else(|| "none".to_owned(), |c| c.names());
+    tracing::info!(tls_path = path, reason, kernel_ciphers = %ciphers, "record encryption path chosen");
 
-    let tls = server_config(&args.tls_cert, &args.tls_key, ktls)?;
+    let tls = server_config(&args.tls_cert, &args.tls_key, ktls.is_some())?;
     let client_tls =
         security_client_config(&args.security_ca, &args.client_cert, &args.client_key)?;
     let security = SecurityClient::new(
@@ -218,6 +218,26 @@ pub async fn serve_with(args: ServeArgs, hooks: ServeHooks) -> Result<(), ServeE
     }
     tracing::info!("shutting down");
     Ok(())
+}
+
+/// Whether connections go to kTLS, and why (for the start-up log line or error).
+async fn choose_ktls() -> (Option<KernelCiphers>, &'static str) {
+    if !kernel_supports_ktls().await {
+        return (
+            None,
+            "the kernel refuses the TLS upper-layer protocol (no CONFIG_TLS, or the tls module \
+             is not loaded)",
+        );
+    }
+    match KernelCiphers::probe().await {
+        Ok(c) if c.any() => (Some(c), "the kernel accepts the TLS upper-layer protocol"),
+        Ok(_) => (
+            None,
+            "the kernel has the TLS upper-layer protocol but takes no TLS 1.3 cipher (crypto \
+             modules missing)",
+        ),
+        Err(_) => (None, "probing the kernel's TLS ciphers failed"),
+    }
 }
 
 async fn shutdown_signal() {
