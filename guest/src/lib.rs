@@ -196,6 +196,7 @@ pub struct Guest {
     memory_mib: u32,
     cpus: u32,
     timeout: Duration,
+    stream: bool,
 }
 
 impl Guest {
@@ -232,6 +233,7 @@ impl Guest {
             memory_mib: 2048,
             cpus: 1,
             timeout: Duration::from_secs(300),
+            stream: false,
         })
     }
 
@@ -275,6 +277,13 @@ impl Guest {
     /// The host-side bound on the whole run, boot included (default 300 s).
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
+        self
+    }
+
+    /// Also copies the command's output, line by line as the guest writes it, to this process's
+    /// stderr (a long run shows where it is; [`GuestRun::output`] still has all of it).
+    pub fn stream_output(mut self, on: bool) -> Self {
+        self.stream = on;
         self
     }
 
@@ -341,13 +350,21 @@ impl Guest {
         .arg("-serial")
         .arg(serial_file(&out))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stdout(Stdio::null());
+        // A file, not a pipe: qemu must never block on a full pipe nobody reads until it exits.
+        let qemu_err = image.scratch().join("qemu.err");
+        let err_file = fs::File::create(&qemu_err)
+            .map_err(|e| io_err(format!("creating {}", qemu_err.display()), e))?;
+        cmd.stderr(err_file);
         let mut child = cmd
             .spawn()
             .map_err(|e| io_err(format!("starting {}", self.qemu.display()), e))?;
         let deadline = Instant::now() + self.timeout;
+        let mut streamer = self.stream.then(|| Streamer::new(&out, &nonce));
         let status = loop {
+            if let Some(s) = streamer.as_mut() {
+                s.pump();
+            }
             match child.try_wait() {
                 Ok(Some(status)) => break status,
                 Ok(None) if Instant::now() >= deadline => {
@@ -364,11 +381,10 @@ impl Guest {
                 Err(e) => return Err(io_err("waiting for qemu", e)),
             }
         };
-        let mut stderr = String::new();
-        if let Some(mut pipe) = child.stderr.take() {
-            use std::io::Read as _;
-            let _ = pipe.read_to_string(&mut stderr);
+        if let Some(s) = streamer.as_mut() {
+            s.pump();
         }
+        let stderr = read_lossy(&qemu_err);
         let text = read_lossy(&out);
         let console_text = read_lossy(&console);
         if let Some(why) = setup_failure(&text, &nonce) {
@@ -396,6 +412,49 @@ impl Guest {
                 output,
                 console: tail(&console_text),
             }),
+        }
+    }
+}
+
+/// Copies complete lines of the output port's file to stderr as they arrive, leaving out the
+/// init script's own tagged lines.
+struct Streamer {
+    path: PathBuf,
+    tag: String,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl Streamer {
+    fn new(path: &Path, nonce: &str) -> Self {
+        Self {
+            path: path.to_owned(),
+            tag: format!("@@{nonce} "),
+            offset: 0,
+            partial: Vec::new(),
+        }
+    }
+
+    fn pump(&mut self) {
+        use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+        let Ok(mut f) = fs::File::open(&self.path) else {
+            return;
+        };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut new = Vec::new();
+        let Ok(n) = f.read_to_end(&mut new) else {
+            return;
+        };
+        self.offset += n as u64;
+        self.partial.extend_from_slice(&new);
+        let mut err = std::io::stderr().lock();
+        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).collect();
+            if !line.starts_with(self.tag.as_bytes()) {
+                let _ = err.write_all(&line);
+            }
         }
     }
 }

@@ -47,11 +47,15 @@ enum Task {
         /// `--test-threads=1`, ...), repeatable.
         #[arg(long = "guest-arg", value_name = "ARG", allow_hyphen_values = true)]
         guest_args: Vec<String>,
+        /// vCPUs of the guest (each is a host thread of emulation).
+        #[arg(long, default_value_t = 2, env = "SCM_TEST_GUEST_CPUS")]
+        guest_cpus: u32,
         /// Extra arguments for `cargo test`.
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
     /// Run one command inside Debian 12's 6.1 cloud kernel under qemu: see `cargo xtask vm --help`.
+    #[command(long_about = vm::LONG_ABOUT)]
     Vm(vm::VmArgs),
     /// Run the demo (the README's first command): see `cargo xtask demo --help`.
     Demo(demo::DemoArgs),
@@ -68,8 +72,9 @@ fn main() -> Result<()> {
             no_guest,
             guest_only,
             guest_args,
+            guest_cpus,
             cargo_args,
-        } => test(&cargo_args, !no_guest, guest_only, &guest_args),
+        } => test(&cargo_args, !no_guest, guest_only, &guest_args, guest_cpus),
         Task::Vm(args) => {
             let code = vm::run(&args)?;
             std::process::exit(code)
@@ -102,7 +107,13 @@ fn lint() -> Result<()> {
     Ok(())
 }
 
-fn test(extra: &[String], guest: bool, guest_only: bool, guest_args: &[String]) -> Result<()> {
+fn test(
+    extra: &[String],
+    guest: bool,
+    guest_only: bool,
+    guest_args: &[String],
+    guest_cpus: u32,
+) -> Result<()> {
     setup::run(&setup::SetupArgs::default())?;
     if !guest_only {
         let mut args: Vec<&str> = vec!["test", "--locked"];
@@ -113,7 +124,7 @@ fn test(extra: &[String], guest: bool, guest_only: bool, guest_args: &[String]) 
         eprintln!("test: --no-guest: the data-plane tests did not run in the guest kernel");
         return Ok(());
     }
-    match vm::data_plane_tests(guest_args) {
+    match vm::data_plane_tests(guest_args, guest_cpus) {
         Err(e)
             if e.downcast_ref::<scm_guest::GuestError>()
                 .is_some_and(scm_guest::GuestError::is_unavailable) =>

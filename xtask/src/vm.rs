@@ -14,21 +14,20 @@ use scm_guest::{Guest, KTLS_MODULES};
 
 use crate::cmd;
 
-/// Options of `cargo xtask vm`.
-#[derive(Debug, clap::Args)]
-#[command(
-    about = "Run one command inside Debian 12's 6.1 cloud kernel (qemu, software emulation)",
-    long_about = "Run one command inside Debian 12's 6.1 cloud kernel under qemu: the kernel this \
+/// `cargo xtask vm --help`.
+pub const LONG_ABOUT: &str = "Run one command inside Debian 12's 6.1 cloud kernel under qemu: the kernel this \
 host lacks (kernel TLS, IPVS, netem). The guest boots from a fresh initramfs holding busybox, the \
 modules asked for (with their dependencies) and the host files asked for at the same paths (with \
 their ldd libraries); the command runs as root in /, on loopback only, and its exit code becomes \
 this command's. The kernel is fetched once into $SCM_GUEST_CACHE (default \
 $XDG_CACHE_HOME/scm-guest or ~/.cache/scm-guest). A boot takes about 5 s.\n\n\
 Examples:\n  cargo xtask vm -- uname -r\n  cargo xtask vm --ktls -- cat /proc/sys/net/ipv4/tcp_available_ulp\n  \
-cargo xtask vm --file target/debug/scm-proxy -- target/debug/scm-proxy --help\n\n\
-A command that is not a busybox applet must be packed with --file (its absolute path is used). \
-Timings inside the guest are emulation, not performance figures."
-)]
+cargo xtask vm -- target/debug/scm-proxy --help\n\n\
+The command is a busybox applet, a host tool found on PATH, or a host file by path (each packed \
+at its absolute path); it runs in /, so give its arguments as absolute paths. Timings inside the guest are emulation, not performance figures.";
+
+/// Options of `cargo xtask vm`.
+#[derive(Debug, clap::Args)]
 pub struct VmArgs {
     /// A kernel module to load first (repeatable), e.g. `tls`, `veth`; dependencies are loaded too.
     #[arg(
@@ -104,20 +103,19 @@ fn guest(args: &VmArgs) -> Result<Guest> {
 pub fn run(args: &VmArgs) -> Result<i32> {
     let mut guest = guest(args)?;
     let mut argv: Vec<String> = args.command.clone();
-    // A relative path to a packed file is made absolute: the guest runs in /.
     if argv[0].contains('/') {
+        // A host file by path: packed at its absolute path (the guest runs in /).
         let abs =
             std::path::absolute(&argv[0]).with_context(|| format!("resolving {}", argv[0]))?;
-        argv[0] = abs.to_string_lossy().into_owned();
-        for a in argv.iter_mut().skip(1) {
-            if !a.starts_with('-') && a.contains('/') && std::path::Path::new(a).exists() {
-                *a = std::path::absolute(&*a)?.to_string_lossy().into_owned();
-            }
+        if !abs.is_file() {
+            bail!("{} is not a file on this host", abs.display());
         }
-    } else if !args.files.is_empty() || busybox_has(&argv[0]) {
-        // Found on the guest's PATH: a packed file or a busybox applet.
-    } else if let Some(host) = which(&argv[0]) {
-        // A host tool (`ip`, say): pack it at its own path.
+        argv[0] = abs.to_string_lossy().into_owned();
+        guest = guest.file(&abs);
+    } else if !busybox_has(&argv[0])
+        && let Some(host) = which(&argv[0])
+    {
+        // A host tool that busybox lacks (`setpriv`, say): packed at its own path.
         guest = guest.file(&host);
     }
     eprintln!(
@@ -161,14 +159,16 @@ const GUEST_TOOLS: &[&str] = &["ip", "setpriv"];
 
 /// Builds scm-proxy's data-plane test binaries and runs them all in one guest boot on Debian's
 /// 6.1 kernel. Each binary's libtest summary is printed as the guest printed it (the real counts).
-pub fn data_plane_tests(test_args: &[String]) -> Result<()> {
+pub fn data_plane_tests(test_args: &[String], cpus: u32) -> Result<()> {
     let (tests, proxy) = build_data_plane_tests()?;
     let mut guest = Guest::new()
         .context("the guest kernel harness (`cargo xtask setup` installs qemu, busybox, cpio and fetches the kernel)")?
         .memory_mib(2048)
+        .cpus(cpus)
         .timeout(Duration::from_secs(1200))
         .modules(&["veth"])
         .env("RUST_BACKTRACE", "1")
+        .stream_output(true)
         .file(&proxy);
     if scm_netns::skip::ci() {
         guest = guest.env("CI", "true");
@@ -194,8 +194,8 @@ pub fn data_plane_tests(test_args: &[String]) -> Result<()> {
         DATA_PLANE_TESTS.join(", "),
         guest.kernel_release()
     );
+    // The output streams to stderr as the guest writes it (a run takes minutes).
     let run = guest.run(&[OsStr::new("sh"), OsStr::new("-c"), OsStr::new(&script)])?;
-    print!("{}", run.output);
     if run.exit_code != 0 {
         bail!(
             "scm-proxy's data-plane tests failed in the guest kernel {} (exit {})",
