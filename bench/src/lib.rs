@@ -9,4 +9,5 @@ pub mod load;
 pub mod plot;
 pub mod procfs;
 pub mod report;
+pub mod stats;
 pub mod trials;

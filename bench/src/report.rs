@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::trials::{GoalResult, Spread, TIE_BAND, Verdict};
+use crate::stats::{GoalResult, Spread, TIE_BAND, Verdict};
 
 /// Where and with what the figures were measured.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -475,53 +475,5 @@ mod tests {
         let json = serde_json::to_string(&r).unwrap();
         let back: Report = serde_json::from_str(&json).unwrap();
         assert_eq!(back.rows.len(), 2);
-    }
-
-    #[test]
-    fn trials_render_medians_ranges_verdicts_and_goals() {
-        use crate::trials::{Goal, check, merge};
-        let t = |s: f64, n: f64| vec![row(Some(s), Some(n), true)];
-        let mut ktls = row(None, None, true);
-        ktls.metric = "kTLS: bulk".into();
-        ktls.missing = Some("not measured: kernel without TLS".into());
-        let rows = merge(&[
-            [t(90.0, 100.0), vec![ktls.clone()]].concat(),
-            [t(130.0, 100.0), vec![ktls.clone()]].concat(),
-            [t(120.0, 100.0), vec![ktls]].concat(),
-        ]);
-        let goals = check(
-            &[Goal {
-                what: "http per CPU-s / nginx".into(),
-                figure: 1,
-                metric: "max requests/s".into(),
-                scm_system: "scm-proxy http".into(),
-                peer_system: "nginx http".into(),
-                bound: 2.0,
-                at_least: true,
-            }],
-            &rows,
-        );
-        let r = Report {
-            rows,
-            goals,
-            trials: 3,
-            ..Report::default()
-        };
-        let md = markdown(&r);
-        assert!(md.contains("3 interleaved trials"), "{md}");
-        assert!(
-            md.contains(
-                "| 120 [90.0–130] (scm-proxy http) | 100 [100–100] (nginx http) | 1.20 [0.90–1.30] | spread too wide to call |"
-            ),
-            "{md}"
-        );
-        assert!(
-            md.contains("| not measured: kernel without TLS (scm-proxy http) |"),
-            "{md}"
-        );
-        assert!(
-            md.contains("| http per CPU-s / nginx | ≥ 2.00 | 1.20 [0.90–1.30] | missed |"),
-            "{md}"
-        );
     }
 }

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::error::{GuestError, io_err};
 use crate::kernel::Kernel;
-use crate::{GuestError, io_err};
 
 /// ELF files above this size are copied without debug info.
 const STRIP_ABOVE: u64 = 1 << 20;

@@ -12,7 +12,8 @@ use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::GuestError;
+use crate::error::GuestError;
+use crate::host::{is_root, run_tool};
 
 /// The metapackage that always names the current bookworm cloud kernel.
 pub const METAPACKAGE: &str = "linux-image-cloud-amd64";
@@ -100,7 +101,7 @@ fn resolve() -> Result<Option<String>, GuestError> {
 
 fn fetch(cache: &Path) -> Result<Kernel, GuestError> {
     let mut package = resolve()?;
-    if package.is_none() && crate::is_root() {
+    if package.is_none() && is_root() {
         // Empty or stale lists (a fresh container): refresh once, as `cargo xtask setup` does.
         let _ = Command::new("apt-get")
             .args(["update", "-qq"])
@@ -173,14 +174,14 @@ fn unpack(package: &str, release: &str, staging: &Path) -> Result<(), GuestError
         });
     };
     let root = staging.join("root");
-    crate::run_tool(
+    run_tool(
         Command::new("dpkg").arg("-x").arg(&deb).arg(&root),
         "dpkg -x",
     )?;
     let _ = fs::remove_file(&deb);
     // Docs are not needed to boot.
     let _ = fs::remove_dir_all(root.join("usr/share"));
-    crate::run_tool(
+    run_tool(
         Command::new("busybox")
             .arg("depmod")
             .arg("-b")
