@@ -56,12 +56,7 @@ impl PacketBytes for XdpFrame<'_> {
         // SAFETY: `out` is N writable bytes on this program's stack, the length passed is N,
         // and the context pointer is the kernel's; the helper writes at most N bytes.
         let rc = unsafe {
-            bpf_xdp_load_bytes(
-                self.0.ctx,
-                offset as u32,
-                out.as_mut_ptr().cast(),
-                N as u32,
-            )
+            bpf_xdp_load_bytes(self.0.ctx, offset as u32, out.as_mut_ptr().cast(), N as u32)
         };
         (rc == 0).then_some(out)
     }
