@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::cache::SessionInfo;
+use super::cache::{ConnGuard, SessionInfo};
 use super::http::{HttpContext, Identity, serve_http};
 use super::limiter::Counted;
 use super::metrics::Metrics;
@@ -40,27 +40,35 @@ impl Proxy {
         let _open = OpenGuard(self.metrics.clone());
         let _ = tcp.set_nodelay(true);
         if self.ktls {
-            let Some(tls) = self.handshake(ktls::CorkStream::new(tcp), peer).await else {
+            let Some(tls) = Box::pin(self.handshake(ktls::CorkStream::new(tcp), peer)).await else {
                 return;
             };
             let Some(exporter) = self.exporter(tls.get_ref().1) else {
                 return;
             };
-            match ktls::config_ktls_server(tls).await {
-                Ok(stream) => self.session(stream, exporter, peer).await,
+            match Box::pin(ktls::config_ktls_server(tls)).await {
+                Ok(stream) => {
+                    if let Some((tunnel, span)) =
+                        Box::pin(self.session(stream, exporter, peer)).await
+                    {
+                        tunnel.run(&self).instrument(span).await;
+                    }
+                }
                 Err(e) => {
                     self.metrics.error("ktls");
                     tracing::warn!(%peer, error = %e, "handing the connection to kTLS failed");
                 }
             }
         } else {
-            let Some(tls) = self.handshake(tcp, peer).await else {
+            let Some(tls) = Box::pin(self.handshake(tcp, peer)).await else {
                 return;
             };
             let Some(exporter) = self.exporter(tls.get_ref().1) else {
                 return;
             };
-            self.session(tls, exporter, peer).await;
+            if let Some((tunnel, span)) = Box::pin(self.session(tls, exporter, peer)).await {
+                tunnel.run(&self).instrument(span).await;
+            }
         }
     }
 
@@ -120,10 +128,10 @@ impl Proxy {
                 sink.auth_failure(AuthFailure { peer, kind });
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(2), async {
             let _ = write_reply(stream, r.status, &r.reason).await;
             let _ = stream.shutdown().await;
-        })
+        }))
         .await;
     }
 
@@ -144,11 +152,20 @@ impl Proxy {
         }
     }
 
-    async fn session<S>(self: &Arc<Self>, mut stream: S, exporter: [u8; 32], peer: SocketAddr)
+    // Every step that ends before the relay (handshake, preamble, admission, connect, refusal)
+    // and the http server are awaited boxed: a task's future is as large as its largest state,
+    // and held for the connection's life, so inline they made every idle tunnel connection
+    // carry 11 KiB of futures it had finished with (docs/data-plane.md, memory per connection).
+    async fn session<S>(
+        self: &Arc<Self>,
+        mut stream: S,
+        exporter: [u8; 32],
+        peer: SocketAddr,
+    ) -> Option<(Tunnel<'_, S>, tracing::Span)>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let preamble = read_preamble(&mut stream, self.args.preamble_timeout).await;
+        let preamble = Box::pin(read_preamble(&mut stream, self.args.preamble_timeout)).await;
         // A blocked source is answered before anything is checked or asked of the Security
         // server (its preamble is read first so the device reads the reply, not a reset).
         if let Some(left) = self.limiter.as_ref().and_then(|l| l.blocked(peer.ip())) {
@@ -161,7 +178,7 @@ impl Proxy {
                 ),
             );
             self.refuse(&mut stream, peer, r).await;
-            return;
+            return None;
         }
         let preamble = match preamble {
             Ok(p) => p,
@@ -173,21 +190,21 @@ impl Proxy {
                 }
                 let r = Refusal::new(Status::BadPreamble, e.to_string());
                 self.refuse(&mut stream, peer, r).await;
-                return;
+                return None;
             }
         };
         let Some(id) = SessionId::parse(&preamble.session_id) else {
             let r = Refusal::new(Status::SessionInvalid, "malformed session id");
             self.metrics.error(r.status.code());
             self.refuse(&mut stream, peer, r).await;
-            return;
+            return None;
         };
-        let (session, resource) = match self.admit(&id, &preamble, &exporter).await {
+        let (session, resource) = match Box::pin(self.admit(&id, &preamble, &exporter)).await {
             Ok(ok) => ok,
             Err(r) => {
                 self.metrics.error(r.status.code());
                 self.refuse(&mut stream, peer, r).await;
-                return;
+                return None;
             }
         };
         let app = format!("{}/{}", preamble.app_id, preamble.app_version);
@@ -197,7 +214,7 @@ impl Proxy {
         if self.cache.is_revoked(&session.tag) {
             let r = Refusal::new(Status::SessionInvalid, "the session has been revoked");
             self.refuse(&mut stream, peer, r).await;
-            return;
+            return None;
         }
         // The absolute expiry is enforced here, whether or not a Security server answers then.
         let _expiry = cut_at_expiry(&session, guard.token.clone());
@@ -213,7 +230,9 @@ impl Proxy {
                 ResourceMode::Tcp => {
                     let connect = TcpStream::connect(resource.address.as_str());
                     let backend =
-                        match tokio::time::timeout(self.args.connect_timeout, connect).await {
+                        match Box::pin(tokio::time::timeout(self.args.connect_timeout, connect))
+                            .await
+                        {
                             Ok(Ok(b)) => b,
                             Ok(Err(e)) => {
                                 let r = Refusal::new(
@@ -225,7 +244,7 @@ impl Proxy {
                                 );
                                 self.metrics.error("backend_unavailable");
                                 self.refuse(&mut stream, peer, r).await;
-                                return;
+                                return None;
                             }
                             Err(_) => {
                                 let r = Refusal::new(
@@ -237,54 +256,43 @@ impl Proxy {
                                 );
                                 self.metrics.error("backend_unavailable");
                                 self.refuse(&mut stream, peer, r).await;
-                                return;
+                                return None;
                             }
                         };
                     let _ = backend.set_nodelay(true);
                     if !self.accept_reply(&mut stream).await {
-                        return;
+                        return None;
                     }
                     tracing::info!(mode = "tcp", "relaying");
                     let opts = RelayOptions {
                         buffer_size: self.args.buffer_size,
                         idle_timeout: self.args.idle_timeout,
                     };
-                    let end = relay(
+                    // The relay runs after this future is gone (see `Tunnel`).
+                    return Some(Tunnel {
                         stream,
                         backend,
                         opts,
-                        &guard.token,
-                        self.metrics.bytes.with_label_values(&["to_backend"]),
-                        self.metrics.bytes.with_label_values(&["to_device"]),
-                    )
-                    .await;
-                    match end {
-                        RelayEnd::Revoked if session.expired() => {
-                            self.metrics.revoked_connections.inc();
-                            tracing::info!("closed: the session reached its absolute expiry");
-                        }
-                        RelayEnd::Revoked => {
-                            self.metrics.revoked_connections.inc();
-                            tracing::info!("closed: session revoked");
-                        }
-                        RelayEnd::Idle => tracing::info!("closed: idle timeout"),
-                        RelayEnd::Error => {
-                            self.metrics.error("relay");
-                            tracing::debug!("closed: relay error");
-                        }
-                        RelayEnd::Done => tracing::debug!("closed"),
-                    }
+                        guard,
+                        session,
+                        _expiry,
+                    });
                 }
                 ResourceMode::Http => {
                     if !self.accept_reply(&mut stream).await {
-                        return;
+                        return None;
                     }
                     tracing::info!(mode = "http", "proxying");
                     let mut ctx = self.http_context(&session, &resource, app, peer, &guard);
                     ctx.assertion = self.assertion_source(&id, &session.tag, &resource.name);
                     let ctx = Arc::new(ctx);
-                    if let Err(e) =
-                        serve_http(stream, ctx, &guard.token, self.args.idle_timeout).await
+                    if let Err(e) = Box::pin(serve_http(
+                        stream,
+                        ctx,
+                        &guard.token,
+                        self.args.idle_timeout,
+                    ))
+                    .await
                     {
                         tracing::debug!(error = %e, "http connection ended with an error");
                     }
@@ -296,11 +304,13 @@ impl Proxy {
                             tracing::info!("closed: session revoked");
                         }
                     }
+                    None
                 }
             }
         }
-        .instrument(span)
-        .await;
+        .instrument(span.clone())
+        .await
+        .map(|t| (t, span))
     }
 
     async fn accept_reply<S: AsyncWrite + Unpin>(&self, stream: &mut S) -> bool {
@@ -462,6 +472,51 @@ impl Drop for AbortOnDrop {
 }
 
 /// Cancels `token` (closing the connection) when the session reaches its absolute expiry.
+/// An admitted tcp-mode connection, ready to relay: all a relay needs and nothing more. The
+/// steps before it (handshake, preamble, admission, connect) run in a boxed future that is freed
+/// when they end, because a task's future is as large as its largest state and lives as long
+/// as the connection: inline they made each idle tunnel connection hold 11 KiB of finished
+/// futures.
+pub(super) struct Tunnel<'a, S> {
+    stream: S,
+    backend: TcpStream,
+    opts: RelayOptions,
+    guard: ConnGuard<'a>,
+    session: Arc<SessionInfo>,
+    _expiry: AbortOnDrop,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Tunnel<'_, S> {
+    /// Relays until the connection ends, and says why it ended.
+    async fn run(self, proxy: &Proxy) {
+        let end = relay(
+            self.stream,
+            self.backend,
+            self.opts,
+            &self.guard.token,
+            proxy.metrics.bytes.with_label_values(&["to_backend"]),
+            proxy.metrics.bytes.with_label_values(&["to_device"]),
+        )
+        .await;
+        match end {
+            RelayEnd::Revoked if self.session.expired() => {
+                proxy.metrics.revoked_connections.inc();
+                tracing::info!("closed: the session reached its absolute expiry");
+            }
+            RelayEnd::Revoked => {
+                proxy.metrics.revoked_connections.inc();
+                tracing::info!("closed: session revoked");
+            }
+            RelayEnd::Idle => tracing::info!("closed: idle timeout"),
+            RelayEnd::Error => {
+                proxy.metrics.error("relay");
+                tracing::debug!("closed: relay error");
+            }
+            RelayEnd::Done => tracing::debug!("closed"),
+        }
+    }
+}
+
 fn cut_at_expiry(session: &SessionInfo, token: CancellationToken) -> AbortOnDrop {
     let left = session.time_left();
     AbortOnDrop(tokio::spawn(async move {

@@ -248,33 +248,27 @@ impl Pump {
     }
 }
 
-async fn pump<R, W>(
-    mut from: R,
-    mut to: W,
-    buffer_size: usize,
-    last: Arc<AtomicU64>,
-    start: Instant,
-    counter: IntCounter,
-) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut p = Pump {
-        size: buffer_size.clamp(MIN_BUFFER, MAX_BUFFER),
-        spill: None,
-        pending: 0..0,
-        dirty: false,
-        eof: false,
-        last,
-        start,
-        counter,
-    };
-    poll_fn(|cx| p.poll_pump(cx, &mut from, &mut to)).await
+impl Pump {
+    fn new(buffer_size: usize, last: Arc<AtomicU64>, start: Instant, counter: IntCounter) -> Self {
+        Self {
+            size: buffer_size.clamp(MIN_BUFFER, MAX_BUFFER),
+            spill: None,
+            pending: 0..0,
+            dirty: false,
+            eof: false,
+            last,
+            start,
+            counter,
+        }
+    }
 }
 
 /// Relays between `device` and `backend` until both directions end, one fails, the idle timeout
 /// passes, or `cancel` fires. `up` and `down` count bytes to the back end and to the device.
+///
+/// Both directions are polled from this one future, each borrowing the two streams in turn, so
+/// the streams are not split: no shared, locked halves on the heap beside this future, and
+/// one copy of each stream per connection.
 pub(super) async fn relay<D, B>(
     device: D,
     backend: B,
@@ -289,16 +283,32 @@ where
 {
     let start = Instant::now();
     let last = Arc::new(AtomicU64::new(0));
-    let (dr, dw) = tokio::io::split(device);
-    let (br, bw) = tokio::io::split(backend);
-    let to_backend = pump(dr, bw, opts.buffer_size, last.clone(), start, up);
-    let to_device = pump(br, dw, opts.buffer_size, last.clone(), start, down);
-    let both = async {
-        match tokio::try_join!(to_backend, to_device) {
-            Ok(_) => RelayEnd::Done,
-            Err(_) => RelayEnd::Error,
+    let mut device = std::pin::pin!(device);
+    let mut backend = std::pin::pin!(backend);
+    let mut to_backend = Pump::new(opts.buffer_size, last.clone(), start, up);
+    let mut to_device = Pump::new(opts.buffer_size, last.clone(), start, down);
+    let (mut up_done, mut down_done) = (false, false);
+    let both = poll_fn(|cx| {
+        if !up_done {
+            match to_backend.poll_pump(cx, &mut device, &mut backend) {
+                Poll::Ready(Ok(())) => up_done = true,
+                Poll::Ready(Err(_)) => return Poll::Ready(RelayEnd::Error),
+                Poll::Pending => {}
+            }
         }
-    };
+        if !down_done {
+            match to_device.poll_pump(cx, &mut backend, &mut device) {
+                Poll::Ready(Ok(())) => down_done = true,
+                Poll::Ready(Err(_)) => return Poll::Ready(RelayEnd::Error),
+                Poll::Pending => {}
+            }
+        }
+        if up_done && down_done {
+            Poll::Ready(RelayEnd::Done)
+        } else {
+            Poll::Pending
+        }
+    });
     let idle = async {
         let tick = (opts.idle_timeout / 4).max(Duration::from_millis(10));
         loop {
