@@ -2,6 +2,7 @@
 //! admission (session, binding, app and resource policy), refusal or relay.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -270,7 +271,7 @@ impl Proxy {
                     };
                     // The relay runs after this future is gone (see `Tunnel`).
                     return Some(Tunnel {
-                        stream,
+                        stream: Box::pin(stream),
                         backend,
                         opts,
                         guard,
@@ -477,8 +478,11 @@ impl Drop for AbortOnDrop {
 /// when they end, because a task's future is as large as its largest state and lives as long
 /// as the connection: inline they made each idle tunnel connection hold 11 KiB of finished
 /// futures.
+///
+/// The device stream (over a kilobyte with rustls inside) is boxed once here: inline, every
+/// future it passes through on its way into the relay would keep a dead copy's room.
 pub(super) struct Tunnel<'a, S> {
-    stream: S,
+    stream: Pin<Box<S>>,
     backend: TcpStream,
     opts: RelayOptions,
     guard: ConnGuard<'a>,
