@@ -270,14 +270,14 @@ impl Proxy {
                         idle_timeout: self.args.idle_timeout,
                     };
                     // The relay runs after this future is gone (see `Tunnel`).
-                    return Some(Tunnel {
+                    Some(Tunnel {
                         stream: Box::pin(stream),
                         backend,
                         opts,
                         guard,
                         session,
                         _expiry,
-                    });
+                    })
                 }
                 ResourceMode::Http => {
                     if !self.accept_reply(&mut stream).await {
