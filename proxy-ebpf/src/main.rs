@@ -31,7 +31,11 @@ static SCM_CLASS_STATS: PerCpuArray<ClassCounter> =
 static SCM_MALFORMED: PerCpuArray<u64> = PerCpuArray::with_max_entries(Malformed::COUNT, 0);
 
 /// The ingress program: parse, count, decide.
-#[xdp]
+///
+/// Declared multi-buffer capable (`frags`): a driver then keeps jumbo MTUs and, on veth, the
+/// peer keeps handing over whole GSO super-frames, instead of refusing the program or giving
+/// every frame to it one page at a time (see docs/data-plane.md, "Steering and multi-buffer").
+#[xdp(frags)]
 pub fn scm_ingress(ctx: XdpContext) -> u32 {
     match try_ingress(&ctx) {
         Ok(action) => action,

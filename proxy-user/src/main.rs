@@ -49,7 +49,8 @@ struct AttachArgs {
     iface: String,
 
     /// native: driver mode, fails if the driver lacks XDP. generic: skb mode, works everywhere,
-    /// slower. auto: native, else generic with a warning.
+    /// slower. auto: native, else generic with a warning; generic on a veth, where native XDP
+    /// turns TSO off on the peer and halves throughput into it.
     #[arg(long, env = "SCM_XDP_MODE", value_enum, default_value_t = AttachMode::Auto)]
     mode: AttachMode,
 

@@ -41,7 +41,8 @@ pub enum AttachMode {
     Native,
     /// Generic (skb) mode: works on every interface, runs later and slower.
     Generic,
-    /// Native, and generic with a warning when the driver refuses native mode.
+    /// Native, and generic with a warning when the driver refuses native mode. On a veth,
+    /// generic: native XDP there turns TSO off on the peer and halves throughput into it.
     Auto,
 }
 
@@ -411,6 +412,26 @@ impl XdpIngress {
                 attach(program, XdpMode::Skb, "generic")?,
                 AttachedMode::Generic,
             ),
+            // Native XDP on a veth makes the kernel turn TSO off on its peer for as long as a
+            // program is attached, whatever the program declares (veth_xdp_set, and
+            // veth_fix_features keeps it off): the sending side then cuts every stream into
+            // MTU-sized frames in software, each crossing the pair and the program on its own,
+            // and GRO glues them together again here. That, not the program's cost, halved the
+            // tunnel's upload behind steering. Generic mode leaves the peer alone: its GSO
+            // super-frames arrive whole and the program, which declares multi-buffer support,
+            // runs once per 64 KB instead of once per 1.5 KB.
+            AttachMode::Auto if driver_name(iface).as_deref() == Some("veth") => {
+                tracing::info!(
+                    iface,
+                    "{iface} is a veth: attaching XDP in generic (skb) mode, because native XDP \
+                     on a veth turns TSO off on its peer and cuts throughput to it; pass \
+                     --xdp-mode native to force driver mode"
+                );
+                (
+                    attach(program, XdpMode::Skb, "generic")?,
+                    AttachedMode::Generic,
+                )
+            }
             AttachMode::Auto => match attach(program, XdpMode::Driver, "native") {
                 Ok(link) => (link, AttachedMode::Native),
                 Err(e @ XdpError::PermissionDenied { .. }) => return Err(e),
@@ -623,6 +644,106 @@ fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, XdpError> {
         })?
         .try_into()
         .map_err(|e| program_error("finding the XDP program", e))
+}
+
+/// `SIOCETHTOOL`: the ethtool ioctl on any socket, in the calling thread's network namespace.
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+/// `ETHTOOL_GDRVINFO`: driver name and version.
+const ETHTOOL_GDRVINFO: u32 = 0x03;
+/// `ETHTOOL_GTSO`: whether TCP segmentation offload is on.
+const ETHTOOL_GTSO: u32 = 0x1e;
+
+/// `struct ifreq` with the `ifr_data` member of its union, padded to the kernel's 40 bytes.
+#[repr(C)]
+struct IfreqData {
+    name: [u8; libc::IFNAMSIZ],
+    data: *mut libc::c_void,
+    _pad: [u8; 16],
+}
+
+/// Runs one ethtool command on `iface`; `cmd` is the command's struct, whose first field is
+/// the command number.
+fn ethtool<T>(iface: &str, cmd: &mut T) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let bytes = iface.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{iface:?} is not an interface name"),
+        ));
+    }
+    let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
+        .or_else(|_| std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)))?;
+    let mut req = IfreqData {
+        name: [0; libc::IFNAMSIZ],
+        data: (cmd as *mut T).cast(),
+        _pad: [0; 16],
+    };
+    req.name[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: `req` is a valid, NUL-terminated ifreq whose data pointer points at `cmd`, a
+    // live, writable ethtool command struct of the layout the command number in it selects;
+    // both outlive the call, and the socket is open.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCETHTOOL, &mut req) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The kernel driver behind `iface` ("veth", "mlx5_core", ...), in the calling thread's network
+/// namespace; `None` when the interface has no ethtool driver information.
+pub fn driver_name(iface: &str) -> Option<String> {
+    /// `struct ethtool_drvinfo`.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        version: [0; 32],
+        fw_version: [0; 32],
+        bus_info: [0; 32],
+        erom_version: [0; 32],
+        reserved2: [0; 12],
+        n_priv_flags: 0,
+        n_stats: 0,
+        testinfo_len: 0,
+        eedump_len: 0,
+        regdump_len: 0,
+    };
+    ethtool(iface, &mut info).ok()?;
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    let name = String::from_utf8_lossy(&info.driver[..end]).into_owned();
+    (!name.is_empty()).then_some(name)
+}
+
+/// Whether TCP segmentation offload is on for `iface` (`ethtool -k`'s
+/// tcp-segmentation-offload), in the calling thread's network namespace.
+pub fn tso_enabled(iface: &str) -> io::Result<bool> {
+    /// `struct ethtool_value`.
+    #[repr(C)]
+    struct Value {
+        cmd: u32,
+        data: u32,
+    }
+    let mut v = Value {
+        cmd: ETHTOOL_GTSO,
+        data: 0,
+    };
+    ethtool(iface, &mut v)?;
+    Ok(v.data != 0)
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones charge the cgroup and

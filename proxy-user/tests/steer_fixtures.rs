@@ -865,3 +865,36 @@ fn tcp_the_shield_cannot_judge_is_dropped() {
         &[],
     );
 }
+
+/// Multi-buffer frames to the service port (jumbo MTU, GRO/GSO aggregates) are judged by their
+/// headers like any other: a steered flow's 9 KB segment passes as established. Judged by the
+/// linear head alone it looked cut short, and the shield dropped the flow's data.
+#[test]
+fn multi_buffer_segments_of_a_steered_flow_pass() {
+    if !support::require_root("steer_fixtures::multi_buffer_segments_of_a_steered_flow_pass") {
+        return;
+    }
+    pin_to_one_cpu();
+    use SteerStat::*;
+    let st = loaded(&SteerOptions::default());
+    let a = src(90);
+    step(
+        &st,
+        "SYN",
+        &syn(a, 4242),
+        XDP_PASS,
+        &[(Inspected, 1), (NewFlow, 1)],
+    );
+    let jumbo = PacketBuilder::ipv4(a, PROXY)
+        .tcp(4242, SERVICE, TCP_ACK | TCP_PSH)
+        .payload(&vec![0xa5; 8900])
+        .build();
+    assert!(jumbo.len() > 4096);
+    step(
+        &st,
+        "9 KB data segment of the flow",
+        &jumbo,
+        XDP_PASS,
+        &[(Inspected, 1), (Established, 1)],
+    );
+}

@@ -302,3 +302,65 @@ fn frames_shorter_than_ethernet_never_reach_xdp() {
     assert!(ingress.test_run(&[0u8; 13]).is_err());
     assert_eq!(ingress.counters().unwrap(), IngressCounters::default());
 }
+
+/// Frames longer than a page reach the program as multi-buffer XDP (a linear head plus
+/// fragments), as jumbo frames and GRO aggregates do on a NIC or a veth. The program must count
+/// the whole frame, judge it by its headers, and read a header that lies past the linear head
+/// from the fragment instead of calling the frame truncated.
+#[test]
+fn multi_buffer_frames() {
+    if !support::require_root("xdp_fixtures::multi_buffer_frames") {
+        return;
+    }
+    let ingress = XdpIngress::load().expect("loading the XDP program");
+    let jumbo_payload = vec![0x5a; 8900];
+    let deep = PacketBuilder::ipv6(A6, B6)
+        .ipv6_ext(IPPROTO_DSTOPTS, 2048)
+        .ipv6_ext(IPPROTO_DSTOPTS, 2048)
+        .tcp(40000, 443, TCP_ACK)
+        .payload(&[1; 64]);
+    let cases = [
+        case(
+            "IPv4 TCP, 9 KB jumbo frame",
+            PacketBuilder::ipv4(A4, B4)
+                .tcp(40000, 443, TCP_ACK | TCP_PSH)
+                .payload(&jumbo_payload),
+            PacketClass::Tcp,
+        ),
+        case(
+            "IPv6 TCP, 9 KB jumbo frame",
+            PacketBuilder::ipv6(A6, B6)
+                .tcp(40000, 443, TCP_ACK | TCP_PSH)
+                .payload(&jumbo_payload),
+            PacketClass::Tcp,
+        ),
+        // The TCP header starts 4 150 bytes in, past the linear head BPF_PROG_TEST_RUN builds
+        // (a page less head- and tailroom), so only a fragment-aware load can read it.
+        case(
+            "IPv6 TCP whose header lies in a fragment",
+            deep,
+            PacketClass::Tcp,
+        ),
+    ];
+    assert!(cases.iter().all(|c| c.frame.len() > 4096));
+    assert_eq!(
+        cases[2].frame.get(14 + 6),
+        Some(&IPPROTO_DSTOPTS),
+        "the builder put the extension headers first"
+    );
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|c| {
+            check(&ingress, c)
+                .err()
+                .map(|e| format!("{} ({} bytes): {e}", c.description, c.frame.len()))
+        })
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} multi-buffer cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}

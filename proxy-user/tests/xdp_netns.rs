@@ -157,6 +157,89 @@ fn auto_mode_falls_back_to_generic_where_the_driver_has_no_xdp() {
     assert!(!pair.link_show(&pair.b, "lo").contains("xdp"));
 }
 
+/// Native XDP on a veth turns TSO off on the peer (the kernel's veth driver does, for any
+/// program): auto mode must take generic there so the peer keeps sending GSO super-frames, and
+/// those reach the multi-buffer program whole and are counted whole.
+#[test]
+fn auto_mode_on_a_veth_keeps_the_peer_segmenting() {
+    if !require_root("xdp_netns::auto_mode_on_a_veth_keeps_the_peer_segmenting") {
+        return;
+    }
+    let pair = NetnsPair::create();
+    let tso = |ns: &str| {
+        in_netns(ns, || scm_proxy::xdp::tso_enabled("va")).expect("reading va's TSO state")
+    };
+    assert_eq!(
+        in_netns(&pair.b, || scm_proxy::xdp::driver_name("vb")).as_deref(),
+        Some("veth")
+    );
+    assert!(tso(&pair.a), "a fresh veth has TSO on");
+
+    // What native mode does to the peer, so this test notices if a kernel stops doing it.
+    let mut ingress = XdpIngress::load().expect("loading the XDP program");
+    in_netns(&pair.b, || ingress.attach("vb", AttachMode::Native)).expect("native attach");
+    let native_tso = tso(&pair.a);
+    ingress.detach().expect("detach");
+    assert!(tso(&pair.a), "detaching gives the peer its TSO back");
+
+    let mode = in_netns(&pair.b, || ingress.attach("vb", AttachMode::Auto)).expect("auto attach");
+    assert_eq!(
+        mode,
+        AttachedMode::Generic,
+        "auto mode on a veth (native mode left the peer's TSO {})",
+        if native_tso { "on" } else { "off" }
+    );
+    assert!(pair.link_show(&pair.b, "vb").contains("xdpgeneric"));
+    assert!(tso(&pair.a), "generic XDP on vb must leave TSO on va alone");
+
+    let before = ingress.counters().unwrap();
+    let (conns, payload) = (2usize, 1_000_000usize);
+    send_tcp(&pair, A_V4, B_V4, conns, payload);
+    let moved = ingress.counters().unwrap().since(&before);
+    eprintln!("counted on vb while the test ran:\n{moved}");
+    let tcp = moved.class(PacketClass::Tcp);
+    assert!(
+        tcp.bytes >= (conns * payload) as u64,
+        "every byte is counted, super-frames included: {moved}"
+    );
+    // With the peer segmenting in software there would be a frame per ~1.4 KB; GSO
+    // super-frames make it several times fewer.
+    assert!(
+        tcp.packets < (conns * payload / 1448 / 2) as u64,
+        "the program saw GSO super-frames, not MTU-sized ones: {moved}"
+    );
+    assert_eq!(moved.class(PacketClass::Malformed).packets, 0, "{moved}");
+}
+
+/// A multi-buffer program lets a veth carry jumbo frames with XDP attached natively: the kernel
+/// refuses a peer MTU above one page for a program without frags support.
+#[test]
+fn native_xdp_on_a_veth_allows_a_jumbo_mtu() {
+    if !require_root("xdp_netns::native_xdp_on_a_veth_allows_a_jumbo_mtu") {
+        return;
+    }
+    let pair = NetnsPair::create();
+    let mut ingress = XdpIngress::load().expect("loading the XDP program");
+    let mode = in_netns(&pair.b, || ingress.attach("vb", AttachMode::Native)).expect("attach");
+    assert_eq!(mode, AttachedMode::Native);
+    for (ns, dev) in [(&pair.a, "va"), (&pair.b, "vb")] {
+        let r = scm_netns::ip(&["-n", ns, "link", "set", dev, "mtu", "9000"]);
+        assert!(
+            r.is_ok(),
+            "MTU 9000 on {dev} with native XDP on vb: {}",
+            r.err().map(|e| e.to_string()).unwrap_or_default()
+        );
+    }
+    let before = ingress.counters().unwrap();
+    let (conns, payload) = (2usize, 200_000usize);
+    send_tcp(&pair, A_V4, B_V4, conns, payload);
+    let moved = ingress.counters().unwrap().since(&before);
+    eprintln!("counted on vb with MTU 9000:\n{moved}");
+    let tcp = moved.class(PacketClass::Tcp);
+    assert!(tcp.bytes >= (conns * payload) as u64, "{moved}");
+    assert_eq!(moved.class(PacketClass::Malformed).packets, 0, "{moved}");
+}
+
 #[test]
 fn unknown_interface_is_a_clear_error() {
     if !require_root("xdp_netns::unknown_interface_is_a_clear_error") {

@@ -113,7 +113,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_PROXY_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "300s")]
     pub idle_timeout: Duration,
 
-    /// Relay buffer per direction, in bytes (memory per connection is about twice this).
+    /// Most bytes one relay read takes (1 KiB to 64 KiB); held per connection only while bytes wait.
     #[arg(long, env = "SCM_PROXY_BUFFER_SIZE", default_value_t = 16 * 1024)]
     pub buffer_size: usize,
 

@@ -33,7 +33,8 @@ pub struct SupervisorArgs {
     #[arg(long, env = "SCM_PROXY_STEER_IFACE")]
     pub steer_iface: Option<String>,
 
-    /// XDP mode on --steer-iface: native, generic or auto.
+    /// XDP mode on --steer-iface: native, generic or auto (native where the driver has it,
+    /// except on a veth: native XDP there turns TSO off on the peer, so auto takes generic).
     #[arg(long, env = "SCM_PROXY_XDP_MODE", value_enum, default_value_t = AttachMode::Auto)]
     pub xdp_mode: AttachMode,
 
