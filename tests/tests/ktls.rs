@@ -423,6 +423,11 @@ async fn tunnel_splices_large_transfers_both_ways_checksummed(f: &Fixture) {
     assert_eq!(fnv(&got), fnv(&payload), "checksum differs");
     assert!(got == *payload, "contents differ");
     println!("  16 MiB each way, fnv1a {:016x}", fnv(&got));
+    // Diagnostic, not a bound: how often a stalled wait needed the splice relay's backstop.
+    println!(
+        "  splice backstops that moved bytes: {}",
+        metric(f, "scm_proxy_splice_backstops_total").await
+    );
 
     assert_eq!(
         metric(f, "scm_proxy_tls_connections_total{path=\"ktls\"}").await,

@@ -609,7 +609,8 @@ impl Tunnel<'_> {
         let end = match self.stream {
             // The payload stays in the kernel: it decrypts into a pipe, encrypts out of one.
             DeviceStream::Kernel(k) => {
-                splice_relay(k, self.backend, self.opts, token, up, down).await
+                let backstops = proxy.metrics.splice_backstops.clone();
+                splice_relay(k, self.backend, self.opts, token, up, down, backstops).await
             }
             other => relay(other, self.backend, self.opts, token, up, down).await,
         };

@@ -48,6 +48,9 @@ pub(super) struct Metrics {
     /// Non-data records and record errors on the kTLS path (`close_notify`, `alert`,
     /// `key_update`, `handshake`, `unexpected`, `decrypt_error`).
     pub ktls_records: IntCounterVec,
+    /// Splice-relay waits cut short by the backstop that then moved bytes (a readiness
+    /// wake-up that did not come).
+    pub splice_backstops: IntCounter,
     /// Switches to another Security server after a failure.
     pub security_failovers: IntCounter,
     /// Switches back to the first (preferred) Security server.
@@ -159,6 +162,11 @@ impl Metrics {
                 "ktls_records_total",
                 "Non-data records (and decryption failures) read on the kTLS path, by kind.",
                 "kind",
+            ),
+            splice_backstops: counter(
+                &r,
+                "splice_backstops_total",
+                "Waits of the kTLS splice relay that the backstop cut short and whose retried splice then moved bytes: a readiness wake-up that never came.",
             ),
             security_failovers: counter(
                 &r,

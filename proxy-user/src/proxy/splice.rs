@@ -29,6 +29,50 @@ use super::relay::{RelayEnd, RelayOptions};
 /// Most bytes moved per splice: a default pipe's capacity (16 pages).
 const CHUNK: usize = 64 * 1024;
 
+/// How long a wait for readiness in the middle of a transfer lasts before the relay tries the
+/// splice again anyway. In the guest kernel (6.1) one large echo transfer in about ten stalled
+/// with both directions waiting and no byte moving until the idle timeout: a readiness wake-up
+/// lost on the kTLS socket, which we could not pin down further. A busy relay's waits are
+/// bounded by this, a retry that then moves bytes is counted
+/// (`scm_proxy_splice_backstops_total`), and an idle relay waits without a timer.
+const BACKSTOP: Duration = Duration::from_millis(200);
+
+/// A relay that moved a byte within this long is busy: its waits get the backstop.
+const BUSY_FOR: Duration = Duration::from_secs(1);
+
+/// Whether the wait ended by readiness (`true`: go through `try_io`) or by the backstop
+/// (`false`: call the syscall directly, since `try_io` refuses without readiness).
+async fn wait(sock: &TcpStream, interest: Interest, busy: bool) -> io::Result<bool> {
+    if !busy {
+        sock.ready(interest).await?;
+        return Ok(true);
+    }
+    match tokio::time::timeout(BACKSTOP, sock.ready(interest)).await {
+        Ok(r) => r.map(|_| true),
+        Err(_) => Ok(false),
+    }
+}
+
+/// Runs `op` on `sock` after [`wait`]: through `try_io` when readiness came (a WouldBlock then
+/// clears it), directly when the backstop ended the wait. A direct call that moved bytes is
+/// counted in `backstops`.
+fn attempt(
+    sock: &TcpStream,
+    interest: Interest,
+    ready: bool,
+    backstops: &IntCounter,
+    op: impl FnOnce() -> io::Result<usize>,
+) -> io::Result<usize> {
+    if ready {
+        return sock.try_io(interest, op);
+    }
+    let r = op();
+    if matches!(r, Ok(n) if n > 0) {
+        backstops.inc();
+    }
+    r
+}
+
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?)
 }
@@ -55,13 +99,19 @@ impl Activity {
     }
 }
 
-/// Moves the `left` bytes waiting in the pipe into `to`.
-async fn drain_pipe(pipe: &OwnedFd, to: &TcpStream, mut left: usize) -> io::Result<()> {
+/// Moves the `left` bytes waiting in the pipe into `to` (bytes are in flight: the wait has the
+/// backstop).
+async fn drain_pipe(
+    pipe: &OwnedFd,
+    to: &TcpStream,
+    mut left: usize,
+    backstops: &IntCounter,
+) -> io::Result<()> {
     while left > 0 {
-        to.writable().await?;
+        let ready = wait(to, Interest::WRITABLE, true).await?;
         // Only the socket can be full here (the pipe holds `left` bytes), so a WouldBlock is
         // the socket's and try_io is right to clear its readiness.
-        match to.try_io(Interest::WRITABLE, || {
+        match attempt(to, Interest::WRITABLE, ready, backstops, || {
             Ok(splice(pipe, None, to.as_fd(), None, left, flags())?)
         }) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -95,6 +145,7 @@ async fn device_to_backend(
     events: &IntCounterVec,
     activity: &Activity,
     counter: &IntCounter,
+    backstops: &IntCounter,
 ) -> io::Result<()> {
     if !pending.is_empty() {
         write_plain(backend, &pending).await?;
@@ -103,9 +154,10 @@ async fn device_to_backend(
     }
     let (pr, pw) = pipe()?;
     loop {
-        device.readable().await?;
+        let busy = activity.idle_for() < BUSY_FOR;
+        let ready = wait(device, Interest::READABLE, busy).await?;
         // The pipe is empty here, so a WouldBlock is the socket's.
-        let n = match device.try_io(Interest::READABLE, || {
+        let n = match attempt(device, Interest::READABLE, ready, backstops, || {
             Ok(splice(device.as_fd(), None, &pw, None, CHUNK, flags())?)
         }) {
             Ok(0) => return Err(unclean_eof()),
@@ -140,7 +192,7 @@ async fn device_to_backend(
             }
             Err(e) => return Err(read_error(e, events)),
         };
-        drain_pipe(&pr, backend, n).await?;
+        drain_pipe(&pr, backend, n, backstops).await?;
         counter.inc_by(n as u64);
         activity.touch();
     }
@@ -152,11 +204,13 @@ async fn backend_to_device(
     device: &TcpStream,
     activity: &Activity,
     counter: &IntCounter,
+    backstops: &IntCounter,
 ) -> io::Result<()> {
     let (pr, pw) = pipe()?;
     loop {
-        backend.readable().await?;
-        let n = match backend.try_io(Interest::READABLE, || {
+        let busy = activity.idle_for() < BUSY_FOR;
+        let ready = wait(backend, Interest::READABLE, busy).await?;
+        let n = match attempt(backend, Interest::READABLE, ready, backstops, || {
             Ok(splice(backend.as_fd(), None, &pw, None, CHUNK, flags())?)
         }) {
             Ok(n) => n,
@@ -169,7 +223,7 @@ async fn backend_to_device(
             rustix::net::shutdown(device, rustix::net::Shutdown::Write)?;
             return Ok(());
         }
-        drain_pipe(&pr, device, n).await?;
+        drain_pipe(&pr, device, n, backstops).await?;
         counter.inc_by(n as u64);
         activity.touch();
     }
@@ -185,6 +239,7 @@ pub(super) async fn splice_relay(
     cancel: &CancellationToken,
     up: IntCounter,
     down: IntCounter,
+    backstops: IntCounter,
 ) -> RelayEnd {
     let (device, pending, events) = device.into_parts();
     let activity = Arc::new(Activity {
@@ -192,8 +247,10 @@ pub(super) async fn splice_relay(
         last: AtomicU64::new(0),
     });
     let both = async {
-        let to_backend = device_to_backend(&device, &backend, pending, &events, &activity, &up);
-        let to_device = backend_to_device(&backend, &device, &activity, &down);
+        let to_backend = device_to_backend(
+            &device, &backend, pending, &events, &activity, &up, &backstops,
+        );
+        let to_device = backend_to_device(&backend, &device, &activity, &down, &backstops);
         match tokio::try_join!(to_backend, to_device) {
             Ok(_) => RelayEnd::Done,
             Err(e) => {
