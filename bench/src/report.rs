@@ -272,7 +272,7 @@ pub fn markdown(r: &Report) -> String {
     if r.trials >= 2 {
         let _ = writeln!(
             s,
-            "\n{} interleaved trials (scm, nginx, nginx, scm, …): each value is the median \
+            "\n{} interleaved trials (nginx, scm, nginx, scm, …): each value is the median \
              [smallest–largest trial]; each ratio is the median [range] of the trials' own \
              ratios. A winner is named only when every trial's ratio agrees (a tie within {:.0}%).",
             r.trials,

@@ -264,6 +264,14 @@ pub(super) async fn splice_relay(
         loop {
             tokio::time::sleep(tick).await;
             if activity.idle_for() >= opts.idle_timeout {
+                // What the sockets still hold says whether the relay was idle or stuck.
+                tracing::info!(
+                    device_queued = queued(&device, libc::FIONREAD),
+                    device_unsent = queued(&device, libc::TIOCOUTQ),
+                    backend_queued = queued(&backend, libc::FIONREAD),
+                    backend_unsent = queued(&backend, libc::TIOCOUTQ),
+                    "splice relay idle"
+                );
                 return RelayEnd::Idle;
             }
         }
@@ -273,4 +281,14 @@ pub(super) async fn splice_relay(
         end = idle => end,
         _ = cancel.cancelled() => RelayEnd::Revoked,
     }
+}
+
+/// Bytes a socket's queue holds (`FIONREAD`: received, not read; `TIOCOUTQ`: not yet
+/// acknowledged), or -1 when the kernel does not say.
+fn queued(sock: &TcpStream, request: libc::c_ulong) -> i64 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: both requests write one int through the pointer, which points at `n`, alive for
+    // the call; the descriptor is the socket's own.
+    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(sock), request, &mut n) };
+    if rc == 0 { i64::from(n) } else { -1 }
 }
