@@ -1271,7 +1271,7 @@ fn rows_steering_overhead(rows: &mut Vec<Row>, scm: &ScmFigures, mib: u64) {
             .map(|m| m.load.per_sec / 1e6)
     };
     let fig = scm_bench::report::STEERING_FIGURE;
-    rows.push(row(
+    rows.push(Row::single(
         fig,
         "max requests/s through the tunnel, 1 KiB keep-alive".into(),
         "req/s",
@@ -1279,7 +1279,7 @@ fn rows_steering_overhead(rows: &mut Vec<Row>, scm: &ScmFigures, mib: u64) {
         (max(sf), max(tf)),
         true,
     ));
-    rows.push(row(
+    rows.push(Row::single(
         fig,
         "  per proxy CPU-second".into(),
         "req/CPU-s",
@@ -1287,7 +1287,7 @@ fn rows_steering_overhead(rows: &mut Vec<Row>, scm: &ScmFigures, mib: u64) {
         (per_cpu(sf), per_cpu(tf)),
         true,
     ));
-    rows.push(row(
+    rows.push(Row::single(
         fig,
         format!("bulk {mib} MiB down"),
         "MB/s",
@@ -1295,7 +1295,7 @@ fn rows_steering_overhead(rows: &mut Vec<Row>, scm: &ScmFigures, mib: u64) {
         (down(sf), down(tf)),
         true,
     ));
-    rows.push(row(
+    rows.push(Row::single(
         fig,
         format!("bulk {mib} MiB up"),
         "MB/s",
@@ -1318,7 +1318,7 @@ fn rows_ktls(
     let systems = (SCM_KTLS, NGINX_KTLS);
     let missing = ktls.missing();
     let mut push = |metric: String, unit: &str, v: (Option<f64>, Option<f64>), higher: bool| {
-        let mut r = row(1, metric, unit, systems, v, higher);
+        let mut r = Row::single(1, metric, unit, systems, v, higher);
         r.missing.clone_from(&missing);
         rows.push(r);
     };
@@ -1487,18 +1487,6 @@ fn goals(mib: u64) -> Vec<scm_bench::trials::Goal> {
     ]
 }
 
-/// One row of the table: `systems` is (scm, nginx), `values` their figures.
-fn row(
-    figure: u8,
-    metric: String,
-    unit: &str,
-    systems: (&str, &str),
-    values: (Option<f64>, Option<f64>),
-    higher_is_better: bool,
-) -> Row {
-    Row::single(figure, metric, unit, systems, values, higher_is_better)
-}
-
 /// Figure 1 (requests and latency at nginx's rates) for each http pair and the tunnel.
 fn rows_figure1(rows: &mut Vec<Row>, nginx: &NginxFigures, scm: &ScmFigures) {
     let hf = scm.http.as_ref();
@@ -1546,7 +1534,7 @@ fn rows_bulk(rows: &mut Vec<Row>, nginx: &NginxFigures, scm: &ScmFigures, mib: u
             nginx.stream_fig.bulk_up.as_ref(),
         ),
     ] {
-        rows.push(row(
+        rows.push(Row::single(
             2,
             format!("bulk {mib} MiB {dir}"),
             "MB/s",
@@ -1557,7 +1545,7 @@ fn rows_bulk(rows: &mut Vec<Row>, nginx: &NginxFigures, scm: &ScmFigures, mib: u
             ),
             true,
         ));
-        rows.push(row(
+        rows.push(Row::single(
             2,
             format!("proxy CPU per GB, {dir}"),
             "CPU-s/GB",
@@ -1576,7 +1564,7 @@ fn rows_steering(rows: &mut Vec<Row>, nginx: &NginxFigures, scm: &ScmFigures, mi
     let sf = scm.steered.as_ref();
     let stream = &nginx.stream_fig;
     let systems = (STEERED, nginx.stream.name.as_str());
-    rows.push(row(
+    rows.push(Row::single(
         1,
         "max requests/s through the tunnel, 1 KiB keep-alive".into(),
         "req/s",
@@ -1587,7 +1575,7 @@ fn rows_steering(rows: &mut Vec<Row>, nginx: &NginxFigures, scm: &ScmFigures, mi
         ),
         true,
     ));
-    rows.push(row(
+    rows.push(Row::single(
         1,
         "  per proxy CPU-second (supervisor + worker; XDP runs in softirq, not counted)".into(),
         "req/CPU-s",
@@ -1611,7 +1599,7 @@ fn rows_steering(rows: &mut Vec<Row>, nginx: &NginxFigures, scm: &ScmFigures, mi
             stream.bulk_up.as_ref(),
         ),
     ] {
-        rows.push(row(
+        rows.push(Row::single(
             2,
             format!("bulk {mib} MiB {dir}"),
             "MB/s",
@@ -1645,7 +1633,7 @@ fn rows_connects(rows: &mut Vec<Row>, nginx: &NginxFigures, scm: &ScmFigures) {
                 pf.connect_resumed.as_ref(),
             ),
         ] {
-            rows.push(row(
+            rows.push(Row::single(
                 3,
                 label.into(),
                 "conn/s",
@@ -1653,7 +1641,7 @@ fn rows_connects(rows: &mut Vec<Row>, nginx: &NginxFigures, scm: &ScmFigures) {
                 (sget.map(|m| m.load.per_sec), nget.map(|m| m.load.per_sec)),
                 true,
             ));
-            rows.push(row(
+            rows.push(Row::single(
                 3,
                 "  per proxy CPU-second".into(),
                 "conn/CPU-s",
@@ -1681,7 +1669,7 @@ fn rows_idle(rows: &mut Vec<Row>, nginx: &NginxFigures, scm: &ScmFigures, idle_n
     .enumerate()
     {
         let pick = |v: Option<(f64, f64, f64)>| v.map(|t| [t.0, t.1, t.2][i]);
-        rows.push(row(
+        rows.push(Row::single(
             4,
             format!("{label}, {idle_n} open"),
             "KiB",

@@ -302,23 +302,13 @@ pub fn markdown(r: &Report) -> String {
                 "nginx" => "without",
                 other => other,
             };
+            let (scm, peer) = system_cells(row);
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {scm} | {peer} | {} | {better} |",
                 row.metric,
                 row.unit,
-                format_args!(
-                    "{} ({})",
-                    cell(row.scm, &row.scm_trials, row.missing.as_deref()),
-                    row.scm_system
-                ),
-                format_args!(
-                    "{} ({})",
-                    cell(row.nginx, &row.nginx_trials, row.missing.as_deref()),
-                    row.nginx_system
-                ),
                 ratio_cell(row),
-                better,
             );
         }
     }
@@ -380,24 +370,32 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
+/// The row's two value cells, each with the system that was measured.
+fn system_cells(row: &Row) -> (String, String) {
+    let missing = row.missing.as_deref();
+    (
+        format!(
+            "{} ({})",
+            cell(row.scm, &row.scm_trials, missing),
+            row.scm_system
+        ),
+        format!(
+            "{} ({})",
+            cell(row.nginx, &row.nginx_trials, missing),
+            row.nginx_system
+        ),
+    )
+}
+
 /// One line of the side-by-side table.
 fn table_row(s: &mut String, row: &Row) {
+    let (scm, nginx) = system_cells(row);
     let _ = writeln!(
         s,
-        "| {} | {} | {} | {} | {} | {} | {} |",
+        "| {} | {} | {} | {scm} | {nginx} | {} | {} |",
         row.figure,
         row.metric,
         row.unit,
-        format_args!(
-            "{} ({})",
-            cell(row.scm, &row.scm_trials, row.missing.as_deref()),
-            row.scm_system
-        ),
-        format_args!(
-            "{} ({})",
-            cell(row.nginx, &row.nginx_trials, row.missing.as_deref()),
-            row.nginx_system
-        ),
         ratio_cell(row),
         row.better(),
     );
