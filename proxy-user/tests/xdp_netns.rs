@@ -133,7 +133,7 @@ fn real_tcp_and_udp_across_a_veth_pair_are_counted() {
 
     // Detached, the program counts nothing more.
     ingress.detach().expect("detach");
-    assert!(!pair.link_show(&pair.b, "vb").contains("xdp"));
+    pair.wait_until_no_xdp(&pair.b, "vb", "detach()");
     let after_detach = ingress.counters().unwrap();
     send_udp(&pair, A_V4, B_V4, &[100; 5]);
     assert_eq!(ingress.counters().unwrap(), after_detach);
@@ -154,7 +154,7 @@ fn auto_mode_falls_back_to_generic_where_the_driver_has_no_xdp() {
     assert_eq!(ingress.attached(), Some(("lo", AttachedMode::Generic)));
     assert!(pair.link_show(&pair.b, "lo").contains("xdpgeneric"));
     ingress.detach().expect("detach");
-    assert!(!pair.link_show(&pair.b, "lo").contains("xdp"));
+    pair.wait_until_no_xdp(&pair.b, "lo", "detach()");
 }
 
 /// Native XDP on a veth turns TSO off on the peer (the kernel's veth driver does, for any
@@ -180,6 +180,7 @@ fn auto_mode_on_a_veth_keeps_the_peer_segmenting() {
     in_netns(&pair.b, || ingress.attach("vb", AttachMode::Native)).expect("native attach");
     let native_tso = tso(&pair.a);
     ingress.detach().expect("detach");
+    pair.wait_until_no_xdp(&pair.b, "vb", "detach()");
     assert!(tso(&pair.a), "detaching gives the peer its TSO back");
 
     let mode = in_netns(&pair.b, || ingress.attach("vb", AttachMode::Auto)).expect("auto attach");
@@ -544,13 +545,5 @@ fn sigkilled_scm_proxy_leaves_no_program_behind() {
     assert!(pair.link_show(&pair.b, "vb").contains("xdp"));
     child.kill().expect("SIGKILL");
     child.wait().expect("wait");
-    // Link release is asynchronous in the kernel; give it a moment.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pair.link_show(&pair.b, "vb").contains("xdp") {
-        assert!(
-            Instant::now() < deadline,
-            "XDP still attached after the owner was killed"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
+    pair.wait_until_no_xdp(&pair.b, "vb", "the owner was killed");
 }

@@ -4,6 +4,8 @@
 //! Each test binary includes this module and uses part of it.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+use std::time::{Duration, Instant};
+
 /// Whether a test that needs root may run. Outside root it skips with a loud message; under
 /// `CI=true` (CI runs as root) a missing privilege is a failure, never a silent skip.
 pub fn require_root(test: &str) -> bool {
@@ -62,6 +64,22 @@ impl NetnsPair {
     /// `ip -n <ns> link show <dev>`, as text.
     pub fn link_show(&self, ns: &str, dev: &str) -> String {
         ip(&["-n", ns, "link", "show", dev])
+    }
+
+    /// Waits (up to 5 s) until `dev` in `ns` has no XDP program. The kernel drops an XDP link
+    /// when the last reference to its file closes, and a process another test thread is
+    /// spawning holds a copy of every descriptor until its `exec`: so the program can leave a
+    /// moment after `detach()` (or the owner's death) returned, and a test that looks at once
+    /// sees it still there or the peer's TSO still off.
+    pub fn wait_until_no_xdp(&self, ns: &str, dev: &str, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.link_show(ns, dev).contains("xdp") {
+            assert!(
+                Instant::now() < deadline,
+                "XDP still attached to {dev} 5 s after {what}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
