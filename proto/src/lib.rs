@@ -10,6 +10,7 @@
 //! - [`duration`]: the parser of every duration flag.
 //! - `tls` (feature `tls`): the TLS profile — crypto provider, versions, PEM loading.
 //! - `shutdown` (feature `shutdown`): the SIGTERM/SIGINT future of every long-running process.
+//! - `lifecycle` (feature `shutdown`): the sd_notify reports and the drain flag.
 //!
 //! `docs/protocol.md` describes the same contract in prose.
 #![warn(unreachable_pub)]
@@ -18,6 +19,8 @@ pub mod api;
 pub mod crypto;
 pub mod duration;
 pub mod failover;
+#[cfg(feature = "shutdown")]
+pub mod lifecycle;
 pub mod preamble;
 pub mod redact;
 #[cfg(feature = "shutdown")]
