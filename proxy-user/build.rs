@@ -7,8 +7,21 @@
 //! The user-space crate builds on stable; only this nested build needs nightly's `rust-src`
 //! (for `-Z build-std=core`) and `bpf-linker`. When either is missing, say how to get it instead
 //! of letting the nested cargo fail with a screen of unrelated output.
+//!
+//! aya-build forwards every line of the nested build (each crate compiled, some 300 lines) as a
+//! `cargo:warning`, which cargo prints on every build of this crate, in CI and in the demo. The
+//! build script points its stdout at `OUT_DIR/ebpf-build.log` while aya-build runs, then passes
+//! cargo the directives it needs (`rerun-if-*`) and keeps the rest in the log: cargo shows the
+//! nested output only when the eBPF build failed. The eBPF crate's own warnings are not lost:
+//! `cargo xtask lint` runs clippy on it with `-D warnings`.
 
-use std::{env, path::PathBuf, process::Command};
+use std::{
+    env,
+    fs::File,
+    io::{self, Write as _},
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 use aya_build::Toolchain;
@@ -48,8 +61,39 @@ fn main() -> anyhow::Result<()> {
         root_dir: root_dir.as_str(),
         ..Default::default()
     };
-    aya_build::build_ebpf([package], Toolchain::Custom(EBPF_TOOLCHAIN))
-        .context("building the eBPF programs (proxy-ebpf) failed; its compiler output is above")
+    let log = PathBuf::from(env::var("OUT_DIR").context("OUT_DIR")?).join("ebpf-build.log");
+    let built = with_stdout_to(&log, || {
+        aya_build::build_ebpf([package], Toolchain::Custom(EBPF_TOOLCHAIN))
+    })
+    .with_context(|| format!("redirecting the eBPF build's output to {}", log.display()))?;
+    let text = std::fs::read_to_string(&log)
+        .with_context(|| format!("reading the eBPF build's log {}", log.display()))?;
+    for line in text.lines() {
+        // Directives cargo acts on pass through; the forwarded compiler output only on failure.
+        if !line.starts_with("cargo:warning=") || built.is_err() {
+            println!("{line}");
+        }
+    }
+    built.with_context(|| {
+        format!(
+            "building the eBPF programs (proxy-ebpf) failed; its compiler output is above and in {}",
+            log.display()
+        )
+    })
+}
+
+/// Runs `f` with this process's stdout (fd 1) pointing at a new file `path`, then points it back.
+fn with_stdout_to<T>(path: &Path, f: impl FnOnce() -> T) -> io::Result<T> {
+    let file = File::create(path)?;
+    io::stdout().flush()?;
+    let saved = rustix::io::dup(io::stdout())?;
+    rustix::stdio::dup2_stdout(&file)?;
+    let out = f();
+    // Lines `f` printed sit in std's buffer until flushed: they belong to the file.
+    let flushed = io::stdout().flush();
+    rustix::stdio::dup2_stdout(&saved)?;
+    flushed?;
+    Ok(out)
 }
 
 fn check_prerequisites() -> anyhow::Result<()> {

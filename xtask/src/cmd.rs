@@ -1,7 +1,14 @@
 //! Running child commands with the command line echoed, so a failure in CI says what failed.
+//!
+//! In quiet mode ([`quiet_into`], the demo's) a command's line and output go to a log file
+//! instead of the terminal, and a failure quotes the log's last lines: the terminal shows what is
+//! being done in a few lines, the log holds everything.
 
-use std::path::PathBuf;
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use anyhow::{Context as _, Result, bail};
 
@@ -25,15 +32,57 @@ fn cargo_bin() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
 }
 
+/// The log file of quiet mode, once [`quiet_into`] set it.
+static QUIET_LOG: OnceLock<PathBuf> = OnceLock::new();
+
+/// From now on every [`run`] (and [`cargo`]) appends its command line and output to `log`
+/// (created empty here) instead of writing to the terminal.
+pub fn quiet_into(log: &Path) -> Result<()> {
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    QUIET_LOG
+        .set(log.to_path_buf())
+        .map_err(|_| anyhow::anyhow!("quiet mode was already on"))
+}
+
+/// The quiet-mode log, if quiet mode is on.
+pub fn quiet_log() -> Option<&'static Path> {
+    QUIET_LOG.get().map(PathBuf::as_path)
+}
+
 /// Runs a command to completion, failing with its command line if it fails.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
-    eprintln!("+ {shown}");
+    let Some(log) = quiet_log() else {
+        eprintln!("+ {shown}");
+        let status = cmd
+            .status()
+            .with_context(|| format!("could not start {shown}"))?;
+        if !status.success() {
+            bail!("{shown} failed: {status}");
+        }
+        return Ok(());
+    };
+    let mut file = OpenOptions::new()
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    writeln!(file, "+ {shown}")?;
     let status = cmd
+        .stdout(file.try_clone()?)
+        .stderr(file)
         .status()
         .with_context(|| format!("could not start {shown}"))?;
     if !status.success() {
-        bail!("{shown} failed: {status}");
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        bail!(
+            "{shown} failed: {status}; its last lines (all of it in {}):\n{tail}",
+            log.display()
+        );
     }
     Ok(())
 }

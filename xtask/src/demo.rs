@@ -34,16 +34,24 @@ enum Which {
     Xdp,
 }
 
-/// Runs the chosen demo.
+/// Where the demo's logs go: the setup's and the builds' output, and one file per process.
+pub fn log_dir() -> std::path::PathBuf {
+    cmd::target_dir().join("demo-log")
+}
+
+/// Runs the chosen demo. The caller has put [`cmd`] in quiet mode with a log in [`log_dir`].
 pub fn run(args: &DemoArgs) -> Result<()> {
-    match args.which {
-        Which::All => {
-            crate::workflow::run()?;
-            xdp(args.seconds)
-        }
-        Which::Workflow => crate::workflow::run(),
+    let logs = log_dir();
+    let result = match args.which {
+        Which::All => crate::workflow::run(&logs).and_then(|()| xdp(args.seconds)),
+        Which::Workflow => crate::workflow::run(&logs),
         Which::Xdp => xdp(args.seconds),
-    }
+    };
+    println!(
+        "demo: logs in {} (setup and builds: demo.log; one file per process)",
+        logs.display()
+    );
+    result
 }
 
 /// Kills a child on drop, so an error anywhere leaves nothing running.
@@ -56,16 +64,25 @@ impl Drop for Reaper {
     }
 }
 
-fn build(packages: &[&str]) -> Result<()> {
+/// `cargo build` of `bins` from `packages`, in one progress line and its time.
+pub fn build(packages: &[&str], bins: &[&str]) -> Result<()> {
     let mut args = vec!["build", "--locked"];
     for p in packages {
         args.extend(["-p", p]);
     }
-    cmd::cargo(&args)
+    for b in bins {
+        args.extend(["--bin", b]);
+    }
+    print!("demo: building {} (debug) ... ", bins.join(", "));
+    std::io::Write::flush(&mut std::io::stdout())?;
+    let start = std::time::Instant::now();
+    cmd::cargo(&args)?;
+    println!("done in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn xdp(seconds: u64) -> Result<()> {
-    build(&["scm-proxy"])?;
+    build(&["scm-proxy"], &["scm-proxy"])?;
     let proxy = cmd::target_dir().join("debug/scm-proxy");
     let pair = NetnsPair::create("demo")?;
     println!(
@@ -80,9 +97,21 @@ fn xdp(seconds: u64) -> Result<()> {
         .args(["xdp", "attach", "--iface", pair.vb, "--interval", "2"])
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .spawn()
         .context("starting scm-proxy xdp attach")?;
     let mut attach = Reaper(attach);
+    // Its tables go to the terminal as they come, and are kept to check the final one.
+    let out = attach.0.stdout.take().context("xdp attach's stdout")?;
+    let printer = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            println!("  {line}");
+            lines.push(line);
+        }
+        lines
+    });
     sleep(Duration::from_secs(2));
     if let Some(status) = attach.0.try_wait()? {
         bail!("scm-proxy xdp attach exited early: {status}");
@@ -132,9 +161,52 @@ fn xdp(seconds: u64) -> Result<()> {
     // SAFETY: kill(2) on the pid of a child we own and have not reaped yet.
     unsafe { libc::kill(attach.0.id() as i32, libc::SIGINT) };
     let status = attach.0.wait()?;
+    let lines = printer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the output printer panicked"))?;
     if pair.xdp_attached_on_b() {
         bail!("the XDP program is still attached after scm-proxy exited");
     }
-    println!("demo: scm-proxy exited ({status}); program detached; removing the namespaces");
+    if !status.success() {
+        bail!("scm-proxy xdp attach exited with {status}");
+    }
+    let counted = final_counts(&lines)?;
+    // ICMP is counted as `other`; each class the demo sent must have been seen.
+    for class in ["tcp-syn", "tcp", "udp", "other"] {
+        let packets = counted.iter().find(|(c, _)| c == class).map(|(_, n)| *n);
+        if packets.unwrap_or(0) == 0 {
+            bail!(
+                "the final table counted no {class} packets ({packets:?}), yet the demo sent some"
+            );
+        }
+    }
+    let summary: Vec<String> = counted.iter().map(|(c, n)| format!("{c} {n}")).collect();
+    println!(
+        "demo: scm-proxy exited ({status}); program detached after counting {}; removing the namespaces",
+        summary.join(", ")
+    );
     Ok(())
+}
+
+/// The `class packets` pairs of the `[final]` table `scm-proxy xdp attach` printed at exit.
+fn final_counts(lines: &[String]) -> Result<Vec<(String, u64)>> {
+    let at = lines
+        .iter()
+        .rposition(|l| l.starts_with("[final]"))
+        .context("scm-proxy xdp attach printed no [final] table")?;
+    let mut out = Vec::new();
+    for line in &lines[at + 2..] {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        match cols.as_slice() {
+            ["total", ..] => return Ok(out),
+            [class, packets, _bytes] => out.push((
+                class.to_string(),
+                packets
+                    .parse()
+                    .with_context(|| format!("a bad count in {line:?}"))?,
+            )),
+            _ => bail!("an unexpected line in the final table: {line:?}"),
+        }
+    }
+    bail!("the final table has no total line")
 }

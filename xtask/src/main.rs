@@ -80,6 +80,8 @@ fn main() -> Result<()> {
             std::process::exit(code)
         }
         Task::Demo(args) => {
+            // The setup's and the builds' output go to a log, the terminal gets a few lines.
+            cmd::quiet_into(&demo::log_dir().join("demo.log"))?;
             setup::run(&setup::SetupArgs::default())?;
             demo::run(&args)
         }
