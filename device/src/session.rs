@@ -1,8 +1,18 @@
 //! A logged-in session: login (challenge, proof of the shared key, session key derivation),
 //! opening connections through a proxy (TLS 1.3, then the preamble bound to that connection's
 //! exporter), and logout.
+//!
+//! A session spreads its connections over the site's proxies by one policy, the same as the
+//! Security URL list's ([`scm_proto::failover`], "preferred order with failback"): connections go
+//! to the current proxy, the next ones are tried when it cannot be reached (a TCP connect bounded
+//! by [`PROXY_CONNECT_TIMEOUT`], so a dead host costs seconds, not the whole exchange's bound), and
+//! while away from the first proxy it is tried again at most once per failback interval, becoming
+//! current again when it answers.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use scm_proto::failover::{DEFAULT_FAILBACK, Failover, SwitchKind};
 
 use scm_proto::api::{
     ChallengeResponse, LoginRequest, LoginResponse, PATH_CHALLENGE, PATH_LOGIN, PATH_LOGOUT,
@@ -25,6 +35,14 @@ pub type ProxyStream = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// How long a proxy has to accept TCP, finish TLS and answer the preamble.
 const PROXY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a proxy has to accept the TCP connection before the next one is tried.
+pub const PROXY_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The failover state of a login answer's proxy list.
+fn proxy_failover(login: &LoginResponse) -> Arc<Failover> {
+    Arc::new(Failover::new(login.proxy_urls.len(), DEFAULT_FAILBACK))
+}
 
 /// What the CLI saves between commands (holds the session id and key: mode 0600): the login
 /// answer as it came, and the session key derived from it. Flattened, so the saved JSON has the
@@ -63,6 +81,8 @@ pub struct Session {
     id: SessionId,
     key: SessionKey,
     saved: SavedSession,
+    /// Which of the site's proxies connections go to; shared by the session's clones.
+    proxies: Arc<Failover>,
 }
 
 impl std::fmt::Debug for Session {
@@ -116,6 +136,7 @@ impl Session {
         let key = derive_session_key(&device.shared_key, &server_nonce, &client_nonce, &id);
         Ok(Self {
             device: device.clone(),
+            proxies: proxy_failover(&resp),
             saved: SavedSession {
                 session_key: key.to_b64(),
                 login: resp,
@@ -132,9 +153,26 @@ impl Session {
         Ok(Self {
             device: device.clone(),
             key: SessionKey::from_b64(&saved.session_key)?,
+            proxies: proxy_failover(&saved.login),
             id,
             saved,
         })
+    }
+
+    /// The same session trying its site's first proxy again every `failback` while away from it
+    /// (default [`DEFAULT_FAILBACK`]).
+    pub fn with_proxy_failback(mut self, failback: Duration) -> Self {
+        self.proxies = Arc::new(Failover::new(self.saved.login.proxy_urls.len(), failback));
+        self
+    }
+
+    /// The proxy connections go to first now.
+    pub fn current_proxy(&self) -> Option<&str> {
+        self.saved
+            .login
+            .proxy_urls
+            .get(self.proxies.current())
+            .map(String::as_str)
     }
 
     /// The saved form.
@@ -174,7 +212,14 @@ impl Session {
         let name = crate::tls::server_name(proxy)?;
         let connector = tokio_rustls::TlsConnector::from(self.device.tls.clone());
         let fut = async {
-            let tcp = TcpStream::connect(proxy).await?;
+            let tcp = tokio::time::timeout(PROXY_CONNECT_TIMEOUT, TcpStream::connect(proxy))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no TCP connection within {PROXY_CONNECT_TIMEOUT:?}"),
+                    )
+                })??;
             tcp.set_nodelay(true)?;
             connector.connect(name, tcp).await
         };
@@ -249,18 +294,38 @@ impl Session {
         }
     }
 
-    /// Opens `resource` through the first proxy of the site that can be reached. A refusal is
-    /// final (another proxy would refuse too); an unreachable proxy moves on to the next.
+    /// Opens `resource` through the site's proxies in the order of the failover policy (the
+    /// current one first; the first again when its retry is due). A refusal is final (another
+    /// proxy would refuse too); an unreachable proxy moves on to the next.
     pub async fn open(&self, resource: &str) -> Result<ProxyStream, DeviceError> {
+        let urls = &self.saved.login.proxy_urls;
         let mut last = String::from("the site has no proxy");
-        for proxy in &self.saved.login.proxy_urls {
-            match self.open_via(proxy, resource).await {
-                Err(DeviceError::ProxyUnreachable { last: l, .. }) => last = l,
-                other => return other,
+        let plan = self.proxies.plan();
+        for &idx in plan.order.iter().filter(|&&i| i < urls.len()) {
+            match self.open_via(&urls[idx], resource).await {
+                Err(DeviceError::ProxyUnreachable { last: l, .. }) => {
+                    tracing::debug!(proxy = %urls[idx], error = %l, "proxy unreachable; trying the next");
+                    last = l;
+                }
+                other => {
+                    // A refusal is an answer too: the proxy is up.
+                    if let Some(sw) = self.proxies.succeeded(plan.from, idx) {
+                        let (from, to) = (&urls[sw.from], &urls[sw.to]);
+                        match sw.kind {
+                            SwitchKind::Failover => {
+                                tracing::warn!(%from, %to, "proxy unreachable; connections go to the next one")
+                            }
+                            SwitchKind::Failback => {
+                                tracing::info!(%from, %to, "the first proxy answers again; connections go back to it")
+                            }
+                        }
+                    }
+                    return other;
+                }
             }
         }
         Err(DeviceError::ProxyUnreachable {
-            tried: self.saved.login.proxy_urls.len(),
+            tried: urls.len(),
             last,
         })
     }
