@@ -123,7 +123,13 @@ async fn serve(cmd: ServeCommand) -> anyhow::Result<()> {
                 Some(sink) => scm_proxy::proxy::ServeHooks::with_refusals(sink),
                 None => scm_proxy::proxy::ServeHooks::default(),
             };
-            let serve = worker_serve_args(cmd.serve)?;
+            let mut serve = worker_serve_args(cmd.serve)?;
+            // Behind a balancer every packet comes from the balancer's address, so the XDP
+            // blocklist cannot single out a device: the worker limits the addresses its PROXY
+            // headers name itself, as a single process does.
+            if !serve.proxy_protocol_from.is_empty() {
+                serve.source_limit = scm_proxy::supervisor::single_process_limit(&cmd.workers);
+            }
             Ok(scm_proxy::proxy::serve_with(serve, hooks).await?)
         }
         Role::Supervisor { workers } => Ok(run(cmd.serve, cmd.workers, workers).await?),

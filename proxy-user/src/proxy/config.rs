@@ -140,6 +140,30 @@ pub struct ServeArgs {
     /// carries one, and a request gets 503 when none can be had (no Security server answers).
     #[arg(long, env = "SCM_PROXY_NO_IDENTITY_ASSERTION")]
     pub no_identity_assertion: bool,
+
+    /// Addresses or CIDR blocks of the TCP balancers in front of this proxy (HAProxy with
+    /// `send-proxy-v2`, ...), comma-separated or repeated. A connection from one of them must
+    /// begin with a PROXY protocol v2 header, and the device address it names is the one the
+    /// per-source limit, the logs and `x-forwarded-for` see; one without a header is closed. A
+    /// connection from any other address is read as a device's, header or not. Off by default.
+    #[arg(
+        long = "proxy-protocol-from",
+        env = "SCM_PROXY_PROXY_PROTOCOL_FROM",
+        value_delimiter = ',',
+        value_parser = parse_net
+    )]
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
+}
+
+/// `10.0.0.5` (one address) or `10.0.0.0/24` (a block).
+fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    if let Ok(ip) = text.parse::<std::net::IpAddr>() {
+        return Ok(ip.into());
+    }
+    text.parse::<ipnet::IpNet>().map_err(|_| {
+        format!("{text:?} is neither an IP address nor a CIDR block (e.g. 10.0.0.5, 10.0.0.0/24)")
+    })
 }
 
 /// The parser of every duration flag (`250ms`, `5s`, `2m`, `1h`, `1d`, a bare number of

@@ -113,11 +113,14 @@ impl Drop for OpenGuard {
 }
 
 impl Proxy {
-    pub(super) async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+    pub(super) async fn handle(self: Arc<Self>, mut tcp: TcpStream, peer: SocketAddr) {
         self.metrics.connections.inc();
         self.metrics.connections_open.inc();
         let _open = OpenGuard(self.metrics.clone());
         let _ = tcp.set_nodelay(true);
+        let Some(peer) = self.device_address(&mut tcp, peer).await else {
+            return;
+        };
         // Every step that ends before the relay (handshake, hand-off, preamble, admission,
         // connect, refusal) and the http server are awaited boxed: a task's future is as large
         // as its largest state, and held for the connection's life, so inline they made every
@@ -132,6 +135,32 @@ impl Proxy {
             .inc();
         if let Some((tunnel, span)) = Box::pin(self.session(stream, exporter, peer)).await {
             tunnel.run(&self).instrument(span).await;
+        }
+    }
+
+    /// The device's address: `peer` itself, or, from a balancer `--proxy-protocol-from` lists,
+    /// what its PROXY header says (`None`: the connection is closed, with the reason logged).
+    async fn device_address(&self, tcp: &mut TcpStream, peer: SocketAddr) -> Option<SocketAddr> {
+        let from_balancer = self
+            .args
+            .proxy_protocol_from
+            .iter()
+            .any(|net| net.contains(&peer.ip()));
+        if !from_balancer {
+            return Some(peer);
+        }
+        match super::proxy_header::read(tcp, self.args.handshake_timeout).await {
+            Ok(Some(device)) => Some(device),
+            Ok(None) => Some(peer),
+            Err(e) => {
+                self.metrics.error(e.class());
+                if matches!(e, super::proxy_header::HeaderError::Closed) {
+                    tracing::debug!(balancer = %peer, "{e}");
+                } else {
+                    tracing::warn!(balancer = %peer, error = %e, "connection from a listed balancer closed");
+                }
+                None
+            }
         }
     }
 

@@ -17,6 +17,7 @@ mod limiter;
 mod metrics;
 mod policy;
 mod preamble;
+mod proxy_header;
 mod refusals;
 mod relay;
 mod security_client;
