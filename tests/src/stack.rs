@@ -146,7 +146,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf) -> Result<Self> {
+    /// Starts `cmd` with its stdout and stderr appended to `log`.
+    pub fn spawn(name: &'static str, cmd: &mut Command, log: PathBuf) -> Result<Self> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -176,7 +177,8 @@ impl Proc {
         self.child.id()
     }
 
-    fn check_alive(&mut self) -> Result<()> {
+    /// An error with the log's tail if the process has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
         if let Ok(Some(status)) = self.child.try_wait() {
             bail!(
                 "{} exited ({status}); log:\n{}",
