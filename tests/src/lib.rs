@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod ha;
+pub mod hosts;
 pub mod link;
 pub mod stack;
 
