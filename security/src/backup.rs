@@ -597,14 +597,45 @@ fn check(
     if let Some((master, unauth)) = auth {
         authenticate(dir, &text, master, unauth)?;
     }
-    let m: Manifest = serde_json::from_slice(&text)
-        .map_err(|e| bad(format!("{}: corrupt manifest: {e}", mpath.display())))?;
+    let m = parse_manifest(&text, &mpath.display().to_string())?;
+    let mut contents = Vec::new();
+    let entries = m
+        .tables
+        .iter()
+        .map(|t| (&t.file, t.bytes, &t.sha256))
+        .chain(m.files.iter().map(|f| (&f.file, f.bytes, &f.sha256)));
+    for (file, bytes, sha) in entries {
+        let path = dir.join(file);
+        let data = std::fs::read(&path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        if data.len() as u64 != bytes {
+            return Err(bad(format!(
+                "{}: {} bytes where the manifest says {bytes}: the snapshot is truncated or corrupt",
+                path.display(),
+                data.len()
+            )));
+        }
+        if sha256_hex(&data) != *sha {
+            return Err(bad(format!(
+                "{}: sha256 does not match the manifest: the snapshot is corrupt or was tampered with",
+                path.display()
+            )));
+        }
+        contents.push((file.clone(), data));
+    }
+    Ok((m, contents))
+}
+
+/// Parses and checks a snapshot's manifest (`shown` names it in errors): its format and
+/// schema version, and that every file it names is one this code writes, so that no name can
+/// point outside the snapshot. The files themselves are checked by [`verify`]. Pure: the fuzz
+/// target `backup_manifest` runs it on arbitrary bytes.
+pub fn parse_manifest(text: &[u8], shown: &str) -> Result<Manifest, Error> {
+    let m: Manifest =
+        serde_json::from_slice(text).map_err(|e| bad(format!("{shown}: corrupt manifest: {e}")))?;
     if m.format != FORMAT || m.format_version != FORMAT_VERSION {
         return Err(bad(format!(
-            "{}: format {:?} version {} is not {FORMAT} version {FORMAT_VERSION}",
-            mpath.display(),
-            m.format,
-            m.format_version
+            "{shown}: format {:?} version {} is not {FORMAT} version {FORMAT_VERSION}",
+            m.format, m.format_version
         )));
     }
     let ours = latest_schema_version();
@@ -666,31 +697,23 @@ fn check(
             return Err(bad(format!("the manifest lists {} twice", f.file)));
         }
     }
-    let mut contents = Vec::new();
-    let entries = m
-        .tables
+    Ok(m)
+}
+
+/// Parses the rows of table `table`'s snapshot file (`<table>.ndjson`) as a restore does: each
+/// line a JSON array fitting the table's columns and passing the admin API's checks. The number
+/// of rows. Pure: the fuzz target `backup_rows` runs it on arbitrary bytes.
+pub fn parse_table_rows(table: &str, data: &[u8]) -> Result<usize, Error> {
+    let (_, cols) = TABLES
         .iter()
-        .map(|t| (&t.file, t.bytes, &t.sha256))
-        .chain(m.files.iter().map(|f| (&f.file, f.bytes, &f.sha256)));
-    for (file, bytes, sha) in entries {
-        let path = dir.join(file);
-        let data = std::fs::read(&path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
-        if data.len() as u64 != bytes {
-            return Err(bad(format!(
-                "{}: {} bytes where the manifest says {bytes}: the snapshot is truncated or corrupt",
-                path.display(),
-                data.len()
-            )));
-        }
-        if sha256_hex(&data) != *sha {
-            return Err(bad(format!(
-                "{}: sha256 does not match the manifest: the snapshot is corrupt or was tampered with",
-                path.display()
-            )));
-        }
-        contents.push((file.clone(), data));
-    }
-    Ok((m, contents))
+        .find(|(name, _)| *name == table)
+        .ok_or_else(|| bad(format!("no table {table:?} in a snapshot")))?;
+    Ok(parse_rows(table, cols, data)?.len())
+}
+
+/// The tables a snapshot holds, in restore order.
+pub fn table_names() -> impl Iterator<Item = &'static str> {
+    TABLES.iter().map(|(name, _)| *name)
 }
 
 type Cell = serde_json::Value;

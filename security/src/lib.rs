@@ -26,6 +26,8 @@ pub mod devcerts;
 mod directory;
 pub mod error;
 pub mod fsmode;
+#[doc(hidden)]
+pub mod fuzz;
 mod ha;
 mod ldap_sync;
 pub mod limits;

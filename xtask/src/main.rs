@@ -6,6 +6,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod fuzz;
 mod netns;
 mod setup;
 mod vm;
@@ -61,6 +62,8 @@ enum Task {
     Demo(demo::DemoArgs),
     /// Benchmark scm-proxy against nginx side by side: see `cargo xtask bench --help`.
     Bench(bench::BenchArgs),
+    /// Run one cargo-fuzz target on nightly for a while: see `cargo xtask fuzz --help`.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> Result<()> {
@@ -86,6 +89,7 @@ fn main() -> Result<()> {
             demo::run(&args)
         }
         Task::Bench(args) => bench::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
     }
 }
 

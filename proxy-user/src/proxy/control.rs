@@ -273,11 +273,9 @@ impl Proxy {
     }
 
     async fn apply_event(&self, line: &[u8]) {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            return;
-        }
-        let event: ProxyEvent = match serde_json::from_slice(line) {
-            Ok(e) => e,
+        let event: ProxyEvent = match super::security_client::parse_event(line) {
+            Ok(Some(e)) => e,
+            Ok(None) => return,
             Err(e) => {
                 self.metrics.error("revocation_event");
                 tracing::warn!(error = %e, "unreadable revocation event");

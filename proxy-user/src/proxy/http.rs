@@ -200,7 +200,7 @@ async fn add_assertion(
     })
 }
 
-async fn forward(ctx: Arc<HttpContext>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+async fn forward(ctx: Arc<HttpContext>, req: Request<Incoming>) -> Response<ProxyBody> {
     if let Err(refusal) = (ctx.check)() {
         let code = match refusal.status {
             Status::SessionInvalid => StatusCode::UNAUTHORIZED,
@@ -208,25 +208,14 @@ async fn forward(ctx: Arc<HttpContext>, mut req: Request<Incoming>) -> Response<
         };
         return text(code, format!("{}: {}\n", refusal.status, refusal.reason));
     }
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
-    let uri: Uri = match format!("http://{}{path}", ctx.backend).parse() {
-        Ok(u) => u,
-        Err(e) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!("bad request target: {e}\n"),
-            );
-        }
-    };
-    *req.uri_mut() = uri;
-    let headers = req.headers_mut();
-    strip_headers(headers);
-    strip_device_supplied(headers);
-    add_identity(headers, &ctx.identity, ctx.peer);
+    let (mut head, body) = req.into_parts();
+    if let Err(e) = rewrite_head(&mut head, &ctx.backend, &ctx.identity, ctx.peer) {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("bad request target: {e}\n"),
+        );
+    }
+    let mut req = Request::from_parts(head, body);
     if let Some(Err(resp)) = add_assertion(&ctx, req.headers_mut()).await {
         return resp;
     }
@@ -257,6 +246,24 @@ async fn forward(ctx: Arc<HttpContext>, mut req: Request<Incoming>) -> Response<
             )
         }
     }
+}
+
+/// What the proxy does to a device's request head before it goes to `backend`: the target
+/// rewritten to the back end (path and query kept), the hop-by-hop, `x-scm-*` and forwarding
+/// headers the device sent removed, and the identity headers added. Pure: the fuzz target
+/// `http_head` checks these properties on arbitrary heads.
+pub(super) fn rewrite_head(
+    head: &mut hyper::http::request::Parts,
+    backend: &str,
+    identity: &Identity,
+    peer: SocketAddr,
+) -> Result<(), hyper::http::uri::InvalidUri> {
+    let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    head.uri = format!("http://{backend}{path}").parse::<Uri>()?;
+    strip_headers(&mut head.headers);
+    strip_device_supplied(&mut head.headers);
+    add_identity(&mut head.headers, identity, peer);
+    Ok(())
 }
 
 /// Serves HTTP/1.1 requests from the device until it closes, stays idle for `idle`, or `cancel`

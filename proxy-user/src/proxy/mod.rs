@@ -11,6 +11,8 @@ mod cache;
 pub mod config;
 mod connection;
 mod control;
+#[doc(hidden)]
+pub mod fuzz;
 mod http;
 mod ktls;
 mod limiter;

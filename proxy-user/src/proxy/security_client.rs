@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use scm_proto::api::{
     AppPolicy, BindingProof, ErrorBody, PATH_PROXY_APPS, PATH_PROXY_RESOURCES,
-    PATH_PROXY_REVOCATIONS, PATH_PROXY_VALIDATE, Resource, ValidateRequest, ValidateResponse,
+    PATH_PROXY_REVOCATIONS, PATH_PROXY_VALIDATE, ProxyEvent, Resource, ValidateRequest,
+    ValidateResponse,
 };
 use scm_proto::crypto::SessionId;
 use scm_proto::failover::{Failover, Switch, SwitchKind};
@@ -408,6 +409,14 @@ impl LineBuffer {
         }
         lines
     }
+}
+
+/// One line of the revocation stream as an event; `Ok(None)` for a blank line (keep-alive).
+pub(super) fn parse_event(line: &[u8]) -> Result<Option<ProxyEvent>, serde_json::Error> {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(line).map(Some)
 }
 
 /// What one POST to the Security server came back with (the URL that answered first).

@@ -1,0 +1,6 @@
+//! A snapshot's manifest, parsed and checked as a restore does.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    scm_security::fuzz::backup_manifest(data);
+});
