@@ -256,9 +256,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_IO_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub io_timeout: Duration,
 
-    /// Log lines as JSON instead of text (filter with RUST_LOG, default info).
-    #[arg(long, env = "SCM_LOG_JSON")]
-    pub log_json: bool,
+    /// `--log-json`, `--log-level`.
+    #[command(flatten)]
+    pub log: scm_proto::ops::logs::LogArgs,
 
     /// Folder of the scheduled backups. Default: DATA_DIR/backups.
     #[arg(long, env = "SCM_BACKUP_DIR")]
