@@ -77,7 +77,10 @@ pub struct Ops {
 impl std::fmt::Debug for Ops {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ops")
-            .field("checks", &self.checks.iter().map(|c| &c.0).collect::<Vec<_>>())
+            .field(
+                "checks",
+                &self.checks.iter().map(|c| &c.0).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -219,11 +222,7 @@ impl Ops {
             );
         }
         match req.uri().path() {
-            "/metrics" => reply(
-                StatusCode::OK,
-                METRICS_CONTENT_TYPE,
-                (self.metrics)().await,
-            ),
+            "/metrics" => reply(StatusCode::OK, METRICS_CONTENT_TYPE, (self.metrics)().await),
             "/ready" => {
                 let r = self.readiness().await;
                 let code = if r.ready {
@@ -278,9 +277,15 @@ pub fn encode(registry: &Registry) -> String {
     out
 }
 
-/// Registers `<prefix>_build_info{version, rev}` (1) and the process metrics in `registry`.
-pub fn register_common(registry: &mut Registry, version: &'static str, rev: Option<&'static str>) {
-    registry.register(
+/// A daemon's registry: the process metrics (standard `process_` names, no prefix) and
+/// `<prefix>_build_info{version, rev}`. Register the component's own metrics in
+/// `registry.sub_registry_with_prefix(prefix)`.
+pub fn registry(prefix: &str, version: &'static str, rev: Option<&'static str>) -> Registry {
+    let mut root = Registry::default();
+    // The process metrics carry no component prefix: their standard names are what every
+    // Prometheus dashboard expects.
+    root.register_collector(Box::new(ProcessCollector));
+    root.sub_registry_with_prefix(prefix).register(
         "build",
         "The build of this binary: its version and git revision (unknown when built outside git).",
         Info::new(vec![
@@ -288,9 +293,7 @@ pub fn register_common(registry: &mut Registry, version: &'static str, rev: Opti
             ("rev", rev.unwrap_or("unknown").to_string()),
         ]),
     );
-    // The process metrics carry no component prefix: their standard names are what every
-    // Prometheus dashboard expects.
-    registry.register_collector(Box::new(ProcessCollector));
+    root
 }
 
 /// `process_*` metrics from /proc/self, read at each scrape (the Prometheus client convention).
@@ -364,14 +367,20 @@ impl Collector for ProcessCollector {
 /// is tried on loopback). A closed or never-bound listener refuses the connect.
 pub async fn listener_answers(addr: SocketAddr) -> Result<String, String> {
     let target = match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
-        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
         _ => addr,
     };
     match tokio::time::timeout(CHECK_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(_)) => Ok(format!("{addr} accepts connections")),
         Ok(Err(e)) => Err(format!("{addr} refuses connections: {e}")),
-        Err(_) => Err(format!("{addr}: no answer to a connect within {CHECK_TIMEOUT:?}")),
+        Err(_) => Err(format!(
+            "{addr}: no answer to a connect within {CHECK_TIMEOUT:?}"
+        )),
     }
 }
 
@@ -410,9 +419,12 @@ pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<
             body: String::from_utf8_lossy(&body).into_owned(),
         })
     };
-    tokio::time::timeout(timeout, fetch)
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("{addr}{path}: no answer within {timeout:?}")))?
+    tokio::time::timeout(timeout, fetch).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{addr}{path}: no answer within {timeout:?}"),
+        )
+    })?
 }
 
 /// Merges metric pages: `own` first, then each `(worker, page)` with a `worker="<worker>"`
@@ -440,7 +452,9 @@ pub fn merge_pages(own: &str, workers: &[(String, String)]) -> String {
                 let meta = &mut families[i].1;
                 // Each family's HELP/TYPE/UNIT once, from the first page that has it.
                 if !meta.iter().any(|m| m == line)
-                    && !meta.iter().any(|m| m.split(' ').nth(1) == line.split(' ').nth(1))
+                    && !meta
+                        .iter()
+                        .any(|m| m.split(' ').nth(1) == line.split(' ').nth(1))
                 {
                     meta.push(line.to_string());
                 }
@@ -512,17 +526,20 @@ mod tests {
 
     #[test]
     fn common_metrics_follow_the_conventions() {
-        let mut r = Registry::with_prefix("scm_test");
-        register_common(&mut r, "1.2.3", None);
-        r.register("events", "Events.", Counter::<u64>::default());
-        let page = encode(&r);
+        let mut root = registry("scm_test", "1.2.3", None);
+        root.sub_registry_with_prefix("scm_test").register(
+            "events",
+            "Events.",
+            Counter::<u64>::default(),
+        );
+        let page = encode(&root);
         for want in [
             "scm_test_build_info{version=\"1.2.3\",rev=\"unknown\"} 1",
             "scm_test_events_total 0",
-            "process_cpu_seconds_total ",
+            "\nprocess_cpu_seconds_total ",
             "process_resident_memory_bytes ",
-            "process_open_fds ",
-            "process_start_time_seconds ",
+            "\nprocess_open_fds ",
+            "\nprocess_start_time_seconds ",
         ] {
             assert!(page.contains(want), "{want:?} missing from\n{page}");
         }
@@ -539,6 +556,9 @@ mod tests {
         assert_eq!(r.failing, vec!["bad".to_string()]);
         drain.begin();
         let r = ops.readiness().await;
-        assert_eq!(r.failing, vec!["not_draining".to_string(), "bad".to_string()]);
+        assert_eq!(
+            r.failing,
+            vec!["not_draining".to_string(), "bad".to_string()]
+        );
     }
 }

@@ -2,11 +2,11 @@
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use scm_proto::ops::logs::LogArgs;
 use scm_security::config::{
     AdminArgs, BackupArgs, Cli, Command, DevCertsArgs, InitArgs, RestoreArgs, ServeArgs,
 };
 use scm_security::store::Store;
-use scm_proto::ops::logs::LogArgs;
 
 fn init_logs(log: &LogArgs) -> anyhow::Result<()> {
     log.init().map_err(anyhow::Error::msg)

@@ -76,25 +76,32 @@ fn counter(r: &mut Registry, name: &str, help: &str, v: u64) {
 
 /// Renders every metric in the OpenMetrics text format.
 pub fn render(st: &Shared) -> String {
-    let mut r = Registry::with_prefix("scm_security");
-    scm_proto::ops::register_common(&mut r, env!("CARGO_PKG_VERSION"), option_env!("SCM_GIT_REV"));
+    let mut root = scm_proto::ops::registry(
+        "scm_security",
+        env!("CARGO_PKG_VERSION"),
+        option_env!("SCM_GIT_REV"),
+    );
+    let r = root.sub_registry_with_prefix("scm_security");
     r.register(
         "config",
         "What this instance serves: its default site and its database kind.",
         Info::new(vec![
             ("default_site", st.settings.default_site.clone()),
-            ("database", format!("{:?}", st.store.backend()).to_lowercase()),
+            (
+                "database",
+                format!("{:?}", st.store.backend()).to_lowercase(),
+            ),
         ]),
     );
     let (b, ha) = (&st.backup_stats, &st.ha);
     gauge(
-        &mut r,
+        r,
         "backup_last_success_timestamp_seconds",
         "Unix time of the last successful scheduled backup (0: none yet).",
         &b.last_success,
     );
     gauge(
-        &mut r,
+        r,
         "backup_last_failure_timestamp_seconds",
         "Unix time of the last failed scheduled backup (0: none).",
         &b.last_failure,
@@ -107,61 +114,61 @@ pub fn render(st: &Shared) -> String {
         d,
     );
     counter(
-        &mut r,
+        r,
         "backup_successes",
         "Scheduled backups that succeeded.",
         b.successes.load(Ordering::Relaxed),
     );
     counter(
-        &mut r,
+        r,
         "backup_failures",
         "Scheduled backups that failed.",
         b.failures.load(Ordering::Relaxed),
     );
     gauge(
-        &mut r,
+        r,
         "database_read_only",
         "1 on a read-only hot standby, 0 on a primary or SQLite, -1 if the database did not answer.",
         &ha.read_only,
     );
     counter(
-        &mut r,
+        r,
         "database_role_check_failures",
         "Database role checks that failed.",
         ha.check_failures.load(Ordering::Relaxed).max(0) as u64,
     );
     gauge(
-        &mut r,
+        r,
         "replication_standbys",
         "Standbys streaming from this primary (-1: not a PostgreSQL primary).",
         &ha.standbys,
     );
     gauge(
-        &mut r,
+        r,
         "replication_sync_standbys",
         "Synchronous standbys streaming from this primary (-1: not a PostgreSQL primary).",
         &ha.sync_standbys,
     );
     gauge(
-        &mut r,
+        r,
         "replication_max_lag_bytes",
         "Largest replay lag of a standby in WAL bytes (-1: not a PostgreSQL primary).",
         &ha.max_lag_bytes,
     );
     gauge(
-        &mut r,
+        r,
         "standby_receiver_streaming",
         "On a standby, 1 while its WAL receiver streams from the primary (-1: not a standby).",
         &ha.receiver_streaming,
     );
     gauge(
-        &mut r,
+        r,
         "standby_replay_delay_seconds",
         "On a standby, seconds since the last replayed commit (-1: not a standby or none yet).",
         &ha.replay_delay_secs,
     );
     gauge(
-        &mut r,
+        r,
         "sessions",
         "Live sessions held in memory by this instance.",
         &AtomicI64::new(st.sessions.len() as i64),
@@ -178,7 +185,7 @@ pub fn render(st: &Shared) -> String {
         Unit::Seconds,
         st.metrics.validation_seconds.clone(),
     );
-    scm_proto::ops::encode(&r)
+    scm_proto::ops::encode(&root)
 }
 
 /// The listeners whose readiness `/ready` checks, by name.
@@ -220,7 +227,10 @@ pub async fn serve_ops(
 
 /// Binds the ops listener.
 pub async fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| Error::io(format!("listening on {addr} (ops: metrics, ready, live)"), e))
+    TcpListener::bind(addr).await.map_err(|e| {
+        Error::io(
+            format!("listening on {addr} (ops: metrics, ready, live)"),
+            e,
+        )
+    })
 }

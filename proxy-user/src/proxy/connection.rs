@@ -337,32 +337,32 @@ impl Proxy {
                         .backend_connect_seconds
                         .observe(started.elapsed().as_secs_f64());
                     let backend = match connected {
-                            Ok(Ok(b)) => b,
-                            Ok(Err(e)) => {
-                                let r = Refusal::new(
-                                    Status::BackendUnavailable,
-                                    format!(
-                                        "back end of {} at {} unreachable: {e}",
-                                        resource.name, resource.address
-                                    ),
-                                );
-                                self.metrics.error("backend_unavailable");
-                                self.refuse(&mut stream, peer, r).await;
-                                return None;
-                            }
-                            Err(_) => {
-                                let r = Refusal::new(
-                                    Status::BackendUnavailable,
-                                    format!(
-                                        "back end of {} at {} did not accept within {:?}",
-                                        resource.name, resource.address, self.args.connect_timeout
-                                    ),
-                                );
-                                self.metrics.error("backend_unavailable");
-                                self.refuse(&mut stream, peer, r).await;
-                                return None;
-                            }
-                        };
+                        Ok(Ok(b)) => b,
+                        Ok(Err(e)) => {
+                            let r = Refusal::new(
+                                Status::BackendUnavailable,
+                                format!(
+                                    "back end of {} at {} unreachable: {e}",
+                                    resource.name, resource.address
+                                ),
+                            );
+                            self.metrics.error("backend_unavailable");
+                            self.refuse(&mut stream, peer, r).await;
+                            return None;
+                        }
+                        Err(_) => {
+                            let r = Refusal::new(
+                                Status::BackendUnavailable,
+                                format!(
+                                    "back end of {} at {} did not accept within {:?}",
+                                    resource.name, resource.address, self.args.connect_timeout
+                                ),
+                            );
+                            self.metrics.error("backend_unavailable");
+                            self.refuse(&mut stream, peer, r).await;
+                            return None;
+                        }
+                    };
                     let _ = backend.set_nodelay(true);
                     if !self.accept_reply(&mut stream).await {
                         return None;

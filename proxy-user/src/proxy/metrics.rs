@@ -109,7 +109,8 @@ pub(crate) struct Metrics {
     pub revocation_stream_up: IntGauge,
 }
 
-/// What the proxy chose at start, exported as `scm_proxy_tls_path_info`.
+/// What the proxy chose at start, exported as `scm_proxy_tls_path_info` and
+/// `scm_proxy_kernel_tls_info`.
 #[derive(Debug, Clone)]
 pub(crate) struct TlsInfo {
     /// `ktls` or `userspace`.
@@ -130,15 +131,21 @@ impl Default for TlsInfo {
 impl Metrics {
     /// A fresh registry holding every metric at zero, and the TLS path chosen.
     pub(crate) fn new(tls: &TlsInfo) -> Self {
-        let mut r = Registry::with_prefix("scm_proxy");
-        scm_proto::ops::register_common(&mut r, env!("CARGO_PKG_VERSION"), option_env!("SCM_GIT_REV"));
+        let mut root = scm_proto::ops::registry(
+            "scm_proxy",
+            env!("CARGO_PKG_VERSION"),
+            option_env!("SCM_GIT_REV"),
+        );
+        let r = root.sub_registry_with_prefix("scm_proxy");
         r.register(
             "tls_path",
-            "The record-encryption path in use (ktls, userspace) and the kernel's TLS 1.3 ciphers.",
-            Info::new(vec![
-                ("path", tls.path.to_string()),
-                ("kernel_ciphers", tls.kernel_ciphers.clone()),
-            ]),
+            "The record-encryption path in use (ktls, userspace).",
+            Info::new(vec![("path", tls.path.to_string())]),
+        );
+        r.register(
+            "kernel_tls",
+            "The TLS 1.3 ciphers the kernel's TLS takes, as probed at start (none: no kernel TLS).",
+            Info::new(vec![("ciphers", tls.kernel_ciphers.clone())]),
         );
         let counter = |r: &mut Registry, name: &str, help: &str| {
             let c = IntCounter::default();
@@ -166,108 +173,115 @@ impl Metrics {
             h
         };
         Self {
-            connections: counter(&mut r, "connections", "Device connections accepted."),
-            connections_open: gauge(&mut r, "connections_open", "Device connections open now."),
+            connections: counter(r, "connections", "Device connections accepted."),
+            connections_open: gauge(r, "connections_open", "Device connections open now."),
             handshakes: family(
-                &mut r,
+                r,
                 "handshakes",
                 "TLS handshakes by result.",
                 "result",
                 &["ok", "failed", "timeout"],
             ),
             validations: family(
-                &mut r,
+                r,
                 "validations",
                 "Session validations asked of the Security server, by result.",
                 "result",
                 &["valid", "invalid", "unavailable"],
             ),
             validation_seconds: histogram(
-                &mut r,
+                r,
                 "validation",
                 "Time a session validation took as this proxy saw it (every Security server tried, answer or failure).",
             ),
             preamble_seconds: histogram(
-                &mut r,
+                r,
                 "preamble",
                 "Time from the end of a device's TLS handshake to its whole preamble read.",
             ),
             backend_connect_seconds: histogram(
-                &mut r,
+                r,
                 "backend_connect",
                 "Time a TCP connect to a back end took (tunnel resources; refused and timed-out connects included).",
             ),
-            cache_hits: counter(&mut r, "cache_hits", "Sessions served from the cache."),
-            cache_misses: counter(&mut r, "cache_misses", "Sessions not in the cache."),
-            revocations: counter(&mut r, "revocations", "Revocation events received."),
+            cache_hits: counter(r, "cache_hits", "Sessions served from the cache."),
+            cache_misses: counter(r, "cache_misses", "Sessions not in the cache."),
+            revocations: counter(r, "revocations", "Revocation events received."),
             revoked_connections: counter(
-                &mut r,
+                r,
                 "revoked_connections",
                 "Connections closed because their session was revoked.",
             ),
-            replies: family(&mut r, "replies", "Preamble replies by status.", "status", &[]),
+            replies: family(r, "replies", "Preamble replies by status.", "status", &[]),
             bytes: family(
-                &mut r,
+                r,
                 "bytes",
                 "Bytes relayed by direction.",
                 "direction",
                 &["to_backend", "to_device"],
             ),
-            errors: family(&mut r, "errors", "Errors by class.", "class", &[]),
+            errors: family(r, "errors", "Errors by class.", "class", &[]),
             http_requests: family(
-                &mut r,
+                r,
                 "http_requests",
                 "HTTP-mode requests by response status.",
                 "code",
                 &[],
             ),
             tls_connections: family(
-                &mut r,
+                r,
                 "tls_connections",
                 "Device connections past the handshake by record-encryption path (ktls, userspace).",
                 "path",
                 &[tls.path],
             ),
             ktls_handoffs: family(
-                &mut r,
+                r,
                 "ktls_handoffs",
                 "Hand-offs of a finished handshake to kernel TLS, by result.",
                 "result",
-                &[],
+                &["ok", "fallback_cipher", "fallback_ulp", "failed"],
             ),
             ktls_records: family(
-                &mut r,
+                r,
                 "ktls_records",
                 "Non-data records (and decryption failures) read on the kTLS path, by kind.",
                 "kind",
-                &[],
+                &[
+                    "close_notify",
+                    "alert",
+                    "key_update",
+                    "handshake",
+                    "unexpected",
+                    "decrypt_error",
+                ],
             ),
             splice_backstops: counter(
-                &mut r,
+                r,
                 "splice_backstops",
                 "Waits of the kTLS splice relay that the backstop cut short and whose retried splice then moved bytes: a readiness wake-up that never came.",
             ),
             security_failovers: counter(
-                &mut r,
+                r,
                 "security_failovers",
                 "Switches to another Security server after a failure.",
             ),
             security_failbacks: counter(
-                &mut r,
+                r,
                 "security_failbacks",
                 "Switches back to the first Security server once it answers again.",
             ),
             security_current: gauge(
-                &mut r,
+                r,
                 "security_current_index",
                 "Index (from 0, in --security-url order) of the Security server calls go to first.",
             ),
             revocation_stream_up: gauge(
-                &mut r,
+                r,
                 "revocation_stream_up",
                 "1 while the revocation stream from the Security server is connected.",
             ),
-            registry: Arc::new(r),
+            registry: Arc::new(root),
         }
     }
 
@@ -302,7 +316,9 @@ pub(super) async fn serve_ops(
 ) {
     let up = metrics.revocation_stream_up.clone();
     let ops = Ops::new(metrics.registry.clone(), drain)
-        .check("listener:device", move || scm_proto::ops::listener_answers(device))
+        .check("listener:device", move || {
+            scm_proto::ops::listener_answers(device)
+        })
         .check("security_server", move || {
             let up = up.get();
             async move {
@@ -331,11 +347,12 @@ mod tests {
         let page = m.render();
         for want in [
             "scm_proxy_connections_total 1",
-            "scm_proxy_tls_path_info{path=\"ktls\",kernel_ciphers=\"aes-128-gcm\"} 1",
+            "scm_proxy_tls_path_info{path=\"ktls\"} 1",
+            "scm_proxy_kernel_tls_info{ciphers=\"aes-128-gcm\"} 1",
             "scm_proxy_validation_seconds_bucket{le=",
             "scm_proxy_build_info{version=",
             "scm_proxy_handshakes_total{result=\"timeout\"} 0",
-            "process_open_fds ",
+            "\nprocess_open_fds ",
         ] {
             assert!(page.contains(want), "{want:?} missing from\n{page}");
         }

@@ -512,10 +512,7 @@ mod tests {
     }
 
     fn counters() -> (IntCounter, IntCounter) {
-        (
-            IntCounter::default(),
-            IntCounter::default(),
-        )
+        (IntCounter::default(), IntCounter::default())
     }
 
     fn opts(idle_ms: u64) -> RelayOptions {

@@ -151,13 +151,11 @@ pub async fn serve_with(args: ServeArgs, hooks: ServeHooks) -> Result<(), ServeE
                 addr,
                 source,
             })?;
-        let device = listener
-            .local_addr()
-            .map_err(|source| ServeError::Bind {
-                what: "device listener",
-                addr: args.listen,
-                source,
-            })?;
+        let device = listener.local_addr().map_err(|source| ServeError::Bind {
+            what: "device listener",
+            addr: args.listen,
+            source,
+        })?;
         tracing::info!(%addr, "ops listener on http://{addr}/ (metrics, ready, live)");
         tokio::spawn(serve_ops(l, metrics.clone(), device, drain.clone()));
     }

@@ -69,8 +69,12 @@ fn state_name(state: u32) -> &'static str {
 impl SupervisorView {
     /// The supervisor's own page.
     fn own_page(&self) -> String {
-        let mut r = Registry::with_prefix("scm_proxy");
-        scm_proto::ops::register_common(&mut r, env!("CARGO_PKG_VERSION"), option_env!("SCM_GIT_REV"));
+        let mut root = scm_proto::ops::registry(
+            "scm_proxy",
+            env!("CARGO_PKG_VERSION"),
+            option_env!("SCM_GIT_REV"),
+        );
+        let r = root.sub_registry_with_prefix("scm_proxy");
         let st = lock(&self.steering);
         let counters = |r: &mut Registry, name: &str, help: &str, vals: Vec<(Labels, u64)>| {
             let f = Family::<Labels, Counter>::default();
@@ -89,7 +93,7 @@ impl SupervisorView {
         let n = self.count as usize;
         if let Ok(c) = st.counters() {
             counters(
-                &mut r,
+                r,
                 "steer_events",
                 "Steering and shield events counted by the eBPF programs (per-CPU counters, summed).",
                 SteerStat::ALL
@@ -98,7 +102,7 @@ impl SupervisorView {
                     .collect(),
             );
             counters(
-                &mut r,
+                r,
                 "steer_worker_new_flows",
                 "New connections steered to each worker.",
                 (0..n)
@@ -111,7 +115,7 @@ impl SupervisorView {
         }
         if let Ok(c) = st.ingress().counters() {
             counters(
-                &mut r,
+                r,
                 "xdp_packets",
                 "Frames seen by the XDP ingress program, by class.",
                 PacketClass::ALL
@@ -120,7 +124,7 @@ impl SupervisorView {
                     .collect(),
             );
             counters(
-                &mut r,
+                r,
                 "xdp_bytes",
                 "Bytes (whole frames) seen by the XDP ingress program, by class.",
                 PacketClass::ALL
@@ -131,14 +135,14 @@ impl SupervisorView {
         }
         if let Ok(flows) = st.flow_count() {
             gauges(
-                &mut r,
+                r,
                 "steer_flows",
                 "Entries in the steering flow table now.",
                 vec![(vec![], flows as i64)],
             );
         }
         gauges(
-            &mut r,
+            r,
             "worker_state",
             "Worker slot state: 0 absent, 1 healthy, 2 draining.",
             st.workers()
@@ -151,7 +155,7 @@ impl SupervisorView {
         drop(st);
         let restarts = self.restarts.lock().map(|r| r.clone()).unwrap_or_default();
         counters(
-            &mut r,
+            r,
             "worker_restarts",
             "Workers restarted after dying.",
             restarts
@@ -161,7 +165,7 @@ impl SupervisorView {
                 .map(|(w, v)| (vec![("worker", w.to_string())], *v))
                 .collect(),
         );
-        scm_proto::ops::encode(&r)
+        scm_proto::ops::encode(&root)
     }
 
     /// Every live worker's page, by slot.
@@ -232,13 +236,19 @@ impl SupervisorView {
     fn programs(&self) -> Result<String, String> {
         let lookup = self.pin_dir.join(LOOKUP_LINK_PIN);
         if !lookup.exists() {
-            return Err(format!("sk_lookup is not attached: no link pinned at {}", lookup.display()));
+            return Err(format!(
+                "sk_lookup is not attached: no link pinned at {}",
+                lookup.display()
+            ));
         }
         let mut found = format!("sk_lookup attached ({})", lookup.display());
         if let Some(iface) = &self.xdp_iface {
             let xdp = self.pin_dir.join(XDP_LINK_PIN);
             if !xdp.exists() {
-                return Err(format!("XDP is not attached to {iface}: no link pinned at {}", xdp.display()));
+                return Err(format!(
+                    "XDP is not attached to {iface}: no link pinned at {}",
+                    xdp.display()
+                ));
             }
             found.push_str(&format!(", XDP attached to {iface} ({})", xdp.display()));
         }
@@ -270,7 +280,9 @@ impl SupervisorView {
                 .and_then(|v| v.parse().ok())
         };
         let tls_path = pages.iter().find_map(|(_, p)| {
-            let l = p.lines().find(|l| l.starts_with("scm_proxy_tls_path_info{"))?;
+            let l = p
+                .lines()
+                .find(|l| l.starts_with("scm_proxy_tls_path_info{"))?;
             let rest = l.split("path=\"").nth(1)?;
             Some(rest.split('"').next()?.to_string())
         });
@@ -300,7 +312,10 @@ impl SupervisorView {
                     .collect::<serde_json::Map<_, _>>()
             })
             .unwrap_or_default();
-        let xdp = st.ingress().attached().map(|(iface, mode)| json!({"iface": iface, "mode": mode.to_string()}));
+        let xdp = st
+            .ingress()
+            .attached()
+            .map(|(iface, mode)| json!({"iface": iface, "mode": mode.to_string()}));
         let flows = st.flow_count().ok();
         let sockets = st.workers().iter().filter(|s| s.state != 0).count();
         drop(st);
@@ -324,7 +339,11 @@ impl SupervisorView {
 }
 
 /// Serves the supervisor's ops endpoints on `listener`, forever.
-pub(super) async fn serve_ops(listener: tokio::net::TcpListener, view: SupervisorView, drain: Drain) {
+pub(super) async fn serve_ops(
+    listener: tokio::net::TcpListener,
+    view: SupervisorView,
+    drain: Drain,
+) {
     let v = Arc::new(view);
     let (m, p, h, s) = (v.clone(), v.clone(), v.clone(), v);
     let ops = Ops::with_metrics(drain, move || {

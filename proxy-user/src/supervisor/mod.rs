@@ -133,7 +133,9 @@ pub async fn run(
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(io_err(format!("binding the ops listener on {addr}")))?;
-        let addr = l.local_addr().map_err(io_err("reading the ops listener's address"))?;
+        let addr = l
+            .local_addr()
+            .map_err(io_err("reading the ops listener's address"))?;
         info!(%addr, "supervisor ops listener on http://{addr}/ (metrics of all workers, ready, live, status)");
         tokio::spawn(serve_ops(
             l,
