@@ -76,6 +76,11 @@ fn counter(r: &mut Registry, name: &str, help: &str, v: u64) {
 
 /// Renders every metric in the OpenMetrics text format.
 pub fn render(st: &Shared) -> String {
+    render_with(st, &st.backup_stats)
+}
+
+/// [`render`] with the backup figures of `backup` (a scheduler run outside the server's).
+pub fn render_with(st: &crate::state::State, backup: &crate::backup::BackupStats) -> String {
     let mut root = scm_proto::ops::registry(
         "scm_security",
         env!("CARGO_PKG_VERSION"),
@@ -93,7 +98,7 @@ pub fn render(st: &Shared) -> String {
             ),
         ]),
     );
-    let (b, ha) = (&st.backup_stats, &st.ha);
+    let (b, ha) = (backup, &st.ha);
     gauge(
         r,
         "backup_last_success_timestamp_seconds",

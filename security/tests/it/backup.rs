@@ -474,7 +474,7 @@ async fn unwritable_backup_folders_fail_loudly() {
         .unwrap_err();
     assert!(err.to_string().contains("Read-only file system"), "{err}");
     assert_eq!(stats.failures.load(Ordering::Relaxed), 3);
-    let text = scm_security::metrics::render(&srv.state().ha, &stats, 0);
+    let text = scm_security::metrics::render_with(srv.state(), &stats);
     assert!(
         text.contains("scm_security_backup_failures_total 3"),
         "{text}"
