@@ -30,6 +30,24 @@ enum Command {
     /// The XDP ingress program: attach it to an interface and watch what it counts.
     #[command(subcommand)]
     Xdp(XdpCommand),
+    /// Ask a running supervisor (or single proxy) how it is: workers (slot, state, pid, open
+    /// connections), attached programs and pins, map fill levels, counters, the TLS path.
+    ///
+    /// It reads GET /status on the ops listener (the `serve --metrics-listen` address).
+    ///
+    /// Example: scm-proxy status --metrics-listen 127.0.0.1:9100
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// The ops listener of the running proxy (its `serve --metrics-listen`).
+    #[arg(long, env = "SCM_PROXY_METRICS_LISTEN")]
+    metrics_listen: std::net::SocketAddr,
+
+    /// Print the JSON as the proxy sent it.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,6 +102,15 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(cmd) => serve(*cmd).await,
         Command::Xdp(XdpCommand::Attach(args)) => xdp_attach(args).await,
+        Command::Status(args) => {
+            let v = scm_proxy::supervisor::status::fetch(args.metrics_listen).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", scm_proxy::supervisor::status::render(&v));
+            }
+            Ok(())
+        }
     }
 }
 

@@ -57,6 +57,8 @@ fn latency() -> Histogram {
 /// Every metric the proxy exports, all prefixed `scm_proxy_`.
 pub(crate) struct Metrics {
     registry: Arc<Registry>,
+    /// The record-encryption path chosen at start.
+    tls_path: &'static str,
     /// Device connections accepted.
     pub connections: IntCounter,
     /// Device connections open now.
@@ -281,6 +283,7 @@ impl Metrics {
                 "revocation_stream_up",
                 "1 while the revocation stream from the Security server is connected.",
             ),
+            tls_path: tls.path,
             registry: Arc::new(root),
         }
     }
@@ -289,6 +292,48 @@ impl Metrics {
     #[cfg(test)]
     pub(super) fn render(&self) -> String {
         scm_proto::ops::encode(&self.registry)
+    }
+
+    /// `GET /status` of one proxy process (a worker's, or a single process's).
+    fn status(&self) -> serde_json::Value {
+        let by = |name: &str,
+                  f: &IntCounterVec,
+                  known: &[&str]|
+         -> serde_json::Map<String, serde_json::Value> {
+            known
+                .iter()
+                .map(|k| {
+                    let n = f.with_label_values(&[k]).get();
+                    (format!("{name}_{k}"), serde_json::json!(n))
+                })
+                .collect()
+        };
+        let mut counters = serde_json::Map::new();
+        counters.insert("connections_total".into(), self.connections.get().into());
+        counters.insert("cache_hits".into(), self.cache_hits.get().into());
+        counters.insert("cache_misses".into(), self.cache_misses.get().into());
+        counters.insert("revocations".into(), self.revocations.get().into());
+        counters.extend(by(
+            "handshakes",
+            &self.handshakes,
+            &["ok", "failed", "timeout"],
+        ));
+        counters.extend(by(
+            "validations",
+            &self.validations,
+            &["valid", "invalid", "unavailable"],
+        ));
+        serde_json::json!({
+            "role": match std::env::var(crate::supervisor::WORKER_INDEX_ENV) {
+                Ok(i) => format!("worker {i}"),
+                Err(_) => "proxy".to_string(),
+            },
+            "tls_path": self.tls_path,
+            "open_connections": self.connections_open.get(),
+            "security_server": if self.revocation_stream_up.get() == 1 { "revocation stream up" } else { "revocation stream down" },
+            "security_current_index": self.security_current.get(),
+            "counters": counters,
+        })
     }
 
     /// Counts an error of the given class.
@@ -315,7 +360,12 @@ pub(super) async fn serve_ops(
     drain: Drain,
 ) {
     let up = metrics.revocation_stream_up.clone();
+    let m = metrics.clone();
     let ops = Ops::new(metrics.registry.clone(), drain)
+        .status(move || {
+            let m = m.clone();
+            async move { m.status() }
+        })
         .check("listener:device", move || {
             scm_proto::ops::listener_answers(device)
         })

@@ -312,10 +312,22 @@ impl SupervisorView {
                     .collect::<serde_json::Map<_, _>>()
             })
             .unwrap_or_default();
-        let xdp = st
-            .ingress()
-            .attached()
-            .map(|(iface, mode)| json!({"iface": iface, "mode": mode.to_string()}));
+        // The XDP link lives pinned (a supervisor that adopted it holds no attachment of its
+        // own): the interface is the one this supervisor was told, the mode known only where
+        // it attached the program itself.
+        let mode = st.ingress().attached().map(|(_, mode)| mode.to_string());
+        let xdp_pin = self.pin_dir.join(XDP_LINK_PIN);
+        let xdp = self
+            .xdp_iface
+            .as_ref()
+            .filter(|_| xdp_pin.exists())
+            .map(|iface| {
+                json!({
+                    "iface": iface,
+                    "mode": mode.unwrap_or_else(|| "pinned".into()),
+                    "link": xdp_pin.display().to_string(),
+                })
+            });
         let flows = st.flow_count().ok();
         let sockets = st.workers().iter().filter(|s| s.state != 0).count();
         drop(st);

@@ -17,6 +17,7 @@ mod error;
 mod metrics;
 mod process;
 mod shield;
+pub mod status;
 mod workers;
 
 use std::{
