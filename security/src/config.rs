@@ -272,8 +272,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_BACKUP_KEEP", default_value_t = 12)]
     pub backup_keep: usize,
 
-    /// Address of a plain-HTTP Prometheus endpoint, GET /metrics (backup runs, database role,
-    /// replication). Off by default; keep it on loopback or a management network.
+    /// Address of the ops listener (plain HTTP): GET /metrics (Prometheus: logins, validations,
+    /// sessions, backups, database role, replication), /ready (the store answers, every listener
+    /// accepts, not draining; 503 naming the failing check), /live. Off by default; keep it on
+    /// loopback or a management network.
     #[arg(long, env = "SCM_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 

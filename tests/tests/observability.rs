@@ -82,7 +82,7 @@ fn sample_names(page: &str) -> BTreeSet<String> {
     page.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .map(|l| {
-            l.split(|c: char| c == '{' || c == ' ')
+            l.split(['{', ' '])
                 .next()
                 .unwrap_or_default()
                 .to_string()
@@ -550,6 +550,8 @@ async fn the_device_client_logs_json_lines() {
 struct Postgres {
     dir: PathBuf,
     port: u16,
+    /// `postgres` (or `runuser` around it), reaped on drop.
+    child: std::process::Child,
 }
 
 impl Postgres {
@@ -607,7 +609,7 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         let port = free_port();
-        as_pg(&bin.join("postgres"))
+        let child = as_pg(&bin.join("postgres"))
             .arg("-D")
             .arg(&data)
             .args([
@@ -641,7 +643,7 @@ impl Postgres {
             assert!(Instant::now() < deadline, "postgres did not start");
             std::thread::sleep(Duration::from_millis(200));
         }
-        Some(Self { dir, port })
+        Some(Self { dir, port, child })
     }
 
     /// SIGKILLs the postmaster (its backends follow); whether the signal was delivered.
@@ -662,6 +664,8 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         // Already killed by the test, or not: a stray postmaster must not outlive it.
         self.kill9();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
