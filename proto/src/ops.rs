@@ -497,15 +497,6 @@ fn with_label(line: &str, key: &str, value: &str) -> String {
     }
 }
 
-/// The metric families a page names (`# TYPE` lines: name and type), for tests and checks.
-pub fn families(page: &str) -> Vec<(String, String)> {
-    page.lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split_once(' '))
-        .map(|(n, t)| (n.to_string(), t.to_string()))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

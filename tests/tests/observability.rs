@@ -81,12 +81,7 @@ fn query_name(family: &str, kind: &str) -> String {
 fn sample_names(page: &str) -> BTreeSet<String> {
     page.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            l.split(['{', ' '])
-                .next()
-                .unwrap_or_default()
-                .to_string()
-        })
+        .map(|l| l.split(['{', ' ']).next().unwrap_or_default().to_string())
         .collect()
 }
 
@@ -357,6 +352,24 @@ async fn ready_live_metrics_docs_dashboard_and_logs() {
     assert!(count(&proxy_page, "scm_proxy_validation_seconds_count") >= 1.0);
     assert!(count(&proxy_page, "scm_proxy_preamble_seconds_count") >= 1.0);
     assert!(count(&proxy_page, "scm_proxy_backend_connect_seconds_count") >= 1.0);
+
+    // `scm-proxy status` against a single proxy.
+    let out = Command::new(&binaries().proxy)
+        .args(["status", "--metrics-listen", &proxy_ops.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("role: proxy")
+            && (text.contains("tls path: userspace") || text.contains("tls path: ktls")),
+        "{text}"
+    );
+    assert!(text.contains("validations_valid"), "{text}");
 
     check_docs(&sec_page, "security");
     check_docs(&proxy_page, "proxy");

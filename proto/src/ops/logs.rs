@@ -5,11 +5,6 @@ use std::io::IsTerminal as _;
 
 use tracing_subscriber::EnvFilter;
 
-/// The env twin of `--log-level`.
-pub const LEVEL_ENV: &str = "SCM_LOG";
-/// The env twin of `--log-json`.
-pub const JSON_ENV: &str = "SCM_LOG_JSON";
-
 /// Log flags, flattened into each daemon's command line.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct LogArgs {
@@ -50,19 +45,6 @@ impl LogArgs {
                 _ => Ok(EnvFilter::new("info")),
             },
         }
-    }
-
-    /// The flags to hand a child process so that it logs the same way (the supervisor's
-    /// workers): as environment variables, which the child's own flags read.
-    pub fn child_env(&self) -> Vec<(&'static str, String)> {
-        let mut env = Vec::new();
-        if self.log_json {
-            env.push((JSON_ENV, "true".to_string()));
-        }
-        if let Some(d) = &self.log_level {
-            env.push((LEVEL_ENV, d.clone()));
-        }
-        env
     }
 
     /// Installs the global subscriber: stderr, text (colours on a terminal) or JSON lines.
