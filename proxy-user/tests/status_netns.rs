@@ -205,10 +205,27 @@ fn supervisor_ready_status_and_merged_metrics() {
     );
     assert_eq!(h.get("/live").map(|r| r.0), Some(200));
 
-    // status, as JSON: the worker map's pids, each worker's own page read.
-    let (ok, out, err) = h.status(&["--metrics-listen", OPS, "--json"]);
-    assert!(ok, "status --json failed: {err}");
-    let s: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    // status, as JSON: the worker map's pids, each worker's own page read. /ready holds with
+    // one healthy worker; the second may still be starting.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let (ok, out, err) = h.status(&["--metrics-listen", OPS, "--json"]);
+        assert!(ok, "status --json failed: {err}");
+        let s: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+        let healthy = s["workers"].as_array().is_some_and(|w| {
+            w.iter()
+                .all(|w| w["state"] == "healthy" && w["open_connections"].is_u64())
+        });
+        if healthy {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "workers not all healthy: {s:#}\n{}",
+            h.log()
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
     let maps = Steering::load(&SteerOptions {
         pin_dir: Some(h.pin_dir.clone()),
         ..SteerOptions::default()
@@ -241,6 +258,8 @@ fn supervisor_ready_status_and_merged_metrics() {
     assert!(pins.iter().any(|p| p.ends_with("link-xdp")), "{pins:?}");
     assert!(s["maps"]["flows"].is_u64(), "{s:#}");
     assert_eq!(s["maps"]["sockmap_sockets"], 2, "{s:#}");
+    assert_eq!(s["maps"]["blocklist"], 0, "{s:#}");
+    assert!(s["maps"]["verified_sources"].is_u64(), "{s:#}");
     assert!(
         ["ktls", "userspace"].contains(&s["tls_path"].as_str().unwrap_or_default()),
         "{s:#}"

@@ -141,6 +141,17 @@ impl SupervisorView {
                 vec![(vec![], flows as i64)],
             );
         }
+        if let Ok((block, verified)) = st.shield_entries() {
+            gauges(
+                r,
+                "shield_entries",
+                "Entries in the shield's maps now: block (sources on the blocklist), verified (sources that completed a handshake).",
+                vec![
+                    (vec![("map", "block".to_string())], block as i64),
+                    (vec![("map", "verified".to_string())], verified as i64),
+                ],
+            );
+        }
         gauges(
             r,
             "worker_state",
@@ -329,6 +340,7 @@ impl SupervisorView {
                 })
             });
         let flows = st.flow_count().ok();
+        let shield = st.shield_entries().ok();
         let sockets = st.workers().iter().filter(|s| s.state != 0).count();
         drop(st);
         json!({
@@ -343,6 +355,8 @@ impl SupervisorView {
             "maps": {
                 "flows": flows,
                 "sockmap_sockets": sockets,
+                "blocklist": shield.map(|s| s.0),
+                "verified_sources": shield.map(|s| s.1),
             },
             "counters": events,
             "tls_path": tls_path,
