@@ -221,7 +221,7 @@ pub async fn serve_ops(
     });
     for (name, addr) in listeners {
         ops = ops.check(format!("listener:{name}"), move || {
-            scm_proto::ops::listener_answers(addr)
+            scm_proto::ops::listener_bound(addr)
         });
     }
     tokio::select! {

@@ -352,6 +352,19 @@ async fn ready_live_metrics_docs_dashboard_and_logs() {
     assert!(count(&proxy_page, "scm_proxy_validation_seconds_count") >= 1.0);
     assert!(count(&proxy_page, "scm_proxy_preamble_seconds_count") >= 1.0);
     assert!(count(&proxy_page, "scm_proxy_backend_connect_seconds_count") >= 1.0);
+    // Readiness probes look at the listeners without connecting to them (the stack's own
+    // start-up wait did connect once, and counts).
+    let failed = "scm_proxy_handshakes_total{result=\"failed\"}";
+    let before = count(&proxy_page, failed);
+    for _ in 0..5 {
+        ready(proxy_ops).await;
+    }
+    let (_, after) = get(proxy_ops, "/metrics").await.unwrap();
+    assert_eq!(
+        count(&after, failed),
+        before,
+        "a /ready probe counted as a failed handshake"
+    );
 
     // `scm-proxy status` against a single proxy.
     let out = Command::new(&binaries().proxy)

@@ -367,7 +367,7 @@ pub(super) async fn serve_ops(
             async move { m.status() }
         })
         .check("listener:device", move || {
-            scm_proto::ops::listener_answers(device)
+            scm_proto::ops::listener_bound(device)
         })
         .check("security_server", move || {
             let up = up.get();
