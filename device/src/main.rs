@@ -31,6 +31,9 @@ struct Cli {
         default_value = "scm-device.json"
     )]
     state: PathBuf,
+    /// `--log-json`, `--log-level`.
+    #[command(flatten)]
+    log: scm_proto::ops::logs::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -169,14 +172,8 @@ fn session(cli: &Cli) -> Result<(State, Device, Session)> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    cli.log.init().map_err(anyhow::Error::msg)?;
     match &cli.command {
         Command::Enroll {
             security_urls,

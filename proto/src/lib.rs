@@ -11,6 +11,8 @@
 //! - `tls` (feature `tls`): the TLS profile — crypto provider, versions, PEM loading.
 //! - `shutdown` (feature `shutdown`): the SIGTERM/SIGINT future of every long-running process.
 //! - `lifecycle` (feature `shutdown`): the sd_notify reports and the drain flag.
+//! - `ops` (feature `ops`): every daemon's ops listener (/metrics, /ready, /live, /status),
+//!   process metrics and log flags.
 //!
 //! `docs/protocol.md` describes the same contract in prose.
 #![warn(unreachable_pub)]
@@ -21,6 +23,8 @@ pub mod duration;
 pub mod failover;
 #[cfg(feature = "shutdown")]
 pub mod lifecycle;
+#[cfg(feature = "ops")]
+pub mod ops;
 pub mod preamble;
 pub mod redact;
 #[cfg(feature = "shutdown")]

@@ -1,20 +1,23 @@
 //! `scm-proxy`: the command line of scm's proxy.
 
-use std::{io::IsTerminal as _, time::Duration};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use scm_proxy::xdp::{AttachMode, LoadOptions, XdpIngress};
-use tracing_subscriber::EnvFilter;
 
 /// scm's proxy: terminates devices' TLS, checks their sessions with the Security server and
 /// relays to intranet back ends, with an eBPF data plane in front.
 ///
-/// Logs go to stderr; RUST_LOG sets their level (default: info). With RUST_LOG=debug the kernel
-/// programs' own log records are forwarded too.
+/// Logs go to stderr, as text or (--log-json) JSON lines; --log-level (or SCM_LOG, else
+/// RUST_LOG) sets their levels per module (default: info). At debug the kernel programs' own log
+/// records are forwarded too. A supervisor's workers log the way it does.
 #[derive(Debug, Parser)]
 #[command(name = "scm-proxy", version)]
 struct Cli {
+    /// `--log-json`, `--log-level`.
+    #[command(flatten)]
+    log: scm_proto::ops::logs::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -27,6 +30,24 @@ enum Command {
     /// The XDP ingress program: attach it to an interface and watch what it counts.
     #[command(subcommand)]
     Xdp(XdpCommand),
+    /// Ask a running supervisor (or single proxy) how it is: workers (slot, state, pid, open
+    /// connections), attached programs and pins, map fill levels, counters, the TLS path.
+    ///
+    /// It reads GET /status on the ops listener (the `serve --metrics-listen` address).
+    ///
+    /// Example: scm-proxy status --metrics-listen 127.0.0.1:9100
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// The ops listener of the running proxy (its `serve --metrics-listen`).
+    #[arg(long, env = "SCM_PROXY_METRICS_LISTEN")]
+    metrics_listen: std::net::SocketAddr,
+
+    /// Print the JSON as the proxy sent it.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,23 +93,8 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    {
-        use tracing_subscriber::{
-            Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
-        };
-        // Logs are only logs: nothing reads them back (the blocklist gets typed refusals).
-        tracing_subscriber::registry()
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
-                    .with_ansi(std::io::stderr().is_terminal())
-                    .with_filter(
-                        EnvFilter::try_from_default_env()
-                            .unwrap_or_else(|_| EnvFilter::new("info")),
-                    ),
-            )
-            .init();
-    }
+    // Logs are only logs: nothing reads them back (the blocklist gets typed refusals).
+    cli.log.init().map_err(anyhow::Error::msg)?;
     if let Command::Serve(cmd) = &cli.command {
         // A worker marks the sources of the connections it accepts verified (SYN-flood mode).
         scm_proxy::supervisor::install_verified_hook(&cmd.workers);
@@ -96,6 +102,15 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(cmd) => serve(*cmd).await,
         Command::Xdp(XdpCommand::Attach(args)) => xdp_attach(args).await,
+        Command::Status(args) => {
+            let v = scm_proxy::supervisor::status::fetch(args.metrics_listen).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", scm_proxy::supervisor::status::render(&v));
+            }
+            Ok(())
+        }
     }
 }
 

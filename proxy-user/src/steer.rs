@@ -400,6 +400,17 @@ impl Steering {
         Ok(map.keys().filter(Result::is_ok).count())
     }
 
+    /// Entries in the shield's blocklist and verified-sources maps now (their fill levels, for
+    /// `scm-proxy status` and the metrics).
+    pub fn shield_entries(&self) -> Result<(usize, usize), XdpError> {
+        let block: HashMap<&MapData, SourceKey, u64> = self.map(BLOCK_MAP)?;
+        let verified: HashMap<&MapData, SourceKey, u64> = self.map(VERIFIED_MAP)?;
+        Ok((
+            block.keys().filter(Result::is_ok).count(),
+            verified.keys().filter(Result::is_ok).count(),
+        ))
+    }
+
     /// Marks `addr` (its prefix) verified now: a connection from it completed the TCP
     /// handshake in the kernel. Workers do this for every connection they accept
     /// ([`verified::VerifiedSources`]); this is the same write for a caller holding the maps.

@@ -256,9 +256,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_IO_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub io_timeout: Duration,
 
-    /// Log lines as JSON instead of text (filter with RUST_LOG, default info).
-    #[arg(long, env = "SCM_LOG_JSON")]
-    pub log_json: bool,
+    /// `--log-json`, `--log-level`.
+    #[command(flatten)]
+    pub log: scm_proto::ops::logs::LogArgs,
 
     /// Folder of the scheduled backups. Default: DATA_DIR/backups.
     #[arg(long, env = "SCM_BACKUP_DIR")]
@@ -272,8 +272,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_BACKUP_KEEP", default_value_t = 12)]
     pub backup_keep: usize,
 
-    /// Address of a plain-HTTP Prometheus endpoint, GET /metrics (backup runs, database role,
-    /// replication). Off by default; keep it on loopback or a management network.
+    /// Address of the ops listener (plain HTTP): GET /metrics (Prometheus: logins, validations,
+    /// sessions, backups, database role, replication), /ready (the store answers, every listener
+    /// accepts, not draining; 503 naming the failing check), /live. Off by default; keep it on
+    /// loopback or a management network.
     #[arg(long, env = "SCM_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 

@@ -2,22 +2,14 @@
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use scm_proto::ops::logs::LogArgs;
 use scm_security::config::{
     AdminArgs, BackupArgs, Cli, Command, DevCertsArgs, InitArgs, RestoreArgs, ServeArgs,
 };
 use scm_security::store::Store;
-use tracing_subscriber::EnvFilter;
 
-fn init_logs(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
+fn init_logs(log: &LogArgs) -> anyhow::Result<()> {
+    log.init().map_err(anyhow::Error::msg)
 }
 
 #[tokio::main]
@@ -35,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// `serve`: runs the server until SIGINT or SIGTERM.
 async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    init_logs(args.log_json);
+    init_logs(&args.log)?;
     let running = scm_security::server::start(args)
         .await
         .context("starting the Security server")?;
@@ -89,7 +81,7 @@ async fn admin(args: &AdminArgs) -> anyhow::Result<()> {
 
 /// `backup`: a snapshot of a (running or stopped) instance.
 async fn backup(args: &BackupArgs) -> anyhow::Result<()> {
-    init_logs(false);
+    init_logs(&LogArgs::default())?;
     let db_file = args.data_dir.join("scm.db");
     if args.database_url.is_none() && !db_file.exists() {
         anyhow::bail!(
@@ -129,7 +121,7 @@ async fn backup(args: &BackupArgs) -> anyhow::Result<()> {
 
 /// `restore`: a snapshot into a new instance.
 async fn restore(args: &RestoreArgs) -> anyhow::Result<()> {
-    init_logs(false);
+    init_logs(&LogArgs::default())?;
     let started = std::time::Instant::now();
     let (master_path, _) =
         scm_security::data_dir::secret_paths(&args.data_dir, args.master_key_file.as_ref(), None);

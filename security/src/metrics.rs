@@ -1,142 +1,241 @@
-//! The Prometheus text metrics endpoint (`--metrics-listen`, plain HTTP `GET /metrics`): the
-//! database role and replication health (as `ha.rs` sees it), the backup scheduler's figures
-//! and the live sessions.
+//! The Security server's metrics (prometheus-client, every name prefixed `scm_security_`) and
+//! its ops listener (`--metrics-listen`, plain HTTP): `/metrics`, `/ready` (the store answers,
+//! every listener accepts, not draining), `/live`. The database role and replication health
+//! (as `ha.rs` sees it), the backup scheduler's figures, the live sessions, and how long logins
+//! and validations take.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Instant;
 
+use scm_proto::lifecycle::Drain;
+use scm_proto::ops::Ops;
+use scm_proto::ops::prometheus_client::metrics::{
+    counter::Counter,
+    gauge::Gauge,
+    histogram::{Histogram, exponential_buckets},
+    info::Info,
+};
+use scm_proto::ops::prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::backup::BackupStats;
 use crate::error::Error;
-use crate::ha::HaStatus;
 use crate::state::Shared;
 
-/// Renders every metric in Prometheus text format.
-pub fn render(ha: &HaStatus, backup: &BackupStats, sessions: usize) -> String {
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, v: String| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-        );
-    };
-    let g = |a: &AtomicI64| a.load(Ordering::Relaxed).to_string();
-    let u = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed).to_string();
-    metric(
-        "scm_backup_last_success_timestamp_seconds",
-        "gauge",
-        "Unix time of the last successful scheduled backup (0: none yet).",
-        g(&backup.last_success),
-    );
-    metric(
-        "scm_backup_last_failure_timestamp_seconds",
-        "gauge",
-        "Unix time of the last failed scheduled backup (0: none).",
-        g(&backup.last_failure),
-    );
-    metric(
-        "scm_backup_last_duration_seconds",
-        "gauge",
-        "Duration of the last scheduled backup run.",
-        format!(
-            "{:.3}",
-            backup.last_duration_ms.load(Ordering::Relaxed) as f64 / 1000.0
-        ),
-    );
-    metric(
-        "scm_backup_success_total",
-        "counter",
-        "Scheduled backups that succeeded.",
-        u(&backup.successes),
-    );
-    metric(
-        "scm_backup_failures_total",
-        "counter",
-        "Scheduled backups that failed.",
-        u(&backup.failures),
-    );
-    metric(
-        "scm_database_read_only",
-        "gauge",
-        "1 on a read-only hot standby, 0 on a primary or SQLite, -1 if the database did not answer.",
-        g(&ha.read_only),
-    );
-    metric(
-        "scm_database_role_check_failures_total",
-        "counter",
-        "Database role checks that failed.",
-        g(&ha.check_failures),
-    );
-    metric(
-        "scm_replication_standbys",
-        "gauge",
-        "Standbys streaming from this primary (-1: not a PostgreSQL primary).",
-        g(&ha.standbys),
-    );
-    metric(
-        "scm_replication_sync_standbys",
-        "gauge",
-        "Synchronous standbys streaming from this primary (-1: not a PostgreSQL primary).",
-        g(&ha.sync_standbys),
-    );
-    metric(
-        "scm_replication_max_lag_bytes",
-        "gauge",
-        "Largest replay lag of a standby in WAL bytes (-1: not a PostgreSQL primary).",
-        g(&ha.max_lag_bytes),
-    );
-    metric(
-        "scm_standby_receiver_streaming",
-        "gauge",
-        "On a standby, 1 while its WAL receiver streams from the primary (-1: not a standby).",
-        g(&ha.receiver_streaming),
-    );
-    metric(
-        "scm_standby_replay_delay_seconds",
-        "gauge",
-        "On a standby, seconds since the last replayed commit (-1: not a standby or none yet).",
-        g(&ha.replay_delay_secs),
-    );
-    metric(
-        "scm_sessions",
-        "gauge",
-        "Live sessions held in memory by this instance.",
-        sessions.to_string(),
-    );
-    out
+/// The metrics the request paths record (the others are read from the state at each scrape).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Device logins, from the request to the answer (argon2 and the store included).
+    pub login_seconds: Histogram,
+    /// Proxies' session validations, from the request to the answer.
+    pub validation_seconds: Histogram,
 }
 
-/// Serves `GET /metrics` (plain HTTP, Prometheus text) on `listener` until `stop`.
-pub async fn serve_metrics(listener: TcpListener, state: Shared, stop: CancellationToken) {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let st = state.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4",
-                    )],
-                    render(&st.ha, &st.backup_stats, st.sessions.len()),
-                )
-            }
-        }),
-    );
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-    {
-        tracing::error!(error = %e, "metrics listener failed");
+impl Default for Metrics {
+    fn default() -> Self {
+        // 0.5 ms to about 16 s, doubling: a cached validation is sub-millisecond, a login with
+        // argon2id at OWASP parameters takes tens to hundreds of milliseconds.
+        let h = || Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        Self {
+            login_seconds: h(),
+            validation_seconds: h(),
+        }
     }
 }
 
-/// Binds the metrics listener.
+/// Observes the time from its creation to its drop into a histogram (every way out of a
+/// handler, refusals included, is timed).
+#[derive(Debug)]
+pub struct Timer(Histogram, Instant);
+
+impl Timer {
+    /// Starts timing into `h`.
+    pub fn start(h: &Histogram) -> Self {
+        Self(h.clone(), Instant::now())
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        self.0.observe(self.1.elapsed().as_secs_f64());
+    }
+}
+
+fn gauge(r: &mut Registry, name: &str, help: &str, v: &AtomicI64) {
+    let g = Gauge::<i64>::default();
+    g.set(v.load(Ordering::Relaxed));
+    r.register(name, help, g);
+}
+
+fn counter(r: &mut Registry, name: &str, help: &str, v: u64) {
+    let c = Counter::<u64>::default();
+    c.inc_by(v);
+    r.register(name, help, c);
+}
+
+/// Renders every metric in the OpenMetrics text format.
+pub fn render(st: &Shared) -> String {
+    render_with(st, &st.backup_stats)
+}
+
+/// [`render`] with the backup figures of `backup` (a scheduler run outside the server's).
+pub fn render_with(st: &crate::state::State, backup: &crate::backup::BackupStats) -> String {
+    let mut root = scm_proto::ops::registry(
+        "scm_security",
+        env!("CARGO_PKG_VERSION"),
+        option_env!("SCM_GIT_REV"),
+    );
+    let r = root.sub_registry_with_prefix("scm_security");
+    r.register(
+        "config",
+        "What this instance serves: its default site and its database kind.",
+        Info::new(vec![
+            ("default_site", st.settings.default_site.clone()),
+            (
+                "database",
+                format!("{:?}", st.store.backend()).to_lowercase(),
+            ),
+        ]),
+    );
+    let (b, ha) = (backup, &st.ha);
+    gauge(
+        r,
+        "backup_last_success_timestamp_seconds",
+        "Unix time of the last successful scheduled backup (0: none yet).",
+        &b.last_success,
+    );
+    gauge(
+        r,
+        "backup_last_failure_timestamp_seconds",
+        "Unix time of the last failed scheduled backup (0: none).",
+        &b.last_failure,
+    );
+    let d = Gauge::<f64, AtomicU64>::default();
+    d.set(b.last_duration_ms.load(Ordering::Relaxed) as f64 / 1000.0);
+    r.register(
+        "backup_last_duration_seconds",
+        "Duration of the last scheduled backup run.",
+        d,
+    );
+    counter(
+        r,
+        "backup_successes",
+        "Scheduled backups that succeeded.",
+        b.successes.load(Ordering::Relaxed),
+    );
+    counter(
+        r,
+        "backup_failures",
+        "Scheduled backups that failed.",
+        b.failures.load(Ordering::Relaxed),
+    );
+    gauge(
+        r,
+        "database_read_only",
+        "1 on a read-only hot standby, 0 on a primary or SQLite, -1 if the database did not answer.",
+        &ha.read_only,
+    );
+    counter(
+        r,
+        "database_role_check_failures",
+        "Database role checks that failed.",
+        ha.check_failures.load(Ordering::Relaxed).max(0) as u64,
+    );
+    gauge(
+        r,
+        "replication_standbys",
+        "Standbys streaming from this primary (-1: not a PostgreSQL primary).",
+        &ha.standbys,
+    );
+    gauge(
+        r,
+        "replication_sync_standbys",
+        "Synchronous standbys streaming from this primary (-1: not a PostgreSQL primary).",
+        &ha.sync_standbys,
+    );
+    gauge(
+        r,
+        "replication_max_lag_bytes",
+        "Largest replay lag of a standby in WAL bytes (-1: not a PostgreSQL primary).",
+        &ha.max_lag_bytes,
+    );
+    gauge(
+        r,
+        "standby_receiver_streaming",
+        "On a standby, 1 while its WAL receiver streams from the primary (-1: not a standby).",
+        &ha.receiver_streaming,
+    );
+    gauge(
+        r,
+        "standby_replay_delay_seconds",
+        "On a standby, seconds since the last replayed commit (-1: not a standby or none yet).",
+        &ha.replay_delay_secs,
+    );
+    gauge(
+        r,
+        "sessions",
+        "Live sessions held in memory by this instance.",
+        &AtomicI64::new(st.sessions.len() as i64),
+    );
+    r.register_with_unit(
+        "login",
+        "Time a device login took, from the request to the answer (refusals included).",
+        Unit::Seconds,
+        st.metrics.login_seconds.clone(),
+    );
+    r.register_with_unit(
+        "validation",
+        "Time a proxy's session validation took, from the request to the answer.",
+        Unit::Seconds,
+        st.metrics.validation_seconds.clone(),
+    );
+    scm_proto::ops::encode(&root)
+}
+
+/// The listeners whose readiness `/ready` checks, by name.
+pub type Listeners = Vec<(&'static str, SocketAddr)>;
+
+/// Serves the ops endpoints on `listener` until `stop`.
+pub async fn serve_ops(
+    listener: TcpListener,
+    state: Shared,
+    listeners: Listeners,
+    drain: Drain,
+    stop: CancellationToken,
+) {
+    let st = state.clone();
+    let mut ops = Ops::with_metrics(drain, move || {
+        let st = st.clone();
+        Box::pin(async move { render(&st) })
+    })
+    .check("store", move || {
+        let st = state.clone();
+        async move {
+            st.store
+                .count("users")
+                .await
+                .map(|_| format!("the {:?} database answered a query", st.store.backend()))
+                .map_err(|e| format!("the database did not answer a query: {e}"))
+        }
+    });
+    for (name, addr) in listeners {
+        ops = ops.check(format!("listener:{name}"), move || {
+            scm_proto::ops::listener_bound(addr)
+        });
+    }
+    tokio::select! {
+        () = ops.serve(listener) => {}
+        () = stop.cancelled() => {}
+    }
+}
+
+/// Binds the ops listener.
 pub async fn bind_metrics(addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| Error::io(format!("listening on {addr} (metrics)"), e))
+    TcpListener::bind(addr).await.map_err(|e| {
+        Error::io(
+            format!("listening on {addr} (ops: metrics, ready, live)"),
+            e,
+        )
+    })
 }

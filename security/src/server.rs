@@ -46,6 +46,8 @@ pub struct Running {
     pub forward_auth_addr: Option<SocketAddr>,
     /// The shared state (tests and benches look inside).
     pub state: Shared,
+    /// Set on a stop signal; the ops listener's `/ready` answers 503 `not_draining` once set.
+    pub drain: scm_proto::lifecycle::Drain,
     stop: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -72,7 +74,10 @@ impl Running {
         };
         tokio::select! {
             _ = self.tasks.join_next() => {}
-            signal = stop => tracing::info!(%signal, "stop signal; shutting down"),
+            signal = stop => {
+                self.drain.begin();
+                tracing::info!(%signal, "stop signal; shutting down");
+            }
         }
         self.shutdown().await;
     }
@@ -200,6 +205,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         ha: Arc::new(crate::ha::HaStatus::default()),
         backup_stats: Arc::new(crate::backup::BackupStats::default()),
         assertions,
+        metrics: crate::metrics::Metrics::default(),
     });
     crate::fsmode::create_private_dir(&crate::packages::dir(&state.settings.data_dir))?;
     crate::data_dir::warn_loose_paths(
@@ -310,10 +316,19 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     } else {
         tracing::warn!("scheduled backups are off (--backup-interval 0)");
     }
+    let drain = scm_proto::lifecycle::Drain::new();
     if let Some(l) = metrics_l {
-        tasks.spawn(crate::metrics::serve_metrics(
+        let mut listeners = vec![
+            ("device", device_addr),
+            ("proxy", proxy_addr),
+            ("admin", admin_addr),
+        ];
+        listeners.extend(forward_auth_addr.map(|a| ("forward_auth", a)));
+        tasks.spawn(crate::metrics::serve_ops(
             l,
             state.clone(),
+            listeners,
+            drain.clone(),
             stop.clone(),
         ));
     }
@@ -329,6 +344,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         metrics_addr,
         forward_auth_addr,
         state,
+        drain,
         stop,
         tasks,
     })

@@ -73,6 +73,8 @@ pub struct State {
     pub backup_stats: Arc<BackupStats>,
     /// Identity assertion signing keys.
     pub assertions: Arc<Assertions>,
+    /// The latency histograms the request paths record.
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// Shared state handle.

@@ -155,7 +155,7 @@ async fn six_steps_end_to_end() {
     assert!(stack.proxy_log().contains(&session.tag().0));
     let m = stack.metrics().await.unwrap();
     assert!(
-        m.contains("scm_proxy_tls_path{path=\"userspace\"} 1"),
+        m.contains("scm_proxy_tls_path_info{path=\"userspace\"} 1"),
         "{m}"
     );
     assert!(stack.metric("scm_proxy_cache_hits_total").await.unwrap() >= 1.0);

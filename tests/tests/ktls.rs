@@ -316,7 +316,7 @@ async fn without_kernel_tls_auto_counts_every_connection_as_userspace() {
         let stack = &stack;
         async move { stack.metric(k).await.unwrap() }
     };
-    assert_eq!(m("scm_proxy_tls_path{path=\"userspace\"}").await, 1.0);
+    assert_eq!(m("scm_proxy_tls_path_info{path=\"userspace\"}").await, 1.0);
     assert_eq!(
         m("scm_proxy_tls_connections_total{path=\"userspace\"}").await,
         1.0
@@ -402,7 +402,10 @@ where
 }
 
 async fn tunnel_splices_large_transfers_both_ways_checksummed(f: &Fixture) {
-    assert_eq!(metric(f, "scm_proxy_tls_path{path=\"ktls\"}").await, 1.0);
+    assert_eq!(
+        metric(f, "scm_proxy_tls_path_info{path=\"ktls\"}").await,
+        1.0
+    );
     let ktls0 = metric(f, "scm_proxy_tls_connections_total{path=\"ktls\"}").await;
     let ok0 = metric(f, "scm_proxy_ktls_handoffs_total{result=\"ok\"}").await;
     let cn0 = metric(f, "scm_proxy_ktls_records_total{kind=\"close_notify\"}").await;

@@ -65,7 +65,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_PROXY_CLIENT_KEY")]
     pub client_key: PathBuf,
 
-    /// Address of the Prometheus endpoint (`GET /metrics`); off when not given.
+    /// Address of the ops listener (plain HTTP): GET /metrics (Prometheus; a supervisor's merges
+    /// its workers'), /ready (503 naming the failing check), /live, /status (`scm-proxy status`).
+    /// Off when not given; keep it on loopback or a management network.
     #[arg(long, env = "SCM_PROXY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 

@@ -291,7 +291,11 @@ impl Proxy {
         exporter: [u8; 32],
         peer: SocketAddr,
     ) -> Option<(Tunnel<'_>, tracing::Span)> {
+        let started = std::time::Instant::now();
         let preamble = Box::pin(read_preamble(&mut stream, self.args.preamble_timeout)).await;
+        self.metrics
+            .preamble_seconds
+            .observe(started.elapsed().as_secs_f64());
         // A blocked source is answered before anything is checked or asked of the Security
         // server (its preamble is read first so the device reads the reply, not a reset).
         if let Some(left) = self.limiter.as_ref().and_then(|l| l.blocked(peer.ip())) {
@@ -355,36 +359,39 @@ impl Proxy {
             match resource.mode {
                 ResourceMode::Tcp => {
                     let connect = TcpStream::connect(resource.address.as_str());
-                    let backend =
-                        match Box::pin(tokio::time::timeout(self.args.connect_timeout, connect))
-                            .await
-                        {
-                            Ok(Ok(b)) => b,
-                            Ok(Err(e)) => {
-                                let r = Refusal::new(
-                                    Status::BackendUnavailable,
-                                    format!(
-                                        "back end of {} at {} unreachable: {e}",
-                                        resource.name, resource.address
-                                    ),
-                                );
-                                self.metrics.error("backend_unavailable");
-                                self.refuse(&mut stream, peer, r).await;
-                                return None;
-                            }
-                            Err(_) => {
-                                let r = Refusal::new(
-                                    Status::BackendUnavailable,
-                                    format!(
-                                        "back end of {} at {} did not accept within {:?}",
-                                        resource.name, resource.address, self.args.connect_timeout
-                                    ),
-                                );
-                                self.metrics.error("backend_unavailable");
-                                self.refuse(&mut stream, peer, r).await;
-                                return None;
-                            }
-                        };
+                    let started = std::time::Instant::now();
+                    let connected =
+                        Box::pin(tokio::time::timeout(self.args.connect_timeout, connect)).await;
+                    self.metrics
+                        .backend_connect_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    let backend = match connected {
+                        Ok(Ok(b)) => b,
+                        Ok(Err(e)) => {
+                            let r = Refusal::new(
+                                Status::BackendUnavailable,
+                                format!(
+                                    "back end of {} at {} unreachable: {e}",
+                                    resource.name, resource.address
+                                ),
+                            );
+                            self.metrics.error("backend_unavailable");
+                            self.refuse(&mut stream, peer, r).await;
+                            return None;
+                        }
+                        Err(_) => {
+                            let r = Refusal::new(
+                                Status::BackendUnavailable,
+                                format!(
+                                    "back end of {} at {} did not accept within {:?}",
+                                    resource.name, resource.address, self.args.connect_timeout
+                                ),
+                            );
+                            self.metrics.error("backend_unavailable");
+                            self.refuse(&mut stream, peer, r).await;
+                            return None;
+                        }
+                    };
                     let _ = backend.set_nodelay(true);
                     if !self.accept_reply(&mut stream).await {
                         return None;

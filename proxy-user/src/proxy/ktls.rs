@@ -19,8 +19,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use super::metrics::IntCounterVec;
 use ktls::CorkStream;
-use prometheus::IntCounterVec;
 use rustls::SupportedCipherSuite;
 use rustls::crypto::aws_lc_rs::cipher_suite as suites;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, Interest, ReadBuf};
@@ -565,10 +565,9 @@ pub(super) async fn close_notify(tcp: &TcpStream) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prometheus::Opts;
 
     fn events() -> IntCounterVec {
-        IntCounterVec::new(Opts::new("records", "records"), &["kind"]).unwrap()
+        IntCounterVec::new("kind")
     }
 
     /// Any socket: the alerts `classify` sends are best effort, and fail on this one.

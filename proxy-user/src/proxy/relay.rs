@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use prometheus::IntCounter;
+use super::metrics::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
@@ -512,10 +512,7 @@ mod tests {
     }
 
     fn counters() -> (IntCounter, IntCounter) {
-        (
-            IntCounter::new("up", "up").unwrap(),
-            IntCounter::new("down", "down").unwrap(),
-        )
+        (IntCounter::default(), IntCounter::default())
     }
 
     fn opts(idle_ms: u64) -> RelayOptions {

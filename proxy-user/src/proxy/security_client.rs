@@ -220,10 +220,14 @@ impl SecurityClient {
             session_id: id.expose().to_owned(),
             binding,
         };
-        match self
+        let started = std::time::Instant::now();
+        let answer = self
             .post::<_, ValidateResponse>(PATH_PROXY_VALIDATE, &body)
-            .await?
-        {
+            .await;
+        self.metrics
+            .validation_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match answer? {
             Answer::Ok(url, v) => {
                 let info = SessionInfo::from_response(v).map_err(|e| SecurityError::BadAnswer {
                     url,
@@ -480,7 +484,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_5xx_fails_over_and_a_failed_retry_stays() {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::default());
         let (first, first_url) = bind().await;
         serve_on(first, 503, "down for maintenance").await;
         let (second, second_url) = bind().await;
@@ -508,7 +512,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_that_does_not_answer_is_left_after_the_timeout() {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::default());
         // Accepts connections and never answers.
         let (silent, silent_url) = bind().await;
         tokio::spawn(async move {
@@ -537,7 +541,7 @@ mod tests {
 
     #[tokio::test]
     async fn refused_then_back_after_the_interval() {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::default());
         let (dead, dead_url) = bind().await;
         let dead_addr = dead.local_addr().unwrap();
         drop(dead);
@@ -564,7 +568,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_stream_retries_the_first_and_brings_the_calls_back() {
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::default());
         let (dead, dead_url) = bind().await;
         let dead_addr = dead.local_addr().unwrap();
         drop(dead);

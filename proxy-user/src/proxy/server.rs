@@ -16,7 +16,7 @@ use super::config::{ServeArgs, TlsPath};
 use super::http::{BackendClient, backend_client};
 use super::ktls::KernelCiphers;
 use super::limiter::{MAX_SOURCES, SourceLimiter};
-use super::metrics::{Metrics, serve_metrics};
+use super::metrics::{Metrics, TlsInfo, serve_ops};
 use super::policy::Catalog;
 use super::refusals::RefusalSink;
 use super::security_client::{SecurityClient, SecurityError};
@@ -109,7 +109,6 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
 
 /// [`serve`], with `hooks` told of what the proxy decides.
 pub async fn serve_with(args: ServeArgs, hooks: ServeHooks) -> Result<(), ServeError> {
-    let metrics = Arc::new(Metrics::new());
     let (ktls, reason) = match args.tls_path {
         TlsPath::Userspace => (None, "forced by --tls-path userspace"),
         TlsPath::Auto | TlsPath::Ktls => choose_ktls().await,
@@ -118,8 +117,13 @@ pub async fn serve_with(args: ServeArgs, hooks: ServeHooks) -> Result<(), ServeE
         return Err(ServeError::KtlsUnavailable { reason });
     }
     let path = if ktls.is_some() { "ktls" } else { "userspace" };
-    metrics.tls_path.with_label_values(&[path]).set(1);
     let ciphers = ktls.map_or_else(|| "none".to_owned(), |c| c.names());
+    let metrics = Arc::new(Metrics::new(&TlsInfo {
+        path,
+        kernel_ciphers: ciphers.clone(),
+    }));
+    // Set on a stop signal; the ops listener's /ready reads it (the drain on SIGTERM sets it).
+    let drain = scm_proto::lifecycle::Drain::new();
     tracing::info!(tls_path = path, reason, kernel_ciphers = %ciphers, "record encryption path chosen");
 
     let tls = server_config(&args.tls_cert, &args.tls_key, ktls.is_some())?;
@@ -147,8 +151,13 @@ pub async fn serve_with(args: ServeArgs, hooks: ServeHooks) -> Result<(), ServeE
                 addr,
                 source,
             })?;
-        tracing::info!(%addr, "metrics on http://{addr}/metrics");
-        tokio::spawn(serve_metrics(l, metrics.clone()));
+        let device = listener.local_addr().map_err(|source| ServeError::Bind {
+            what: "device listener",
+            addr: args.listen,
+            source,
+        })?;
+        tracing::info!(%addr, "ops listener on http://{addr}/ (metrics, ready, live)");
+        tokio::spawn(serve_ops(l, metrics.clone(), device, drain.clone()));
     }
     let proxy = Arc::new(Proxy {
         acceptor: TlsAcceptor::from(Arc::new(tls)),
@@ -216,6 +225,7 @@ pub async fn serve_with(args: ServeArgs, hooks: ServeHooks) -> Result<(), ServeE
             drop(permit);
         });
     }
+    drain.begin();
     tracing::info!("shutting down");
     Ok(())
 }

@@ -10,13 +10,14 @@
 //!
 //! `args` holds the flags, `error` the error type, `workers` the worker management, `process` what is read of other
 //! processes (procfs, pidfds, signals), `shield` a worker's feeds of the shield maps, and
-//! `metrics` the supervisor's own `/metrics` page.
+//! `metrics` the supervisor's ops listener (its metrics and its workers', `/ready`, `/status`).
 
 mod args;
 mod error;
 mod metrics;
 mod process;
 mod shield;
+pub mod status;
 mod workers;
 
 use std::{
@@ -46,7 +47,7 @@ use crate::{
 };
 use args::steer_config;
 use error::io_err;
-use metrics::serve_metrics;
+use metrics::{SupervisorView, serve_ops};
 use workers::{Event, Supervisor};
 
 /// Which role this `serve` process has.
@@ -127,16 +128,27 @@ pub async fn run(
 
     let steering = Arc::new(Mutex::new(steering));
     let restarts = Arc::new(Mutex::new(vec![0u64; MAX_WORKERS as usize]));
+    // Set on a stop signal; the ops listener's /ready reads it.
+    let drain = scm_proto::lifecycle::Drain::new();
     if let Some(addr) = serve.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(io_err(format!("binding the metrics listener on {addr}")))?;
-        info!(%addr, "supervisor metrics on http://{addr}/metrics");
-        tokio::spawn(serve_metrics(
+            .map_err(io_err(format!("binding the ops listener on {addr}")))?;
+        let addr = l
+            .local_addr()
+            .map_err(io_err("reading the ops listener's address"))?;
+        info!(%addr, "supervisor ops listener on http://{addr}/ (metrics of all workers, ready, live, status)");
+        tokio::spawn(serve_ops(
             l,
-            steering.clone(),
-            restarts.clone(),
-            workers,
+            SupervisorView {
+                steering: steering.clone(),
+                restarts: restarts.clone(),
+                count: workers,
+                ops_addr: addr,
+                pin_dir: args.pin_dir.clone(),
+                xdp_iface: args.steer_iface.clone(),
+            },
+            drain.clone(),
         ));
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -187,6 +199,7 @@ pub async fn run(
             }
             signal = stop.recv() => {
                 info!(%signal, "stop signal");
+                drain.begin();
                 break;
             }
         }

@@ -68,13 +68,10 @@ impl Supervisor {
             .env(WORKER_LISTEN_ENV, listen.to_string())
             .env_remove(WORKER_METRICS_ENV);
         if let Some(m) = self.serve.metrics_listen {
-            let port = m.port().checked_add(1 + index as u16).ok_or_else(|| {
+            let addr = super::metrics::worker_ops_addr(m, index).ok_or_else(|| {
                 SupervisorError::Config(format!("--metrics-listen {m}: no room for worker ports"))
             })?;
-            cmd.env(
-                WORKER_METRICS_ENV,
-                SocketAddr::new(m.ip(), port).to_string(),
-            );
+            cmd.env(WORKER_METRICS_ENV, addr.to_string());
         }
         let mut child = cmd.spawn().map_err(io_err(format!(
             "starting worker {index} ({})",

@@ -397,11 +397,11 @@ async fn scheduler_keeps_n_and_exports_metrics() {
             .parse()
             .unwrap()
     };
-    assert!(value("scm_backup_success_total") >= 4.0);
-    assert_eq!(value("scm_backup_failures_total"), 0.0);
-    assert!(value("scm_backup_last_success_timestamp_seconds") > 1.7e9);
-    assert!(value("scm_backup_last_duration_seconds") >= 0.0);
-    assert_eq!(value("scm_database_read_only"), 0.0);
+    assert!(value("scm_security_backup_successes_total") >= 4.0);
+    assert_eq!(value("scm_security_backup_failures_total"), 0.0);
+    assert!(value("scm_security_backup_last_success_timestamp_seconds") > 1.7e9);
+    assert!(value("scm_security_backup_last_duration_seconds") >= 0.0);
+    assert_eq!(value("scm_security_database_read_only"), 0.0);
     drop(dev);
 }
 
@@ -474,8 +474,11 @@ async fn unwritable_backup_folders_fail_loudly() {
         .unwrap_err();
     assert!(err.to_string().contains("Read-only file system"), "{err}");
     assert_eq!(stats.failures.load(Ordering::Relaxed), 3);
-    let text = scm_security::metrics::render(&srv.state().ha, &stats, 0);
-    assert!(text.contains("scm_backup_failures_total 3"), "{text}");
+    let text = scm_security::metrics::render_with(srv.state(), &stats);
+    assert!(
+        text.contains("scm_security_backup_failures_total 3"),
+        "{text}"
+    );
 
     // The server still works.
     devs[0].login(&srv).await;

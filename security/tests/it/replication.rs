@@ -164,13 +164,24 @@ async fn failover_to_promoted_standby_loses_no_enrollment() {
     // Both roles are visible in the metrics.
     assert!(
         eventually(Duration::from_secs(10), async || {
-            primary.metric("scm_replication_sync_standbys").await == 1.0
+            primary
+                .metric("scm_security_replication_sync_standbys")
+                .await
+                == 1.0
         })
         .await
     );
-    assert_eq!(primary.metric("scm_database_read_only").await, 0.0);
-    assert_eq!(failover.metric("scm_database_read_only").await, 1.0);
-    assert_eq!(failover.metric("scm_standby_receiver_streaming").await, 1.0);
+    assert_eq!(primary.metric("scm_security_database_read_only").await, 0.0);
+    assert_eq!(
+        failover.metric("scm_security_database_read_only").await,
+        1.0
+    );
+    assert_eq!(
+        failover
+            .metric("scm_security_standby_receiver_streaming")
+            .await,
+        1.0
+    );
 
     // The standby instance serves logins, refuses writes.
     let first = Device::enroll(&primary.device, "alice", "pw-alice", "dev-0").await;
@@ -215,7 +226,10 @@ async fn failover_to_promoted_standby_loses_no_enrollment() {
     // The stalled standby lags, and the primary's metrics say so.
     assert!(
         eventually(Duration::from_secs(10), async || {
-            primary.metric("scm_replication_max_lag_bytes").await > 0.0
+            primary
+                .metric("scm_security_replication_max_lag_bytes")
+                .await
+                > 0.0
         })
         .await,
         "lag of a stalled standby"
@@ -226,7 +240,7 @@ async fn failover_to_promoted_standby_loses_no_enrollment() {
     // no standby in the metrics, enrollment refused rather than blocked.
     assert!(
         eventually(Duration::from_secs(20), async || {
-            primary.metric("scm_replication_standbys").await == 0.0
+            primary.metric("scm_security_replication_standbys").await == 0.0
         })
         .await,
         "a gone standby shows in the metrics"
@@ -239,7 +253,10 @@ async fn failover_to_promoted_standby_loses_no_enrollment() {
     signal("-CONT");
     assert!(
         eventually(Duration::from_secs(40), async || {
-            primary.metric("scm_replication_sync_standbys").await == 1.0
+            primary
+                .metric("scm_security_replication_sync_standbys")
+                .await
+                == 1.0
         })
         .await,
         "the standby streams again"
@@ -262,7 +279,10 @@ async fn failover_to_promoted_standby_loses_no_enrollment() {
     // The standby notices its primary is gone.
     assert!(
         eventually(Duration::from_secs(15), async || {
-            failover.metric("scm_standby_receiver_streaming").await == 0.0
+            failover
+                .metric("scm_security_standby_receiver_streaming")
+                .await
+                == 0.0
         })
         .await,
         "the lost primary shows in the metrics"
@@ -272,7 +292,7 @@ async fn failover_to_promoted_standby_loses_no_enrollment() {
     pair.standby.sql("SELECT pg_promote(true, 60)").await;
     assert!(
         eventually(Duration::from_secs(10), async || {
-            failover.metric("scm_database_read_only").await == 0.0
+            failover.metric("scm_security_database_read_only").await == 0.0
         })
         .await
     );
