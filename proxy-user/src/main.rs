@@ -27,6 +27,9 @@ enum Command {
     /// The XDP ingress program: attach it to an interface and watch what it counts.
     #[command(subcommand)]
     Xdp(XdpCommand),
+    /// Man pages, shell completions, the unit's EnvironmentFile (`cargo xtask package`).
+    #[command(hide = true, subcommand)]
+    Generate(scm_proto::cli::Generate),
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,6 +99,10 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(cmd) => serve(*cmd).await,
         Command::Xdp(XdpCommand::Attach(args)) => xdp_attach(args).await,
+        Command::Generate(g) => Ok(scm_proto::cli::main(
+            <Cli as clap::CommandFactory>::command(),
+            &g,
+        )?),
     }
 }
 

@@ -44,6 +44,9 @@ pub enum Command {
     Backup(BackupArgs),
     /// Restore a snapshot into a fresh instance (empty database, same master key file).
     Restore(RestoreArgs),
+    /// Man pages, shell completions, the unit's EnvironmentFile (`cargo xtask package`).
+    #[command(hide = true, subcommand)]
+    Generate(scm_proto::cli::Generate),
 }
 
 /// Flags of `scm-security backup`.

@@ -7,6 +7,7 @@ mod bench;
 mod cmd;
 mod demo;
 mod netns;
+mod package;
 mod setup;
 mod vm;
 mod workflow;
@@ -61,6 +62,9 @@ enum Task {
     Demo(demo::DemoArgs),
     /// Benchmark scm-proxy against nginx side by side: see `cargo xtask bench --help`.
     Bench(bench::BenchArgs),
+    /// Build the scm-security, scm-proxy and scm-device .deb packages (units, env files, man
+    /// pages, completions): see `cargo xtask package --help`.
+    Package(package::PackageArgs),
 }
 
 fn main() -> Result<()> {
@@ -84,6 +88,7 @@ fn main() -> Result<()> {
             demo::run(&args)
         }
         Task::Bench(args) => bench::run(&args),
+        Task::Package(args) => package::run(&args).map(drop),
     }
 }
 

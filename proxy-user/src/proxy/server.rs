@@ -187,6 +187,12 @@ pub async fn serve_with(args: ServeArgs, hooks: ServeHooks) -> Result<(), ServeE
         security = ?proxy.args.security_urls,
         "scm-proxy serving"
     );
+    // Every listener is bound (a worker has no NOTIFY_SOCKET: its supervisor reports instead).
+    if let Err(e) =
+        scm_proto::lifecycle::notify::ready(&format!("serving devices on {}", proxy.args.listen))
+    {
+        tracing::warn!(error = %e, "cannot tell systemd the proxy is ready");
+    }
 
     let limit = Arc::new(tokio::sync::Semaphore::new(proxy.args.max_connections));
     let stop = shutdown_signal();

@@ -170,6 +170,14 @@ pub async fn run(
         adopted = adopted.len(),
         "supervisor running; SIGHUP drains and restarts the workers one by one"
     );
+    // Programs attached and every worker in the sockmap: the service port answers.
+    if let Err(e) = scm_proto::lifecycle::notify::ready(&format!(
+        "{workers} workers behind eBPF steering on port {} ({} adopted)",
+        sup.serve.listen.port(),
+        adopted.len()
+    )) {
+        tracing::warn!(error = %e, "cannot tell systemd the supervisor is ready");
+    }
 
     let mut hup = signal(SignalKind::hangup()).map_err(io_err("installing the SIGHUP handler"))?;
     let mut stop = scm_proto::shutdown::Shutdown::install()

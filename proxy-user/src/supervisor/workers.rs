@@ -66,7 +66,9 @@ impl Supervisor {
         cmd.args(std::env::args_os().skip(1))
             .env(WORKER_INDEX_ENV, index.to_string())
             .env(WORKER_LISTEN_ENV, listen.to_string())
-            .env_remove(WORKER_METRICS_ENV);
+            .env_remove(WORKER_METRICS_ENV)
+            // Only the supervisor, systemd's main process, reports readiness and reloads.
+            .env_remove(scm_proto::lifecycle::notify::SOCKET_ENV);
         if let Some(m) = self.serve.metrics_listen {
             let port = m.port().checked_add(1 + index as u16).ok_or_else(|| {
                 SupervisorError::Config(format!("--metrics-listen {m}: no room for worker ports"))
