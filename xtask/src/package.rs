@@ -74,7 +74,7 @@ impl Package {
                 // Devices and proxies reach it from other hosts; the admin API stays local.
                 "SCM_LISTEN=0.0.0.0:8443",
                 "SCM_PROXY_API_LISTEN=0.0.0.0:8444",
-                "SCM_METRICS_LISTEN=127.0.0.1:9101",
+                "SCM_METRICS_LISTEN=127.0.0.1:9200",
             ]),
             Self::ScmProxy => Some(&[
                 "SCM_PROXY_LISTEN=0.0.0.0:443",
