@@ -46,9 +46,9 @@ pub enum AcceptFailure {
 /// error nobody foresaw cannot make a loop spin either.
 pub fn classify(e: &std::io::Error) -> AcceptFailure {
     match e.raw_os_error() {
-        Some(libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM) => {
-            AcceptFailure::Resource
-        }
+        Some(
+            libc_errno::EMFILE | libc_errno::ENFILE | libc_errno::ENOBUFS | libc_errno::ENOMEM,
+        ) => AcceptFailure::Resource,
         Some(
             libc_errno::ECONNABORTED
             | libc_errno::ECONNRESET

@@ -96,7 +96,10 @@ mod tests {
 
     fn write_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
         let ck = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
-        let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        let (c, k) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
         std::fs::write(&c, ck.cert.pem()).unwrap();
         std::fs::write(&k, ck.signing_key.serialize_pem()).unwrap();
         (c, k)
