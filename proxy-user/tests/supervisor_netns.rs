@@ -2,7 +2,7 @@
 //! worker processes in namespace `b`, XDP on `vb`, sk_lookup, and many TLS clients in namespace
 //! `a`. Each test checks what the issue asks: an even spread; a worker SIGKILLed under load
 //! (other connections unharmed, new ones elsewhere within 100 ms, the worker restarted and
-//! back in use); a SIGHUP drain; the supervisor SIGKILLed (steering goes on from the pinned
+//! back in use); a SIGUSR2 rolling restart; the supervisor SIGKILLed (steering goes on from the pinned
 //! objects, a new supervisor adopts them and the workers).
 //!
 //! The Security server is not needed for what is measured (where connections land and that
@@ -480,8 +480,8 @@ fn wait_for(what: &str, h: &Harness, timeout: Duration, mut done: impl FnMut() -
 }
 
 #[test]
-fn sighup_drains_each_worker_before_restarting_it() {
-    if !require_root("supervisor_netns::sighup_drains_each_worker_before_restarting_it") {
+fn sigusr2_drains_each_worker_before_restarting_it() {
+    if !require_root("supervisor_netns::sigusr2_drains_each_worker_before_restarting_it") {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -494,7 +494,7 @@ fn sighup_drains_each_worker_before_restarting_it() {
     held.retain(|(_, w)| *w == 0);
 
     let sup = h.supervisor.as_ref().unwrap().id();
-    kill(Pid::from_raw(sup as i32), Signal::SIGHUP).unwrap();
+    kill(Pid::from_raw(sup as i32), Signal::SIGUSR2).unwrap();
     let maps = || h.maps_cached().as_ref().unwrap().read_workers().unwrap();
     wait_for("worker 0 draining", &h, Duration::from_secs(10), || {
         maps()[0].state == proxy_common::steer::WorkerState::Draining as u32

@@ -259,6 +259,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_IO_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub io_timeout: Duration,
 
+    /// On SIGTERM or SIGINT, how long requests in progress may take to finish. The listeners
+    /// close at once (a balancer's next connect fails fast), idle connections close, the
+    /// revocation streams end (proxies move to another Security server); what is still open
+    /// after this is closed, and the process exits 0. Keep a service manager's stop timeout
+    /// (systemd TimeoutStopSec) above it.
+    #[arg(long, env = "SCM_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
     /// Log lines as JSON instead of text (filter with RUST_LOG, default info).
     #[arg(long, env = "SCM_LOG_JSON")]
     pub log_json: bool,

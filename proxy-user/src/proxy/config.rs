@@ -121,6 +121,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_PROXY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
 
+    /// How long open connections may take to finish when the process drains: on SIGTERM or
+    /// SIGINT (the device listener closes at once, so a balancer's next connect fails fast; what
+    /// is still open after this is closed and the process exits 0), and, under a supervisor, for
+    /// each worker a SIGUSR2 rolling restart replaces. Keep a service manager's stop timeout
+    /// (systemd TimeoutStopSec) above it.
+    #[arg(long, env = "SCM_PROXY_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    pub drain_timeout: Duration,
+
     /// Close a session's open connections after this many revalidations in a row found no
     /// Security server to answer (fail closed; about one --cache-ttl apart, so the default 10
     /// keeps tunnels through a Security outage of about 5 minutes at the default TTL). 0: never

@@ -392,6 +392,7 @@ impl Proxy {
                         ctx,
                         &guard.token,
                         self.args.idle_timeout,
+                        &self.drain,
                     ))
                     .await
                     {

@@ -94,11 +94,6 @@ pub struct SupervisorArgs {
     /// How long a blocked source stays blocked.
     #[arg(long, env = "SCM_PROXY_BLOCK_FOR", value_parser = parse_duration, default_value = "10m")]
     pub block_for: Duration,
-
-    /// On SIGHUP, how long a draining worker may take to finish its connections before it is
-    /// stopped anyway.
-    #[arg(long, env = "SCM_PROXY_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "300s")]
-    pub drain_timeout: Duration,
 }
 
 /// The serve flags of a worker: its own loopback listener and metrics endpoint, from the
