@@ -562,6 +562,39 @@ fn debs_install_boot_harden_and_serve_under_systemd() {
     let data = c.sh("stat -c '%a %U' /var/lib/scm/security");
     assert_eq!(data.trim(), "700 scm-security");
 
+    // The env files list every flag's environment twin that `serve --help` names; the man
+    // pages and completions are where man and the shells look.
+    for (bin, env) in [
+        ("scm-security", "scm-security.env"),
+        ("scm-proxy", "scm-proxy.env"),
+    ] {
+        let help = c.sh(&format!("{bin} serve --help"));
+        let file = c.sh(&format!("cat /etc/scm/{env}"));
+        let names: Vec<&str> = help
+            .split("[env: ")
+            .skip(1)
+            .filter_map(|r| r.split(['=', ']']).next())
+            .collect();
+        assert!(
+            names.len() > 10,
+            "{bin} serve --help names too few variables: {help}"
+        );
+        for name in names {
+            assert!(
+                file.lines()
+                    .any(|l| l.trim_start_matches('#').starts_with(&format!("{name}="))),
+                "/etc/scm/{env} lacks {name}"
+            );
+        }
+    }
+    c.sh("set -e
+          for f in scm-security.1 scm-security-serve.1 scm-proxy-serve.1 scm-device-enroll.1; do
+            test -s /usr/share/man/man1/$f; done
+          for b in scm-security scm-proxy scm-device; do
+            test -s /usr/share/bash-completion/completions/$b
+            test -s /usr/share/zsh/vendor-completions/_$b
+            test -s /usr/share/fish/vendor_completions.d/$b.fish; done");
+
     // The proxy loaded and attached its programs itself (its log, its pins, and below its
     // kernel counters), under the unit's capabilities and syscall filter.
     let log = c.journal("scm-proxy");
@@ -620,6 +653,13 @@ fn debs_install_boot_harden_and_serve_under_systemd() {
     let sup = c.main_pid("scm-proxy");
     let workers: Vec<u32> = procs(&c).into_iter().filter(|p| *p != sup).collect();
     assert_eq!(workers.len(), 2, "two workers beside the supervisor");
+    for w in &workers {
+        assert_eq!(
+            c.proc_status(*w, "CapEff"),
+            format!("{want:016x}"),
+            "worker {w}"
+        );
+    }
     c.sh("systemctl kill -s KILL --kill-whom=main scm-proxy");
     let deadline = Instant::now() + Duration::from_secs(30);
     while c.main_pid("scm-proxy") == sup || c.main_pid("scm-proxy") == 0 {
@@ -681,6 +721,25 @@ systemctl daemon-reload",
         assert!(
             !out.status.success(),
             "scm-proxy started without {cap}: it is not needed"
+        );
+        c.sh("systemctl stop scm-proxy; systemctl reset-failed scm-proxy");
+    }
+    // The syscall filter is minimal too: bpf() and pidfd_getfd() are each needed.
+    for (syscall, rest) in [("bpf", "pidfd_getfd"), ("pidfd_getfd", "bpf")] {
+        c.sh(&format!(
+            "mkdir -p {dropin} && cat > {dropin}/50-without.conf <<EOF
+[Service]
+SystemCallFilter=
+SystemCallFilter=@system-service {rest}
+Restart=no
+KillMode=control-group
+EOF
+systemctl daemon-reload"
+        ));
+        let out = c.sh_out("systemctl start scm-proxy");
+        assert!(
+            !out.status.success(),
+            "scm-proxy started with {syscall}() filtered out: it is not needed"
         );
         c.sh("systemctl stop scm-proxy; systemctl reset-failed scm-proxy");
     }
