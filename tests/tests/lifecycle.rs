@@ -477,10 +477,11 @@ async fn security_sigterm_lets_a_request_in_flight_finish_and_cuts_it_at_the_dra
     let slow_request = async |stack: &Stack| {
         let tcp = TcpStream::connect(stack.device_api).await.unwrap();
         let mut s = tls.connect(name.clone(), tcp).await.unwrap();
-        let body = br#"{"user":"alice"}"#;
+        // A login the server cannot take (no challenge): answered 4xx once the whole body is in.
+        let body = br#"{"user":"alice","device_id":"phone-x"}"#;
         s.write_all(
             format!(
-                "POST /v1/challenge HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                "POST /v1/login HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
                 body.len()
             )
             .as_bytes(),
@@ -489,6 +490,10 @@ async fn security_sigterm_lets_a_request_in_flight_finish_and_cuts_it_at_the_dra
         .unwrap();
         s.write_all(&body[..4]).await.unwrap();
         s.flush().await.unwrap();
+        // The server reads the headers and calls its handler (which waits for the body): only
+        // then is the request in flight; a connection whose headers it has not read is idle,
+        // and a drain closes idle connections at once.
+        tokio::time::sleep(Duration::from_millis(500)).await;
         (s, &body[4..])
     };
 
@@ -497,13 +502,20 @@ async fn security_sigterm_lets_a_request_in_flight_finish_and_cuts_it_at_the_dra
     signal(pid, libc::SIGTERM);
     wait_refused(stack.device_api, Duration::from_secs(2)).await;
     wait_refused(stack.admin_api, Duration::from_secs(2)).await;
+    let mut early = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), s.read(&mut early))
+            .await
+            .is_err(),
+        "the request is in flight: no answer and no close before its body is complete"
+    );
     s.write_all(rest).await.unwrap();
     s.flush().await.unwrap();
     let mut out = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
     let text = String::from_utf8_lossy(&out);
     assert!(
-        text.starts_with("HTTP/1.1 200"),
+        text.starts_with("HTTP/1.1 4"),
         "the request in flight got its answer after SIGTERM: {text:?}"
     );
     assert!(
@@ -543,7 +555,8 @@ async fn security_sigterm_lets_a_request_in_flight_finish_and_cuts_it_at_the_dra
     );
     assert!(
         took >= Duration::from_millis(2_900) && took < Duration::from_secs(8),
-        "exited {took:?} after SIGTERM with --drain-timeout 3s"
+        "exited {took:?} after SIGTERM with --drain-timeout 3s\n{}",
+        stack.security_log()
     );
     assert!(
         stack
