@@ -50,7 +50,8 @@ pub struct Running {
     /// The shared state (tests and benches look inside).
     pub state: Shared,
     /// Set when the server begins to drain (SIGTERM/SIGINT in [`Running::wait`], or
-    /// [`Running::drain`]): the listeners close and the readiness check answers "draining".
+    /// [`Running::drain_and_stop`]): the listeners close and the readiness check answers
+    /// "draining".
     pub drain: Drain,
     /// What a reload reads again: the certificate and key, and the listeners' configurations.
     tls: Tls,
@@ -82,7 +83,7 @@ impl Running {
     /// Drains: sets [`Running::drain`] (every listener closes, open connections are asked to
     /// close after their request in progress), waits up to `--drain-timeout` for them, then
     /// cuts what is left and stops everything.
-    pub async fn drain(mut self) {
+    pub async fn drain_and_stop(mut self) {
         self.drain.begin();
         let _ = notify::stopping("draining: listeners closed, open requests finishing");
         tracing::info!(
@@ -134,7 +135,7 @@ impl Running {
                 Some(()) = async { hup.as_mut()?.recv().await } => self.on_hup(),
                 Some(signal) = async { Some(stop.as_mut()?.recv().await) } => {
                     tracing::info!(%signal, "stop signal; draining");
-                    self.drain().await;
+                    self.drain_and_stop().await;
                     return;
                 }
             }
