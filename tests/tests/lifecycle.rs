@@ -598,9 +598,82 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_past_the_descriptor_limit_backs_off_and_serving_resumes() {
+/// Floods `addr` (a listener of process `pid`, started with [`low_nofile`]) with more
+/// connections than the process has descriptors, and checks that its accept loop backs off:
+/// the back-offs counted in its log (`log`), at most a line a second, and little CPU used.
+/// Returns the flood's connections, for the caller to drop.
+async fn flood_past_the_limit(pid: u32, log: &Path, addr: std::net::SocketAddr) -> Vec<TcpStream> {
+    // More connections than the process has descriptors: the accept queue holds the rest, so
+    // the listener stays readable while accept(2) fails with EMFILE.
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        flood.push(TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = cpu_ticks(pid) - before;
+    // SAFETY: sysconf(3) reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    let text = strip_ansi(&std::fs::read_to_string(log).unwrap());
+    assert!(
+        text.contains("backing off instead of retrying at once"),
+        "no back-off logged:\n{text}"
+    );
+    let counted: u64 = text
+        .lines()
+        .filter_map(|l| l.split("accept_backoffs=").nth(1))
+        .filter_map(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        counted >= 2,
+        "back-offs counted in the log: {counted}\n{text}"
+    );
+    // At most one line a second, with the count: not one line per failure.
+    let lines = text
+        .matches("backing off instead of retrying at once")
+        .count();
+    assert!(lines <= 8, "{lines} back-off lines in about 3.5 s");
+    // A spinning loop burns a whole CPU (3 s); backing off costs next to nothing.
+    assert!(
+        used * 1000 / hz < 600,
+        "{used} ticks of CPU ({hz}/s) during 3 s of flood"
+    );
+
+    flood
+}
+
+/// Makes `cmd`'s process start with a limit of 96 open descriptors.
+fn low_nofile(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt as _;
+    // SAFETY: setrlimit(2) is async-signal-safe and touches only the child being started.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 96,
+                rlim_max: 96,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Kills and reaps a child on drop.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_security_server_flooded_past_its_descriptor_limit_backs_off_and_serving_resumes() {
     let bins = tokio::task::spawn_blocking(binaries).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (certs, data) = (dir.path().join("certs"), dir.path().join("data"));
@@ -644,27 +717,8 @@ async fn a_flood_past_the_descriptor_limit_backs_off_and_serving_resumes() {
         .env("RUST_LOG", "info")
         .stdout(file.try_clone().unwrap())
         .stderr(file);
-    // SAFETY: setrlimit(2) is async-signal-safe and touches only the child being started.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 96,
-                rlim_max: 96,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    low_nofile(&mut cmd);
     let mut child = cmd.spawn().unwrap();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let pid = child.id();
     let tls = device_api_client(&certs);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -683,44 +737,7 @@ async fn a_flood_past_the_descriptor_limit_backs_off_and_serving_resumes() {
     }
     let child = Kill(child);
 
-    // More connections than the process has descriptors: the accept queue holds the rest, so
-    // the listener stays readable while accept(2) fails with EMFILE.
-    let mut flood = Vec::new();
-    for _ in 0..200 {
-        flood.push(TcpStream::connect(device).await.unwrap());
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = cpu_ticks(pid);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let used = cpu_ticks(pid) - before;
-    // SAFETY: sysconf(3) reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    let text = strip_ansi(&std::fs::read_to_string(&log).unwrap());
-    assert!(
-        text.contains("backing off instead of retrying at once"),
-        "no back-off logged:\n{text}"
-    );
-    let counted: u64 = text
-        .lines()
-        .filter_map(|l| l.split("accept_backoffs=").nth(1))
-        .filter_map(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-        .max()
-        .unwrap_or(0);
-    assert!(
-        counted >= 2,
-        "back-offs counted in the log: {counted}\n{text}"
-    );
-    // At most one line a second, with the count: not one line per failure.
-    let lines = text
-        .matches("backing off instead of retrying at once")
-        .count();
-    assert!(lines <= 8, "{lines} back-off lines in about 3.5 s");
-    // A spinning loop burns a whole CPU (3 s); backing off costs next to nothing.
-    assert!(
-        used * 1000 / hz < 600,
-        "{used} ticks of CPU ({hz}/s) during 3 s of flood"
-    );
-
+    let flood = flood_past_the_limit(pid, &log, device).await;
     drop(flood);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -731,6 +748,81 @@ async fn a_flood_past_the_descriptor_limit_backs_off_and_serving_resumes() {
                 "not serving after the flood: {e}"
             ),
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(child);
+}
+
+/// Whether a full TLS handshake with `addr` completes.
+async fn handshake_ok(tls: &tokio_rustls::TlsConnector, addr: std::net::SocketAddr) -> bool {
+    let Ok(tcp) = TcpStream::connect(addr).await else {
+        return false;
+    };
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), tls.connect(name, tcp)).await,
+        Ok(Ok(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_flooded_past_its_descriptor_limit_backs_off_and_serving_resumes() {
+    let bins = tokio::task::spawn_blocking(binaries).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(d.join("ca.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(d.join("proxy.key"), ck.signing_key.serialize_pem()).unwrap();
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let log = d.join("proxy.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let (cert, key) = (d.join("ca.pem"), d.join("proxy.key"));
+    let mut cmd = std::process::Command::new(&bins.proxy);
+    cmd.arg("serve")
+        .args(["--listen", &listen.to_string()])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        // What is measured is the accept loop: no Security server is needed (nothing listens
+        // on port 1; the proxy serves handshakes without one).
+        .args(["--security-url", "https://127.0.0.1:1"])
+        .arg("--security-ca")
+        .arg(&cert)
+        .arg("--client-cert")
+        .arg(&cert)
+        .arg("--client-key")
+        .arg(&key)
+        // Flood connections sit in their TLS handshake for the whole measurement.
+        .args(["--handshake-timeout", "60s", "--tls-path", "userspace"])
+        .env("RUST_LOG", "info")
+        .stdout(file.try_clone().unwrap())
+        .stderr(file);
+    low_nofile(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id();
+    let tls = full_handshake_client(d);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !handshake_ok(&tls, listen).await {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "scm-proxy exited: {st}\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "scm-proxy did not serve within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let child = Kill(child);
+
+    let flood = flood_past_the_limit(pid, &log, listen).await;
+    drop(flood);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !handshake_ok(&tls, listen).await {
+        assert!(Instant::now() < deadline, "not serving after the flood");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(child);
