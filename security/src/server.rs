@@ -59,7 +59,26 @@ pub struct Running {
     stop: CancellationToken,
     /// The TLS listeners: each ends once drained.
     listeners: JoinSet<()>,
+    /// The SIGTERM/SIGINT and SIGHUP handlers, for [`Running::wait`].
+    signals: Option<Signals>,
     tasks: JoinSet<()>,
+}
+
+/// The stop (SIGTERM/SIGINT) and reload (SIGHUP) handlers; `None` where one could not be
+/// installed (logged).
+type Signals = (
+    Option<scm_proto::shutdown::Shutdown>,
+    Option<tokio::signal::unix::Signal>,
+);
+
+fn install_signals() -> Signals {
+    let stop = scm_proto::shutdown::Shutdown::install()
+        .inspect_err(|e| tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers"))
+        .ok();
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .inspect_err(|e| tracing::error!(error = %e, "cannot install the SIGHUP handler"))
+        .ok();
+    (stop, hup)
 }
 
 /// The TLS material of the running listeners.
@@ -112,22 +131,11 @@ impl Running {
     }
 
     /// Runs until SIGINT or SIGTERM (then drains) or a task ends (they end only on shutdown);
-    /// SIGHUP reloads the TLS files.
+    /// SIGHUP reloads the TLS files. The handlers were installed by [`start`], before any
+    /// listener was bound, so a signal sent as soon as a port answers is not lost to its
+    /// default action (which would kill the process).
     pub async fn wait(mut self) {
-        let mut stop = match scm_proto::shutdown::Shutdown::install() {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers");
-                None
-            }
-        };
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot install the SIGHUP handler");
-                None
-            }
-        };
+        let (mut stop, mut hup) = self.signals.take().unwrap_or((None, None));
         loop {
             tokio::select! {
                 _ = self.tasks.join_next() => break,
@@ -287,6 +295,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         &token_path,
     );
 
+    let signals = install_signals();
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -422,6 +431,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         drain_timeout: args.drain_timeout,
         stop,
         listeners,
+        signals: Some(signals),
         tasks,
     })
 }
