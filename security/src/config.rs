@@ -149,7 +149,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
-    /// PEM certificate chain of this server (device and admin listeners, and the proxies' one).
+    /// PEM certificate chain of this server (device and admin listeners, the proxies' one and
+    /// forward-auth). SIGHUP reads it, --tls-key, --client-ca and the CRLs again: new handshakes
+    /// get them, open connections are kept; a bad file is refused and the old ones stay.
     #[arg(long, env = "SCM_TLS_CERT")]
     pub tls_cert: PathBuf,
 
@@ -319,7 +321,7 @@ pub struct ServeArgs {
 
     /// PEM file of certificate revocation lists (CRLs) from the --client-ca CAs: a proxy
     /// certificate revoked there is refused at the TLS handshake. Repeatable; read at start
-    /// (restart to load a new CRL).
+    /// and again on SIGHUP (new handshakes check the new lists).
     #[arg(long = "client-crl", env = "SCM_CLIENT_CRL", value_delimiter = ',')]
     pub client_crl: Vec<PathBuf>,
 

@@ -50,7 +50,8 @@ pub struct Running {
     /// The shared state (tests and benches look inside).
     pub state: Shared,
     /// Set when the server begins to drain (SIGTERM/SIGINT in [`Running::wait`], or
-    /// [`Running::drain`]): the listeners close and the readiness check answers "draining".
+    /// [`Running::drain_and_stop`]): the listeners close and the readiness check answers
+    /// "draining".
     pub drain: Drain,
     /// What a reload reads again: the certificate and key, and the listeners' configurations.
     tls: Tls,
@@ -58,7 +59,26 @@ pub struct Running {
     stop: CancellationToken,
     /// The TLS listeners: each ends once drained.
     listeners: JoinSet<()>,
+    /// The SIGTERM/SIGINT and SIGHUP handlers, for [`Running::wait`].
+    signals: Option<Signals>,
     tasks: JoinSet<()>,
+}
+
+/// The stop (SIGTERM/SIGINT) and reload (SIGHUP) handlers; `None` where one could not be
+/// installed (logged).
+type Signals = (
+    Option<scm_proto::shutdown::Shutdown>,
+    Option<tokio::signal::unix::Signal>,
+);
+
+fn install_signals() -> Signals {
+    let stop = scm_proto::shutdown::Shutdown::install()
+        .inspect_err(|e| tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers"))
+        .ok();
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .inspect_err(|e| tracing::error!(error = %e, "cannot install the SIGHUP handler"))
+        .ok();
+    (stop, hup)
 }
 
 /// The TLS material of the running listeners.
@@ -82,7 +102,7 @@ impl Running {
     /// Drains: sets [`Running::drain`] (every listener closes, open connections are asked to
     /// close after their request in progress), waits up to `--drain-timeout` for them, then
     /// cuts what is left and stops everything.
-    pub async fn drain(mut self) {
+    pub async fn drain_and_stop(mut self) {
         self.drain.begin();
         let _ = notify::stopping("draining: listeners closed, open requests finishing");
         tracing::info!(
@@ -111,22 +131,11 @@ impl Running {
     }
 
     /// Runs until SIGINT or SIGTERM (then drains) or a task ends (they end only on shutdown);
-    /// SIGHUP reloads the TLS files.
+    /// SIGHUP reloads the TLS files. The handlers were installed by [`start`], before any
+    /// listener was bound, so a signal sent as soon as a port answers is not lost to its
+    /// default action (which would kill the process).
     pub async fn wait(mut self) {
-        let mut stop = match scm_proto::shutdown::Shutdown::install() {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers");
-                None
-            }
-        };
-        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot install the SIGHUP handler");
-                None
-            }
-        };
+        let (mut stop, mut hup) = self.signals.take().unwrap_or((None, None));
         loop {
             tokio::select! {
                 _ = self.tasks.join_next() => break,
@@ -134,7 +143,7 @@ impl Running {
                 Some(()) = async { hup.as_mut()?.recv().await } => self.on_hup(),
                 Some(signal) = async { Some(stop.as_mut()?.recv().await) } => {
                     tracing::info!(%signal, "stop signal; draining");
-                    self.drain().await;
+                    self.drain_and_stop().await;
                     return;
                 }
             }
@@ -286,6 +295,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         &token_path,
     );
 
+    let signals = install_signals();
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -421,6 +431,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         drain_timeout: args.drain_timeout,
         stop,
         listeners,
+        signals: Some(signals),
         tasks,
     })
 }

@@ -35,7 +35,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_PROXY_LISTEN", default_value = "127.0.0.1:9443")]
     pub listen: SocketAddr,
 
-    /// PEM certificate chain the proxy presents to devices.
+    /// PEM certificate chain the proxy presents to devices. SIGHUP reads it and --tls-key
+    /// again: new handshakes get the new pair, open connections are kept; a bad pair is refused
+    /// and the old one stays (under --workers the supervisor checks it, then every worker
+    /// reloads in place).
     #[arg(long, env = "SCM_PROXY_TLS_CERT")]
     pub tls_cert: PathBuf,
 
