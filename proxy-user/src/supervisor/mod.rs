@@ -159,6 +159,13 @@ pub async fn run(
         restarts,
         rolling: None,
     };
+    // The handlers go in before any worker starts: a signal during start-up is then acted on
+    // once the workers run, never the default action (which would orphan them).
+    let mut hup = signal(SignalKind::hangup()).map_err(io_err("installing the SIGHUP handler"))?;
+    let mut usr2 =
+        signal(SignalKind::user_defined2()).map_err(io_err("installing the SIGUSR2 handler"))?;
+    let mut stop = scm_proto::shutdown::Shutdown::install()
+        .map_err(io_err("installing the SIGTERM/SIGINT handlers"))?;
     let adopted = sup.adopt_workers()?;
     for index in 0..workers {
         if adopted.contains(&index) {
@@ -189,11 +196,6 @@ pub async fn run(
         tracing::warn!(error = %e, "cannot tell systemd the supervisor is ready");
     }
 
-    let mut hup = signal(SignalKind::hangup()).map_err(io_err("installing the SIGHUP handler"))?;
-    let mut usr2 =
-        signal(SignalKind::user_defined2()).map_err(io_err("installing the SIGUSR2 handler"))?;
-    let mut stop = scm_proto::shutdown::Shutdown::install()
-        .map_err(io_err("installing the SIGTERM/SIGINT handlers"))?;
     loop {
         tokio::select! {
             Some(ev) = rx.recv() => match ev {
