@@ -104,6 +104,9 @@ enum Command {
     Logout,
     /// Print the state: user, device, app, session tag and proxies (no secrets).
     Status,
+    /// Man pages, shell completions, the unit's EnvironmentFile (`cargo xtask package`).
+    #[command(hide = true, subcommand)]
+    Generate(scm_proto::cli::Generate),
 }
 
 #[derive(Debug, Subcommand)]
@@ -318,6 +321,9 @@ async fn main() -> Result<()> {
                 ),
                 None => println!("not logged in"),
             }
+        }
+        Command::Generate(g) => {
+            scm_proto::cli::main(<Cli as clap::CommandFactory>::command(), g)?;
         }
     }
     Ok(())

@@ -18,6 +18,8 @@
 #![warn(unreachable_pub)]
 
 pub mod api;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod crypto;
 pub mod duration;
 pub mod failover;

@@ -5,6 +5,16 @@
 //!
 //! Outside systemd (`NOTIFY_SOCKET` unset) every report is a no-op, so the same binary runs the
 //! same way from a shell, a test or a unit.
+//!
+//! [`accept`] is the accept helper of every TCP listener (it backs off instead of spinning when
+//! descriptors run out, and counts it); [`reload`] (with feature `tls`) the server certificate
+//! a SIGHUP swaps.
+
+pub mod accept;
+#[cfg(feature = "tls")]
+pub mod reload;
+
+pub use accept::{Acceptor, accept_backoffs};
 
 use tokio::sync::watch;
 

@@ -30,6 +30,9 @@ enum Command {
     /// The XDP ingress program: attach it to an interface and watch what it counts.
     #[command(subcommand)]
     Xdp(XdpCommand),
+    /// Man pages, shell completions, the unit's EnvironmentFile (`cargo xtask package`).
+    #[command(hide = true, subcommand)]
+    Generate(scm_proto::cli::Generate),
     /// Ask a running supervisor (or single proxy) how it is: workers (slot, state, pid, open
     /// connections), attached programs and pins, map fill levels, counters, the TLS path.
     ///
@@ -111,6 +114,10 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Generate(g) => Ok(scm_proto::cli::main(
+            <Cli as clap::CommandFactory>::command(),
+            &g,
+        )?),
     }
 }
 

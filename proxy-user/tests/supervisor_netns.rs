@@ -2,7 +2,7 @@
 //! worker processes in namespace `b`, XDP on `vb`, sk_lookup, and many TLS clients in namespace
 //! `a`. Each test checks what the issue asks: an even spread; a worker SIGKILLed under load
 //! (other connections unharmed, new ones elsewhere within 100 ms, the worker restarted and
-//! back in use); a SIGHUP drain; the supervisor SIGKILLed (steering goes on from the pinned
+//! back in use); a SIGUSR2 rolling restart; the supervisor SIGKILLed (steering goes on from the pinned
 //! objects, a new supervisor adopts them and the workers).
 //!
 //! The Security server is not needed for what is measured (where connections land and that
@@ -480,8 +480,8 @@ fn wait_for(what: &str, h: &Harness, timeout: Duration, mut done: impl FnMut() -
 }
 
 #[test]
-fn sighup_drains_each_worker_before_restarting_it() {
-    if !require_root("supervisor_netns::sighup_drains_each_worker_before_restarting_it") {
+fn sigusr2_drains_each_worker_before_restarting_it() {
+    if !require_root("supervisor_netns::sigusr2_drains_each_worker_before_restarting_it") {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -494,7 +494,7 @@ fn sighup_drains_each_worker_before_restarting_it() {
     held.retain(|(_, w)| *w == 0);
 
     let sup = h.supervisor.as_ref().unwrap().id();
-    kill(Pid::from_raw(sup as i32), Signal::SIGHUP).unwrap();
+    kill(Pid::from_raw(sup as i32), Signal::SIGUSR2).unwrap();
     let maps = || h.maps_cached().as_ref().unwrap().read_workers().unwrap();
     wait_for("worker 0 draining", &h, Duration::from_secs(10), || {
         maps()[0].state == proxy_common::steer::WorkerState::Draining as u32
@@ -792,4 +792,191 @@ fn a_completed_handshake_verifies_its_source() {
     );
     eprintln!("verified after a handshake accepted by worker {w}");
     drop(tls);
+}
+
+/// A client that never resumes (every handshake is full, so it sees the certificate presented
+/// now), trusting `roots`.
+fn full_handshake_client(roots: &[rustls_pki_types::CertificateDer<'static>]) -> Arc<ClientConfig> {
+    let mut store = RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).unwrap();
+    }
+    let mut cfg = scm_proto::tls::client_builder()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Arc::new(cfg)
+}
+
+/// The certificate each worker presents to a new handshake (by slot), from connections until
+/// every worker has been seen.
+fn presented_by_worker(h: &Harness, client: &Arc<ClientConfig>) -> [Vec<u8>; 4] {
+    let mut seen: [Vec<u8>; 4] = Default::default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let to = SocketAddr::new(B_V4.parse().unwrap(), SERVICE);
+    while seen.iter().any(Vec::is_empty) {
+        assert!(Instant::now() < deadline, "not every worker answered");
+        let tcp = in_netns(&h.pair.a, || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        })
+        .unwrap();
+        let key = flow_key(tcp.local_addr().unwrap(), to);
+        let conn = ClientConnection::new(client.clone(), B_V4.try_into().unwrap()).unwrap();
+        let mut tls = StreamOwned::new(conn, tcp);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).unwrap();
+        }
+        let worker = h
+            .maps_cached()
+            .as_ref()
+            .unwrap()
+            .flow(&key)
+            .unwrap()
+            .unwrap()
+            .worker;
+        seen[worker as usize] = tls.conn.peer_certificates().unwrap()[0].to_vec();
+    }
+    seen
+}
+
+#[test]
+fn sighup_reloads_every_worker_in_place_and_a_bad_pair_is_refused() {
+    if !require_root(
+        "supervisor_netns::sighup_reloads_every_worker_in_place_and_a_bad_pair_is_refused",
+    ) {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Harness::new();
+    h.wait_ready();
+    let before = h.workers();
+    let old = scm_proto::tls::load_certs(Path::new(&h.certs.path("cert.pem"))).unwrap();
+    let mut held = h.many(8, 4);
+
+    // A new pair, written as an operator's tooling would (rename over the old files).
+    let ck =
+        rcgen::generate_simple_self_signed(vec![B_V4.to_owned(), "renewed".to_owned()]).unwrap();
+    let new = ck.cert.der().clone();
+    std::fs::write(h.certs.path("new.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(h.certs.path("new.key"), ck.signing_key.serialize_pem()).unwrap();
+    std::fs::rename(h.certs.path("new.pem"), h.certs.path("cert.pem")).unwrap();
+    std::fs::rename(h.certs.path("new.key"), h.certs.path("key.pem")).unwrap();
+    let client = full_handshake_client(&[old[0].clone(), new.clone()]);
+
+    let sup = h.supervisor.as_ref().unwrap().id();
+    kill(Pid::from_raw(sup as i32), Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while presented_by_worker(&h, &client)
+        .iter()
+        .any(|c| c.as_slice() != new.as_ref())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the workers do not all present the new certificate:\n{}",
+            h.supervisor_log()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    // In place: the same processes, their connections untouched.
+    let pids = |w: &[WorkerSlot]| w.iter().map(|w| w.pid).collect::<Vec<_>>();
+    assert_eq!(pids(&h.workers()), pids(&before));
+    for (tls, _) in held.iter_mut() {
+        still_open(tls).expect("a connection from before the reload stays open");
+    }
+    let log = h.supervisor_log();
+    assert_eq!(
+        log.matches("reloaded: new handshakes get the new certificate")
+            .count(),
+        4,
+        "{log}"
+    );
+
+    // A key that is not the certificate's: the supervisor refuses it, no worker is told.
+    let stray = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(h.certs.path("key.pem"), stray.serialize_pem()).unwrap();
+    kill(Pid::from_raw(sup as i32), Signal::SIGHUP).unwrap();
+    wait_for("the refusal", &h, Duration::from_secs(10), || {
+        h.supervisor_log()
+            .contains("reload refused: the workers keep")
+    });
+    thread::sleep(Duration::from_millis(300));
+    let log = h.supervisor_log();
+    assert!(log.contains("does not hold the key"), "{log}");
+    assert_eq!(
+        log.matches("SIGHUP: reloading the device certificate")
+            .count(),
+        4,
+        "no worker was sent the bad pair:\n{log}"
+    );
+    assert!(
+        presented_by_worker(&h, &client)
+            .iter()
+            .all(|c| c.as_slice() == new.as_ref())
+    );
+    assert_eq!(pids(&h.workers()), pids(&before));
+}
+
+#[test]
+fn sigterm_during_a_rolling_restart_is_acted_on_promptly() {
+    if !require_root("supervisor_netns::sigterm_during_a_rolling_restart_is_acted_on_promptly") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut h = Harness::new();
+    h.wait_ready();
+    let before = h.workers();
+    let mut held = h.many(80, 4);
+    // Worker 0 drains for as long as these stay open (--drain-timeout 60s).
+    held.retain(|(_, w)| *w == 0);
+    assert!(!held.is_empty());
+    let sup = h.supervisor.as_ref().unwrap().id();
+    kill(Pid::from_raw(sup as i32), Signal::SIGUSR2).unwrap();
+    let maps = || h.maps_cached().as_ref().unwrap().read_workers().unwrap();
+    wait_for("worker 0 draining", &h, Duration::from_secs(10), || {
+        maps()[0].state == proxy_common::steer::WorkerState::Draining as u32
+    });
+
+    // SIGTERM while the rolling restart waits on worker 0: acted on at once, not after it.
+    kill(Pid::from_raw(sup as i32), Signal::SIGTERM).unwrap();
+    wait_for(
+        "the stop signal handled",
+        &h,
+        Duration::from_secs(3),
+        || {
+            h.supervisor_log()
+                .contains("stop signal: the workers drain")
+        },
+    );
+    // The idle workers finish draining at once; worker 0 still has its connections.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (1..4).any(|i| alive(before[i].pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "idle workers still running 5 s after SIGTERM"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(alive(before[0].pid), "worker 0 drains its open connections");
+    for (tls, _) in held.iter_mut() {
+        still_open(tls).expect("a draining worker's connection stays open");
+    }
+    // Its connections end: everything stops, with status 0, the pins removed.
+    drop(held);
+    let child = h.supervisor.as_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the supervisor did not exit within 10 s"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}\n{}", h.supervisor_log());
+    assert!(!alive(before[0].pid));
+    assert!(!Steering::is_pinned(&h.pin_dir));
+    h.supervisor = None;
 }

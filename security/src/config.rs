@@ -44,6 +44,9 @@ pub enum Command {
     Backup(BackupArgs),
     /// Restore a snapshot into a fresh instance (empty database, same master key file).
     Restore(RestoreArgs),
+    /// Man pages, shell completions, the unit's EnvironmentFile (`cargo xtask package`).
+    #[command(hide = true, subcommand)]
+    Generate(scm_proto::cli::Generate),
 }
 
 /// Flags of `scm-security backup`.
@@ -146,7 +149,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
-    /// PEM certificate chain of this server (device and admin listeners, and the proxies' one).
+    /// PEM certificate chain of this server (device and admin listeners, the proxies' one and
+    /// forward-auth). SIGHUP reads it, --tls-key, --client-ca and the CRLs again: new handshakes
+    /// get them, open connections are kept; a bad file is refused and the old ones stay.
     #[arg(long, env = "SCM_TLS_CERT")]
     pub tls_cert: PathBuf,
 
@@ -256,6 +261,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_IO_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub io_timeout: Duration,
 
+    /// On SIGTERM or SIGINT, how long requests in progress may take to finish. The listeners
+    /// close at once (a balancer's next connect fails fast), idle connections close, the
+    /// revocation streams end (proxies move to another Security server); what is still open
+    /// after this is closed, and the process exits 0. Keep a service manager's stop timeout
+    /// (systemd TimeoutStopSec) above it.
+    #[arg(long, env = "SCM_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
     /// `--log-json`, `--log-level`.
     #[command(flatten)]
     pub log: scm_proto::ops::logs::LogArgs,
@@ -310,7 +323,7 @@ pub struct ServeArgs {
 
     /// PEM file of certificate revocation lists (CRLs) from the --client-ca CAs: a proxy
     /// certificate revoked there is refused at the TLS handshake. Repeatable; read at start
-    /// (restart to load a new CRL).
+    /// and again on SIGHUP (new handshakes check the new lists).
     #[arg(long = "client-crl", env = "SCM_CLIENT_CRL", value_delimiter = ',')]
     pub client_crl: Vec<PathBuf>,
 

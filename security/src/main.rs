@@ -22,6 +22,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Admin(args) => admin(args).await,
         Command::Backup(args) => backup(args).await,
         Command::Restore(args) => restore(args).await,
+        Command::Generate(g) => Ok(scm_proto::cli::main(
+            <scm_security::config::Cli as clap::CommandFactory>::command(),
+            g,
+        )?),
     }
 }
 
@@ -31,6 +35,14 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let running = scm_security::server::start(args)
         .await
         .context("starting the Security server")?;
+    // Every listener is bound: a Type=notify unit is started now, not when the process forked.
+    let status = format!(
+        "serving devices on {}, proxies on {}, admin on {}",
+        running.device_addr, running.proxy_addr, running.admin_addr
+    );
+    if let Err(e) = scm_proto::lifecycle::notify::ready(&status) {
+        tracing::warn!(error = %e, "cannot tell systemd the server is ready");
+    }
     running.wait().await;
     Ok(())
 }

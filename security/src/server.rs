@@ -1,11 +1,14 @@
 //! Wiring: turns `serve` flags into one [`State`] and the running listeners (device, proxies',
 //! admin, forward-auth, metrics) and background tasks (expiry sweeper, key rotation, LDAP sync,
-//! role watcher, backups) over it.
+//! role watcher, backups) over it, and the process's life: SIGHUP reloads the TLS files,
+//! SIGTERM/SIGINT drains (listeners closed, open requests finish up to `--drain-timeout`).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use scm_proto::lifecycle::reload::CertReloader;
+use scm_proto::lifecycle::{Drain, notify};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -46,40 +49,123 @@ pub struct Running {
     pub forward_auth_addr: Option<SocketAddr>,
     /// The shared state (tests and benches look inside).
     pub state: Shared,
-    /// Set on a stop signal; the ops listener's `/ready` answers 503 `not_draining` once set.
-    pub drain: scm_proto::lifecycle::Drain,
+    /// Set when the server begins to drain (SIGTERM/SIGINT in [`Running::wait`], or
+    /// [`Running::drain_and_stop`]): the listeners close and the readiness check answers
+    /// "draining".
+    pub drain: Drain,
+    /// What a reload reads again: the certificate and key, and the listeners' configurations.
+    tls: Tls,
+    drain_timeout: Duration,
     stop: CancellationToken,
+    /// The TLS listeners: each ends once drained.
+    listeners: JoinSet<()>,
+    /// The SIGTERM/SIGINT and SIGHUP handlers, for [`Running::wait`].
+    signals: Option<Signals>,
     tasks: JoinSet<()>,
 }
 
+/// The stop (SIGTERM/SIGINT) and reload (SIGHUP) handlers; `None` where one could not be
+/// installed (logged).
+type Signals = (
+    Option<scm_proto::shutdown::Shutdown>,
+    Option<tokio::signal::unix::Signal>,
+);
+
+fn install_signals() -> Signals {
+    let stop = scm_proto::shutdown::Shutdown::install()
+        .inspect_err(|e| tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers"))
+        .ok();
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .inspect_err(|e| tracing::error!(error = %e, "cannot install the SIGHUP handler"))
+        .ok();
+    (stop, hup)
+}
+
+/// The TLS material of the running listeners.
+#[derive(Debug)]
+struct Tls {
+    cert: Arc<CertReloader>,
+    /// Every listener's configuration (the device and admin listeners share one).
+    configs: Vec<Arc<crate::tls::LiveConfig>>,
+}
+
 impl Running {
-    /// Stops every listener and task and waits for them.
+    /// Stops every listener and task at once (no drain) and waits for them.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
+        while self.listeners.join_next().await.is_some() {}
         while self.tasks.join_next().await.is_some() {}
         self.state.flush_audit_failures(true).await;
         self.state.store.close().await;
     }
 
-    /// Runs until a task ends (they end only on shutdown), SIGINT or SIGTERM.
+    /// Drains: sets [`Running::drain`] (every listener closes, open connections are asked to
+    /// close after their request in progress), waits up to `--drain-timeout` for them, then
+    /// cuts what is left and stops everything.
+    pub async fn drain_and_stop(mut self) {
+        self.drain.begin();
+        let _ = notify::stopping("draining: listeners closed, open requests finishing");
+        tracing::info!(
+            drain_timeout = ?self.drain_timeout,
+            "draining: listeners closed; open requests get until --drain-timeout"
+        );
+        let drained = tokio::time::timeout(self.drain_timeout, async {
+            while self.listeners.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                drain_timeout = ?self.drain_timeout,
+                "drain timeout: closing the connections still open"
+            );
+        }
+        self.shutdown().await;
+    }
+
+    /// Reads the TLS files again (certificate, key, client CA, CRLs) and serves them from the
+    /// next handshake on; a bad file is refused (logged with the file and the reason) and the
+    /// files in force stay. Open connections are never touched.
+    pub fn reload(&self) -> Result<(), Error> {
+        let configs: Vec<&crate::tls::LiveConfig> = self.tls.configs.iter().map(|c| &**c).collect();
+        crate::tls::reload(&self.tls.cert, &configs)
+    }
+
+    /// Runs until SIGINT or SIGTERM (then drains) or a task ends (they end only on shutdown);
+    /// SIGHUP reloads the TLS files. The handlers were installed by [`start`], before any
+    /// listener was bound, so a signal sent as soon as a port answers is not lost to its
+    /// default action (which would kill the process).
     pub async fn wait(mut self) {
-        let stop = async {
-            match scm_proto::shutdown::Shutdown::install() {
-                Ok(mut s) => s.recv().await,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers");
-                    std::future::pending().await
+        let (mut stop, mut hup) = self.signals.take().unwrap_or((None, None));
+        loop {
+            tokio::select! {
+                _ = self.tasks.join_next() => break,
+                _ = self.listeners.join_next() => break,
+                Some(()) = async { hup.as_mut()?.recv().await } => self.on_hup(),
+                Some(signal) = async { Some(stop.as_mut()?.recv().await) } => {
+                    tracing::info!(%signal, "stop signal; draining");
+                    self.drain_and_stop().await;
+                    return;
                 }
-            }
-        };
-        tokio::select! {
-            _ = self.tasks.join_next() => {}
-            signal = stop => {
-                self.drain.begin();
-                tracing::info!(%signal, "stop signal; shutting down");
             }
         }
         self.shutdown().await;
+    }
+
+    fn on_hup(&self) {
+        let _ = notify::reloading();
+        tracing::info!(
+            cert = %self.tls.cert.cert_path().display(),
+            key = %self.tls.cert.key_path().display(),
+            "SIGHUP: reloading the TLS certificate, key, client CA and CRLs"
+        );
+        match self.reload() {
+            Ok(()) => tracing::info!("reloaded: new handshakes get the new files"),
+            Err(e) => tracing::error!(
+                error = %e,
+                "reload refused: the certificate, key and CAs in force stay"
+            ),
+        }
+        let _ = notify::ready("serving");
     }
 }
 
@@ -110,13 +196,9 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     let master = MasterKey::load(&master_path)?;
     let admin_token = AdminToken::load(&token_path)?;
 
-    let device_tls = crate::tls::server_config(&args.tls_cert, &args.tls_key)?;
-    let proxy_tls = crate::tls::mtls_server_config_with_crls(
-        &args.tls_cert,
-        &args.tls_key,
-        &args.client_ca,
-        &args.client_crl,
-    )?;
+    let cert = crate::tls::load_cert_reloader(&args.tls_cert, &args.tls_key)?;
+    let device_tls = crate::tls::LiveConfig::plain(cert.clone())?;
+    let proxy_tls = crate::tls::LiveConfig::mtls(cert.clone(), &args.client_ca, &args.client_crl)?;
     let proxy_allow = Arc::new(crate::proxyauth::AllowList::parse(&args.proxy_allow)?);
     if proxy_allow.is_empty() {
         tracing::warn!(
@@ -214,6 +296,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         &token_path,
     );
 
+    let signals = install_signals();
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -241,37 +324,46 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         v6_prefix: args.source_prefix_v6,
     };
     let stop = CancellationToken::new();
+    // The process's drain flag: SIGTERM sets it (Running::wait), the listeners close on it, and
+    // the readiness check reads it (Running::drain).
+    let drain = Drain::new();
+    let mut listeners = JoinSet::new();
     let mut tasks = JoinSet::new();
-    tasks.spawn(crate::tls::serve(
+    listeners.spawn(crate::tls::serve(
         "device",
         device_l,
         device_tls.clone(),
         crate::api::device::router(state.clone()),
         limits,
+        drain.clone(),
         stop.clone(),
     ));
-    tasks.spawn(crate::tls::serve(
+    listeners.spawn(crate::tls::serve(
         "proxy",
         proxy_l,
-        proxy_tls,
+        proxy_tls.clone(),
         crate::api::proxy::router(state.clone(), proxy_allow),
         limits,
+        drain.clone(),
         stop.clone(),
     ));
-    tasks.spawn(crate::tls::serve(
+    listeners.spawn(crate::tls::serve(
         "admin",
         admin_l,
-        device_tls,
+        device_tls.clone(),
         crate::api::admin::router(state.clone()),
         limits,
+        drain.clone(),
         stop.clone(),
     ));
+    let mut configs = vec![device_tls, proxy_tls];
     // Forward-auth (nginx auth_request): off unless --forward-auth-listen, then on a mutual-TLS
     // listener of its own, rate-limited, never counted as session activity.
-    let forward_auth = crate::api::forward_auth::bind(args, state.clone()).await?;
+    let forward_auth = crate::api::forward_auth::bind(args, state.clone(), &cert).await?;
     let forward_auth_addr = forward_auth.as_ref().map(|f| f.addr);
     if let Some(f) = forward_auth {
-        tasks.spawn(f.serve(limits, stop.clone()));
+        configs.push(f.tls.clone());
+        listeners.spawn(f.serve(limits, drain.clone(), stop.clone()));
     }
     tasks.spawn(sweeper(state.clone(), stop.clone()));
     tasks.spawn(crate::assertion::rotator(
@@ -316,7 +408,6 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
     } else {
         tracing::warn!("scheduled backups are off (--backup-interval 0)");
     }
-    let drain = scm_proto::lifecycle::Drain::new();
     if let Some(l) = metrics_l {
         let mut listeners = vec![
             ("device", device_addr),
@@ -345,7 +436,11 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         forward_auth_addr,
         state,
         drain,
+        tls: Tls { cert, configs },
+        drain_timeout: args.drain_timeout,
         stop,
+        listeners,
+        signals: Some(signals),
         tasks,
     })
 }

@@ -1,10 +1,11 @@
 //! TLS: loading PEM files into rustls configurations (server, server requiring client
-//! certificates, client) and the accept loop that serves an axum router over TLS with limits on
-//! handshake time, header time and concurrent connections.
+//! certificates, client), the listeners' configurations a SIGHUP rebuilds ([`LiveConfig`],
+//! [`reload`]), and the accept loop that serves an axum router over TLS with limits on
+//! handshake time, header time and concurrent connections, and drains on a stop.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -13,6 +14,8 @@ use hyper_util::service::TowerToHyperService;
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use scm_proto::lifecycle::reload::CertReloader;
+use scm_proto::lifecycle::{Acceptor, Drain};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -85,44 +88,11 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
     Ok(finish(cfg))
 }
 
-/// A server configuration that requires a client certificate signed by a CA in `client_ca`.
-pub fn mtls_server_config(
-    cert: &Path,
-    key: &Path,
-    client_ca: &Path,
-) -> Result<Arc<rustls::ServerConfig>, Error> {
-    mtls_server_config_with_crls(cert, key, client_ca, &[])
-}
-
 /// Reads the PEM certificate revocation lists in `path` (one file may hold several).
 pub fn load_crls(
     path: &Path,
 ) -> Result<Vec<rustls_pki_types::CertificateRevocationListDer<'static>>, Error> {
     scm_proto::tls::load_crls(path).map_err(tls_error)
-}
-
-/// [`mtls_server_config`], refusing at the handshake a client certificate revoked by a CRL in
-/// one of the `crls` files (every CA of a client's chain needs its CRL there).
-pub fn mtls_server_config_with_crls(
-    cert: &Path,
-    key: &Path,
-    client_ca: &Path,
-    crls: &[std::path::PathBuf],
-) -> Result<Arc<rustls::ServerConfig>, Error> {
-    let mut lists = Vec::new();
-    for f in crls {
-        lists.extend(load_crls(f)?);
-    }
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(client_ca)?), provider())
-            .with_crls(lists)
-            .build()
-            .map_err(|e| Error::Tls(format!("{} with CRLs {crls:?}: {e}", client_ca.display())))?;
-    let cfg = server_builder()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(load_certs(cert)?, load_key(key)?)
-        .map_err(|e| Error::Tls(format!("{}: {e}", cert.display())))?;
-    Ok(finish(cfg))
 }
 
 /// A client configuration trusting the CA in `ca`, with an optional client certificate.
@@ -141,6 +111,111 @@ pub fn client_config(
     };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
+}
+
+/// The server certificate and key every listener presents, reloadable on SIGHUP.
+pub fn load_cert_reloader(cert: &Path, key: &Path) -> Result<Arc<CertReloader>, Error> {
+    CertReloader::load(cert, key).map_err(tls_error)
+}
+
+/// One listener's TLS configuration, replaced whole by a reload. The certificate comes from the
+/// shared [`CertReloader`] at every handshake; a mutual-TLS listener's client verifier is built
+/// from its CA and CRL files, which a reload reads again.
+#[derive(Debug)]
+pub struct LiveConfig {
+    cert: Arc<CertReloader>,
+    /// The client CA file and CRL files of a mutual-TLS listener.
+    clients: Option<(PathBuf, Vec<PathBuf>)>,
+    current: RwLock<Arc<rustls::ServerConfig>>,
+}
+
+impl LiveConfig {
+    /// A listener without client authentication.
+    pub fn plain(cert: Arc<CertReloader>) -> Result<Arc<Self>, Error> {
+        Self::new(cert, None)
+    }
+
+    /// A listener requiring a client certificate signed by a CA in `client_ca` and not revoked
+    /// by a CRL in one of the `crls` files.
+    pub fn mtls(
+        cert: Arc<CertReloader>,
+        client_ca: &Path,
+        crls: &[PathBuf],
+    ) -> Result<Arc<Self>, Error> {
+        Self::new(cert, Some((client_ca.to_owned(), crls.to_vec())))
+    }
+
+    fn new(
+        cert: Arc<CertReloader>,
+        clients: Option<(PathBuf, Vec<PathBuf>)>,
+    ) -> Result<Arc<Self>, Error> {
+        let current = RwLock::new(build_config(&cert, clients.as_ref())?);
+        Ok(Arc::new(Self {
+            cert,
+            clients,
+            current,
+        }))
+    }
+
+    /// The configuration in force (a handshake takes it at its start).
+    pub fn get(&self) -> Arc<rustls::ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Builds the configuration from the files as they are now, without installing it.
+    fn rebuild(&self) -> Result<Arc<rustls::ServerConfig>, Error> {
+        build_config(&self.cert, self.clients.as_ref())
+    }
+
+    fn install(&self, cfg: Arc<rustls::ServerConfig>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+}
+
+fn build_config(
+    cert: &Arc<CertReloader>,
+    clients: Option<&(PathBuf, Vec<PathBuf>)>,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let builder = server_builder()?;
+    let cfg = match clients {
+        None => builder.with_no_client_auth(),
+        Some((ca, crls)) => {
+            let mut lists = Vec::new();
+            for f in crls {
+                lists.extend(load_crls(f)?);
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider())
+                    .with_crls(lists)
+                    .build()
+                    .map_err(|e| Error::Tls(format!("{} with CRLs {crls:?}: {e}", ca.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    }
+    .with_cert_resolver(cert.clone());
+    Ok(finish(cfg))
+}
+
+/// Reads the certificate, key, client CA and CRL files again and, when every one is good,
+/// serves them from the next handshake on, on every listener in `listeners`. Nothing changes on
+/// an error (which names the file and the reason); open connections are never touched.
+pub fn reload(cert: &CertReloader, listeners: &[&LiveConfig]) -> Result<(), Error> {
+    // Everything is read and checked before anything is installed, so a bad file leaves the
+    // server exactly as it was.
+    let pair = cert.check().map_err(tls_error)?;
+    drop(pair);
+    let configs = listeners
+        .iter()
+        .map(|l| l.rebuild())
+        .collect::<Result<Vec<_>, _>>()?;
+    cert.reload().map_err(tls_error)?;
+    for (l, cfg) in listeners.iter().zip(configs) {
+        l.install(cfg);
+    }
+    Ok(())
 }
 
 /// The limits of one listener's connections.
@@ -277,35 +352,34 @@ impl hyper::body::Body for TrackedBody {
     }
 }
 
-/// Serves `router` over TLS on `listener` until `stop` is cancelled: at most `MAX_CONNECTIONS`
-/// connections, `limits.per_source` from one source, each closed when idle.
+/// Serves `router` over TLS on `listener` (the configuration `tls` holds at each handshake):
+/// at most `MAX_CONNECTIONS` connections, `limits.per_source` from one source, each closed when
+/// idle. When `drain` is set the listener closes (a new connect is refused), every connection
+/// is told to close after the request in progress (HTTP/1.1 `Connection: close`, HTTP/2
+/// GOAWAY), and this returns once the last one has; `stop` cuts whatever is still open.
 pub async fn serve(
     name: &'static str,
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<LiveConfig>,
     router: Router,
     limits: ListenerLimits,
+    drain: Drain,
     stop: CancellationToken,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
+    let mut listener = Acceptor::new(listener, name);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_source = Arc::new(PerSource::default());
     let io_timeout = limits.io_timeout;
     loop {
         let permit = tokio::select! {
             () = stop.cancelled() => return,
+            () = drain.wait() => break,
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
         };
         let (tcp, peer) = tokio::select! {
             () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(listener = name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            () = drain.wait() => break,
+            c = listener.accept() => c,
         };
         let key = crate::limits::source_key(peer.ip(), limits.v6_prefix);
         let Some(source_slot) = per_source.take(key, limits.per_source) else {
@@ -314,9 +388,10 @@ pub async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let acceptor = TlsAcceptor::from(tls.get());
         let router = router.clone();
         let stop = stop.clone();
+        let drain = drain.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _source_slot = source_slot;
@@ -339,6 +414,7 @@ pub async fn serve(
                 .map(|c| ClientCert(Arc::new(c.clone().into_owned())));
             let activity = Activity::new();
             let act = activity.clone();
+            let req_drain = drain.clone();
             let svc =
                 tower::service_fn(move |mut req: axum::http::Request<hyper::body::Incoming>| {
                     let busy = act.begin();
@@ -346,6 +422,8 @@ pub async fn serve(
                         req.extensions_mut().insert(c.clone());
                     }
                     req.extensions_mut().insert(Peer(peer));
+                    // A response that never ends by itself (the revocation stream) ends on it.
+                    req.extensions_mut().insert(req_drain.clone());
                     req.extensions_mut().insert(IoTimeout(io_timeout));
                     let fut = router.clone().oneshot(req.map(axum::body::Body::new));
                     async move {
@@ -371,8 +449,11 @@ pub async fn serve(
             let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(svc));
             tokio::pin!(conn);
             let mut closing = false;
+            let mut draining = false;
             loop {
                 let deadline = match activity.idle_since() {
+                    // A drain lets the request in progress finish: only `stop` cuts it.
+                    _ if draining => tokio::time::Instant::now() + limits.idle_timeout,
                     _ if closing => tokio::time::Instant::now() + io_timeout,
                     Some(since) => since + limits.idle_timeout,
                     None => tokio::time::Instant::now() + limits.idle_timeout,
@@ -398,9 +479,72 @@ pub async fn serve(
                             closing = true;
                         }
                     }
+                    () = drain.wait(), if !draining => {
+                        conn.as_mut().graceful_shutdown();
+                        draining = true;
+                    }
                     () = stop.cancelled() => return,
                 }
             }
         });
+    }
+    // Draining: close the listening socket now, so a balancer's next connect fails at once,
+    // then wait for the open connections (each holds a slot).
+    drop(listener);
+    let open = MAX_CONNECTIONS - slots.available_permits();
+    tracing::info!(
+        listener = name,
+        open,
+        "draining: listener closed; waiting for the open connections"
+    );
+    tokio::select! {
+        _ = slots.acquire_many(MAX_CONNECTIONS as u32) => {
+            tracing::info!(listener = name, "drained: every connection closed");
+        }
+        () = stop.cancelled() => {
+            let left = MAX_CONNECTIONS - slots.available_permits();
+            tracing::warn!(listener = name, cut = left, "drain timeout: closing the connections still open");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every listener's configuration is rebuilt by a good reload; a bad file anywhere (here the
+    /// client CA) leaves the certificate and every configuration as they were.
+    #[test]
+    fn a_reload_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        crate::devcerts::generate(d, &[], false).unwrap();
+        let cert = load_cert_reloader(&d.join("security.pem"), &d.join("security.key")).unwrap();
+        let plain = LiveConfig::plain(cert.clone()).unwrap();
+        let mtls = LiveConfig::mtls(cert.clone(), &d.join("ca.pem"), &[]).unwrap();
+        let (p0, m0, c0) = (plain.get(), mtls.get(), cert.current());
+
+        // A new pair (another dev CA's) and the client CA: both installed.
+        let other = d.join("other");
+        crate::devcerts::generate(&other, &[], false).unwrap();
+        for f in ["security.pem", "security.key", "ca.pem"] {
+            std::fs::copy(other.join(f), d.join(f)).unwrap();
+        }
+        reload(&cert, &[&plain, &mtls]).unwrap();
+        assert_ne!(cert.current().cert, c0.cert);
+        assert!(!Arc::ptr_eq(&plain.get(), &p0));
+        assert!(!Arc::ptr_eq(&mtls.get(), &m0));
+
+        // An unreadable client CA: refused, naming it; nothing changes, the certificate neither.
+        let (p1, m1, c1) = (plain.get(), mtls.get(), cert.current());
+        crate::devcerts::generate(&d.join("third"), &[], false).unwrap();
+        std::fs::copy(d.join("third/security.pem"), d.join("security.pem")).unwrap();
+        std::fs::copy(d.join("third/security.key"), d.join("security.key")).unwrap();
+        std::fs::remove_file(d.join("ca.pem")).unwrap();
+        let e = reload(&cert, &[&plain, &mtls]).unwrap_err().to_string();
+        assert!(e.contains("ca.pem"), "{e}");
+        assert_eq!(cert.current().cert, c1.cert);
+        assert!(Arc::ptr_eq(&plain.get(), &p1));
+        assert!(Arc::ptr_eq(&mtls.get(), &m1));
     }
 }

@@ -177,6 +177,20 @@ impl Proc {
         self.child.id()
     }
 
+    /// Waits up to `timeout` for the process to exit; its status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// An error with the log's tail if the process has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         if let Ok(Some(status)) = self.child.try_wait() {
@@ -432,6 +446,16 @@ impl Stack {
             self.wait_port(addr, true).await?;
         }
         Ok(())
+    }
+
+    /// The Security server's process (for signals).
+    pub fn security_proc(&mut self) -> Option<&mut Proc> {
+        self.security.as_mut()
+    }
+
+    /// The proxy's process (for signals).
+    pub fn proxy_proc(&mut self) -> Option<&mut Proc> {
+        self.proxy.as_mut()
     }
 
     /// Kills the Security server with SIGKILL.

@@ -8,6 +8,7 @@ mod cmd;
 mod demo;
 mod fuzz;
 mod netns;
+mod package;
 mod setup;
 mod vm;
 mod workflow;
@@ -64,6 +65,9 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Run one cargo-fuzz target on nightly for a while: see `cargo xtask fuzz --help`.
     Fuzz(fuzz::FuzzArgs),
+    /// Build the scm-security, scm-proxy and scm-device .deb packages (units, env files, man
+    /// pages, completions): see `cargo xtask package --help`.
+    Package(package::PackageArgs),
 }
 
 fn main() -> Result<()> {
@@ -90,6 +94,7 @@ fn main() -> Result<()> {
         }
         Task::Bench(args) => bench::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
+        Task::Package(args) => package::run(&args).map(drop),
     }
 }
 

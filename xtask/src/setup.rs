@@ -44,6 +44,18 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "the guest's /init and its tools (mount, insmod, ip, sh)",
     ),
     ("cpio", "packing the guest's initramfs"),
+    (
+        "dpkg-dev",
+        "dpkg-shlibdeps: the shared-library dependencies cargo-deb writes into the .deb files",
+    ),
+    (
+        "debootstrap",
+        "the fresh Debian 12 root the package test installs the .deb files into",
+    ),
+    (
+        "systemd-container",
+        "systemd-nspawn: the package test boots systemd in that root and starts the units",
+    ),
 ];
 
 /// The bpf-linker release known to build against the nightly toolchain's LLVM here.
@@ -70,6 +82,7 @@ pub fn run(args: &SetupArgs) -> Result<()> {
         ("bpf-linker", bpf_linker),
         ("bpffs at /sys/fs/bpf", bpffs),
         ("guest kernel", guest_kernel),
+        ("cargo-deb", cargo_deb),
     ] {
         match step(args.check)? {
             None => eprintln!("setup: {name}: ok"),
@@ -170,6 +183,22 @@ pub fn ensure_cargo_deny() -> Result<()> {
         None => Ok(()),
         Some(what) => anyhow::bail!("cargo-deny: {what}"),
     }
+}
+
+/// cargo-deb for `cargo xtask package` and the package test (built once per machine).
+fn cargo_deb(check: bool) -> Result<Option<String>> {
+    let want = format!("cargo-deb {}", crate::package::CARGO_DEB_VERSION);
+    let have = output(Command::new("cargo").args(["deb", "--version"]));
+    if have.as_deref().map(str::trim) == Some(want.as_str()) {
+        return Ok(None);
+    }
+    if check {
+        return Ok(Some(format!(
+            "{want} is not installed; `cargo xtask setup` builds it (about three minutes)"
+        )));
+    }
+    crate::package::ensure_cargo_deb()?;
+    Ok(None)
 }
 
 fn cargo_deny(check: bool) -> Result<Option<String>> {

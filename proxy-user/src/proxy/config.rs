@@ -35,7 +35,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SCM_PROXY_LISTEN", default_value = "127.0.0.1:9443")]
     pub listen: SocketAddr,
 
-    /// PEM certificate chain the proxy presents to devices.
+    /// PEM certificate chain the proxy presents to devices. SIGHUP reads it and --tls-key
+    /// again: new handshakes get the new pair, open connections are kept; a bad pair is refused
+    /// and the old one stays (under --workers the supervisor checks it, then every worker
+    /// reloads in place).
     #[arg(long, env = "SCM_PROXY_TLS_CERT")]
     pub tls_cert: PathBuf,
 
@@ -122,6 +125,14 @@ pub struct ServeArgs {
     /// Most device connections open at once; further ones wait in the kernel's accept queue.
     #[arg(long, env = "SCM_PROXY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+
+    /// How long open connections may take to finish when the process drains: on SIGTERM or
+    /// SIGINT (the device listener closes at once, so a balancer's next connect fails fast; what
+    /// is still open after this is closed and the process exits 0), and, under a supervisor, for
+    /// each worker a SIGUSR2 rolling restart replaces. Keep a service manager's stop timeout
+    /// (systemd TimeoutStopSec) above it.
+    #[arg(long, env = "SCM_PROXY_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    pub drain_timeout: Duration,
 
     /// Close a session's open connections after this many revalidations in a row found no
     /// Security server to answer (fail closed; about one --cache-ttl apart, so the default 10

@@ -428,6 +428,7 @@ impl Proxy {
                         ctx,
                         &guard.token,
                         self.args.idle_timeout,
+                        &self.drain,
                     ))
                     .await
                     {

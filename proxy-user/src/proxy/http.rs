@@ -267,12 +267,14 @@ pub(super) fn rewrite_head(
 }
 
 /// Serves HTTP/1.1 requests from the device until it closes, stays idle for `idle`, or `cancel`
-/// fires (session revoked).
+/// fires (session revoked). When the process drains, the request in progress finishes and the
+/// connection closes after it.
 pub(super) async fn serve_http<S>(
     stream: S,
     ctx: Arc<HttpContext>,
     cancel: &CancellationToken,
     idle: Duration,
+    drain: &scm_proto::lifecycle::Drain,
 ) -> Result<(), hyper::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -292,9 +294,17 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(idle)
         .serve_connection(TokioIo::new(stream), svc);
-    tokio::select! {
-        r = conn => r,
-        _ = cancel.cancelled() => Ok(()),
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = cancel.cancelled() => return Ok(()),
+            () = drain.wait(), if !draining => {
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+        }
     }
 }
 

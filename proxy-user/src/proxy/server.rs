@@ -1,13 +1,17 @@
 //! The proxy's start-up: TLS (and kTLS detection), the Security client, the listeners, the
-//! control-plane tasks ([`super::control`]) and the accept loop that hands each device
-//! connection to [`super::connection`].
+//! control-plane tasks ([`super::control`]), the accept loop that hands each device
+//! connection to [`super::connection`], and the process's life: SIGHUP reloads the device
+//! certificate and key in place, SIGTERM/SIGINT drains (the listener closes, open connections
+//! get until `--drain-timeout`, then the process exits 0).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use scm_proto::crypto::SessionTag;
+use scm_proto::lifecycle::reload::CertReloader;
+use scm_proto::lifecycle::{Acceptor, Drain, notify};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -42,6 +46,9 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The SIGTERM/SIGINT/SIGHUP handlers could not be installed.
+    #[error("installing the signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
     /// `--tls-path ktls` was asked for on a kernel without TLS support.
     #[error(
         "--tls-path ktls: kernel TLS is not usable here: {reason}; load the tls module \
@@ -74,6 +81,9 @@ pub(super) struct Proxy {
     pub(super) assertions: super::assertion::AssertionCache,
     /// Where refusal decisions go as typed values (a worker's blocklist feed).
     pub(super) refusals: Option<Arc<dyn RefusalSink>>,
+    /// Set when the process drains (SIGTERM/SIGINT): the listener is closed, and the readiness
+    /// check answers "draining".
+    pub(super) drain: Drain,
 }
 
 /// What a caller of [`serve_with`] plugs into the proxy.
@@ -122,11 +132,14 @@ pub async fn serve_with(args: ServeArgs, hooks: ServeHooks) -> Result<(), ServeE
         path,
         kernel_ciphers: ciphers.clone(),
     }));
-    // Set on a stop signal; the ops listener's /ready reads it (the drain on SIGTERM sets it).
-    let drain = scm_proto::lifecycle::Drain::new();
     tracing::info!(tls_path = path, reason, kernel_ciphers = %ciphers, "record encryption path chosen");
 
-    let tls = server_config(&args.tls_cert, &args.tls_key, ktls.is_some())?;
+    // The stop and reload handlers go in before the listener binds, so a signal sent as soon
+    // as the port answers is not lost to its default action (which would kill the process).
+    let mut signals = Signals::install()?;
+    let drain = Drain::new();
+    let cert = CertReloader::load(&args.tls_cert, &args.tls_key)?;
+    let tls = server_config(cert.clone(), ktls.is_some())?;
     let client_tls =
         security_client_config(&args.security_ca, &args.client_cert, &args.client_key)?;
     let security = SecurityClient::new(
@@ -174,6 +187,7 @@ pub async fn serve_with(args: ServeArgs, hooks: ServeHooks) -> Result<(), ServeE
         unanswered: Mutex::default(),
         assertions: Default::default(),
         refusals: hooks.refusals,
+        drain: drain.clone(),
         metrics,
         args,
     });
@@ -196,27 +210,27 @@ pub async fn serve_with(args: ServeArgs, hooks: ServeHooks) -> Result<(), ServeE
         security = ?proxy.args.security_urls,
         "scm-proxy serving"
     );
+    // Every listener is bound (a worker has no NOTIFY_SOCKET: its supervisor reports instead).
+    if let Err(e) =
+        scm_proto::lifecycle::notify::ready(&format!("serving devices on {}", proxy.args.listen))
+    {
+        tracing::warn!(error = %e, "cannot tell systemd the proxy is ready");
+    }
 
-    let limit = Arc::new(tokio::sync::Semaphore::new(proxy.args.max_connections));
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
-    loop {
+    let max = proxy.args.max_connections;
+    let limit = Arc::new(tokio::sync::Semaphore::new(max));
+    let mut listener = Acceptor::new(listener, "device");
+    let signal = loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => p,
-            _ = &mut stop => break,
+            s = signals.next(&cert) => break s,
         };
-        let Ok(permit) = permit else { break };
+        let Ok(permit) = permit else {
+            return Ok(());
+        };
         let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    proxy.metrics.error("accept");
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut stop => break,
+            c = listener.accept() => c,
+            s = signals.next(&cert) => break s,
         };
         crate::steer::verified::accepted(peer); // the kernel completed its handshake
         let proxy = proxy.clone();
@@ -224,10 +238,76 @@ pub async fn serve_with(args: ServeArgs, hooks: ServeHooks) -> Result<(), ServeE
             proxy.handle(tcp, peer).await;
             drop(permit);
         });
-    }
+    };
+
+    // Draining: close the listening socket first, so new connects are refused at once (under a
+    // supervisor the kernel drops it from the sockmap with it), then let the open connections
+    // finish, each holding one permit.
     drain.begin();
-    tracing::info!("shutting down");
+    drop(listener);
+    let open = max - limit.available_permits();
+    let _ = notify::stopping("draining: listener closed, open connections finishing");
+    tracing::info!(
+        %signal,
+        open,
+        drain_timeout = ?proxy.args.drain_timeout,
+        "stop signal: draining; the listener is closed and open connections get until --drain-timeout"
+    );
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    match tokio::time::timeout(proxy.args.drain_timeout, limit.acquire_many(all)).await {
+        Ok(_) => tracing::info!("drained: every connection finished; exiting"),
+        Err(_) => tracing::warn!(
+            cut = max - limit.available_permits(),
+            "drain timeout: closing the connections still open; exiting"
+        ),
+    }
     Ok(())
+}
+
+/// The signals a serving proxy acts on: SIGTERM/SIGINT (stop: drain) and SIGHUP (reload the
+/// certificate and key).
+struct Signals {
+    stop: scm_proto::shutdown::Shutdown,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, ServeError> {
+        let stop = scm_proto::shutdown::Shutdown::install().map_err(ServeError::Signals)?;
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(ServeError::Signals)?;
+        Ok(Self { stop, hup })
+    }
+
+    /// Handles every SIGHUP (a reload of `cert`) until a stop signal comes, and returns it.
+    /// Cancel-safe: a reload runs to its end within one poll.
+    async fn next(&mut self, cert: &CertReloader) -> scm_proto::shutdown::StopSignal {
+        loop {
+            tokio::select! {
+                s = self.stop.recv() => return s,
+                _ = self.hup.recv() => reload(cert),
+            }
+        }
+    }
+}
+
+/// SIGHUP: reads the certificate and key again; a good pair is presented from the next
+/// handshake on (open connections keep theirs), a bad one is refused and the old pair stays.
+fn reload(cert: &CertReloader) {
+    let _ = notify::reloading();
+    tracing::info!(
+        cert = %cert.cert_path().display(),
+        key = %cert.key_path().display(),
+        "SIGHUP: reloading the device certificate and key"
+    );
+    match cert.reload() {
+        Ok(()) => tracing::info!("reloaded: new handshakes get the new certificate"),
+        Err(e) => tracing::error!(
+            error = %e,
+            "reload refused: the certificate and key in force stay"
+        ),
+    }
+    let _ = notify::ready("serving");
 }
 
 /// Whether connections go to kTLS, and why (for the start-up log line or error).
@@ -247,15 +327,5 @@ async fn choose_ktls() -> (Option<KernelCiphers>, &'static str) {
              modules missing)",
         ),
         Err(_) => (None, "probing the kernel's TLS ciphers failed"),
-    }
-}
-
-async fn shutdown_signal() {
-    match scm_proto::shutdown::shutdown_signal().await {
-        Ok(signal) => tracing::info!(%signal, "stop signal"),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install the SIGTERM/SIGINT handlers");
-            std::future::pending().await
-        }
     }
 }

@@ -1,5 +1,6 @@
-//! TLS set-up: the device-facing TLS 1.3 server config, the client config (with client
-//! certificate) for the Security server, and the start-up detection of kernel TLS.
+//! TLS set-up: the device-facing TLS 1.3 server config (its certificate reloadable on SIGHUP),
+//! the client config (with client certificate) for the Security server, and the start-up
+//! detection of kernel TLS.
 //!
 //! kTLS: after the handshake the proxy can hand the record keys to the kernel (the `ktls` crate)
 //! so relaying is plain `read`/`write` on the socket. That needs the kernel's `tls` upper-layer
@@ -7,18 +8,26 @@
 //! rustls in user space, which is the same protocol on the wire.
 
 use std::path::Path;
+use std::sync::Arc;
 
+use rustls::server::ResolvesServerCert;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use scm_proto::lifecycle::reload::CertReloader;
 
 pub use scm_proto::tls::{TlsError, load_certs, load_key, provider};
 
-/// The device-facing config from PEM files: see [`device_server_config`].
+/// The device-facing config presenting the pair `cert` holds at each handshake (a SIGHUP
+/// reloads it in place): see [`device_server_config`].
 pub fn server_config(
-    cert: &Path,
-    key: &Path,
+    cert: Arc<CertReloader>,
     ktls: bool,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    device_server_config(load_certs(cert)?, load_key(key)?, ktls)
+    finish_device_config(
+        scm_proto::tls::server_builder(scm_proto::tls::TLS13_ONLY)?
+            .with_no_client_auth()
+            .with_cert_resolver(cert as Arc<dyn ResolvesServerCert>),
+        ktls,
+    )
 }
 
 /// The device-facing config: TLS 1.3 only, secret extraction enabled for kTLS.
@@ -34,10 +43,18 @@ pub fn device_server_config(
     key: PrivateKeyDer<'static>,
     ktls: bool,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let mut config = scm_proto::tls::server_builder(scm_proto::tls::TLS13_ONLY)?
+    let config = scm_proto::tls::server_builder(scm_proto::tls::TLS13_ONLY)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(TlsError::rustls("proxy certificate and key"))?;
+    finish_device_config(config, ktls)
+}
+
+/// Secret extraction and tickets, as [`device_server_config`] says.
+fn finish_device_config(
+    mut config: rustls::ServerConfig,
+    ktls: bool,
+) -> Result<rustls::ServerConfig, TlsError> {
     // kTLS takes the traffic secrets out of rustls after the handshake.
     config.enable_secret_extraction = true;
     if ktls {

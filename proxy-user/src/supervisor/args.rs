@@ -24,7 +24,9 @@ pub const WORKER_METRICS_ENV: &str = "SCM_PROXY_WORKER_METRICS";
 pub struct SupervisorArgs {
     /// Run this many worker processes behind eBPF steering (needs root, or CAP_BPF,
     /// CAP_NET_ADMIN and CAP_SYS_PTRACE). Without a number: one per CPU. Without the flag:
-    /// one process, no steering.
+    /// one process, no steering. Signals to the supervisor: SIGHUP reloads the workers'
+    /// certificate in place; SIGUSR2 replaces the workers one by one, each drained first (a
+    /// binary upgrade); SIGTERM drains them all and stops.
     #[arg(long, env = "SCM_PROXY_WORKERS", num_args = 0..=1, default_missing_value = "0")]
     pub workers: Option<u32>,
 
@@ -94,11 +96,6 @@ pub struct SupervisorArgs {
     /// How long a blocked source stays blocked.
     #[arg(long, env = "SCM_PROXY_BLOCK_FOR", value_parser = parse_duration, default_value = "10m")]
     pub block_for: Duration,
-
-    /// On SIGHUP, how long a draining worker may take to finish its connections before it is
-    /// stopped anyway.
-    #[arg(long, env = "SCM_PROXY_DRAIN_TIMEOUT", value_parser = parse_duration, default_value = "300s")]
-    pub drain_timeout: Duration,
 }
 
 /// The serve flags of a worker: its own loopback listener and metrics endpoint, from the

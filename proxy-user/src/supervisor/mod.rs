@@ -1,5 +1,6 @@
 //! `scm-proxy serve --workers N`: the supervisor that runs N proxy worker processes behind the
-//! eBPF steering, keeps the worker map current, restarts dead workers, and drains on SIGHUP.
+//! eBPF steering, keeps the worker map current, restarts dead workers, reloads their
+//! certificates on SIGHUP, replaces them one by one on SIGUSR2, and drains them on SIGTERM.
 //!
 //! Each worker is this same binary re-executed with the same arguments and a worker index in
 //! its environment; it serves on a loopback port of its own. The supervisor takes a duplicate
@@ -27,6 +28,7 @@ use std::{
 };
 
 use proxy_common::steer::MAX_WORKERS;
+use scm_proto::lifecycle::notify;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -92,9 +94,13 @@ pub fn role(args: &SupervisorArgs) -> Result<Role, SupervisorError> {
 }
 
 /// Runs the supervisor until SIGTERM or SIGINT: loads (or adopts) the programs and maps, starts
-/// (or adopts) `workers` workers, restarts dead ones, drains them one by one on SIGHUP. On
-/// SIGTERM/SIGINT it stops the workers and removes the pins; killed any other way it leaves
-/// them, and steering goes on until a new supervisor adopts it.
+/// (or adopts) `workers` workers, restarts dead ones. SIGHUP: checks the new certificate and key
+/// itself (a bad pair is refused with the reason, the workers untouched), then forwards SIGHUP
+/// to every worker, which reloads in place (no connection dropped, no process replaced).
+/// SIGUSR2: a rolling restart (each worker drained and replaced by the binary on disk, one at a
+/// time, for an upgrade), while signals and worker exits go on being handled. On SIGTERM/SIGINT
+/// every worker drains (up to --drain-timeout) and the pins are removed; killed any other way
+/// it leaves them, and steering goes on until a new supervisor adopts it.
 pub async fn run(
     serve: ServeArgs,
     args: SupervisorArgs,
@@ -127,9 +133,9 @@ pub async fn run(
     );
 
     let steering = Arc::new(Mutex::new(steering));
-    let restarts = Arc::new(Mutex::new(vec![0u64; MAX_WORKERS as usize]));
-    // Set on a stop signal; the ops listener's /ready reads it.
+    // Set on SIGTERM/SIGINT, before the workers are told to drain; the readiness check reads it.
     let drain = scm_proto::lifecycle::Drain::new();
+    let restarts = Arc::new(Mutex::new(vec![0u64; MAX_WORKERS as usize]));
     if let Some(addr) = serve.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -161,7 +167,15 @@ pub async fn run(
         events: tx,
         generation: 0,
         restarts,
+        rolling: None,
     };
+    // The handlers go in before any worker starts: a signal during start-up is then acted on
+    // once the workers run, never the default action (which would orphan them).
+    let mut hup = signal(SignalKind::hangup()).map_err(io_err("installing the SIGHUP handler"))?;
+    let mut usr2 =
+        signal(SignalKind::user_defined2()).map_err(io_err("installing the SIGUSR2 handler"))?;
+    let mut stop = scm_proto::shutdown::Shutdown::install()
+        .map_err(io_err("installing the SIGTERM/SIGINT handlers"))?;
     let adopted = sup.adopt_workers()?;
     for index in 0..workers {
         if adopted.contains(&index) {
@@ -180,31 +194,39 @@ pub async fn run(
     info!(
         workers,
         adopted = adopted.len(),
-        "supervisor running; SIGHUP drains and restarts the workers one by one"
+        "supervisor running; SIGHUP reloads the workers' certificates, SIGUSR2 replaces the \
+         workers one by one"
     );
+    // Programs attached and every worker in the sockmap: the service port answers.
+    if let Err(e) = scm_proto::lifecycle::notify::ready(&format!(
+        "{workers} workers behind eBPF steering on port {} ({} adopted)",
+        sup.serve.listen.port(),
+        adopted.len()
+    )) {
+        tracing::warn!(error = %e, "cannot tell systemd the supervisor is ready");
+    }
 
-    let mut hup = signal(SignalKind::hangup()).map_err(io_err("installing the SIGHUP handler"))?;
-    let mut stop = scm_proto::shutdown::Shutdown::install()
-        .map_err(io_err("installing the SIGTERM/SIGINT handlers"))?;
     loop {
         tokio::select! {
             Some(ev) = rx.recv() => match ev {
                 Event::Exited { index, generation } => sup.on_exit(index, generation)?,
-                Event::Restart { index } => sup.restart(index).await,
+                Event::Restart { index } => sup.restart(index).await?,
+                Event::DrainOverdue { index, generation } => sup.drain_overdue(index, generation),
             },
-            _ = hup.recv() => {
-                info!("SIGHUP: rolling restart");
-                sup.rolling_restart().await?;
-                info!("rolling restart done");
-            }
+            _ = hup.recv() => sup.reload(),
+            _ = usr2.recv() => sup.begin_rolling()?,
             signal = stop.recv() => {
-                info!(%signal, "stop signal");
-                drain.begin();
+                info!(%signal, "stop signal: the workers drain");
                 break;
             }
         }
     }
-    info!("stopping the workers and removing the pins");
+    drain.begin();
+    let _ = notify::stopping("draining the workers");
+    info!(
+        drain_timeout = ?sup.serve.drain_timeout,
+        "stopping the workers (each drains) and removing the pins"
+    );
     sup.stop_all().await;
     Steering::unpin(&sup.args.pin_dir).map_err(io_err("removing the pins"))?;
     Ok(())

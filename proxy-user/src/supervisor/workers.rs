@@ -1,5 +1,6 @@
 //! Worker management: start a worker and put its socket in the sockmap, adopt the workers a
-//! previous supervisor left, restart the dead, drain them one by one, stop them all.
+//! previous supervisor left, restart the dead, replace them one by one (a rolling restart,
+//! driven by events so the supervisor's loop never waits on it), stop them all.
 
 use std::{
     io,
@@ -18,10 +19,7 @@ use tracing::{info, warn};
 use super::{
     args::{SupervisorArgs, WORKER_INDEX_ENV, WORKER_LISTEN_ENV, WORKER_METRICS_ENV},
     error::{SupervisorError, io_err, lock},
-    process::{
-        device_connections, listening_fd, pidfd_getfd, pidfd_open, process_runs, same_binary,
-        signal_pid,
-    },
+    process::{listening_fd, pidfd_getfd, pidfd_open, process_runs, same_binary, signal_pid},
 };
 use crate::{proxy::ServeArgs, steer::Steering};
 
@@ -41,9 +39,22 @@ pub(super) struct Worker {
 }
 
 pub(super) enum Event {
-    Exited { index: u32, generation: u64 },
-    Restart { index: u32 },
+    Exited {
+        index: u32,
+        generation: u64,
+    },
+    Restart {
+        index: u32,
+    },
+    /// A worker a rolling restart stopped is still there after its drain timeout and a margin.
+    DrainOverdue {
+        index: u32,
+        generation: u64,
+    },
 }
+
+/// Beyond --drain-timeout, how long a stopped worker gets to exit before it is killed.
+const EXIT_MARGIN: Duration = Duration::from_secs(10);
 
 pub(super) struct Supervisor {
     pub(super) serve: ServeArgs,
@@ -54,6 +65,8 @@ pub(super) struct Supervisor {
     pub(super) events: mpsc::UnboundedSender<Event>,
     pub(super) generation: u64,
     pub(super) restarts: Arc<Mutex<Vec<u64>>>,
+    /// The slot a rolling restart is replacing now, if one runs.
+    pub(super) rolling: Option<u32>,
 }
 
 impl Supervisor {
@@ -66,7 +79,9 @@ impl Supervisor {
         cmd.args(std::env::args_os().skip(1))
             .env(WORKER_INDEX_ENV, index.to_string())
             .env(WORKER_LISTEN_ENV, listen.to_string())
-            .env_remove(WORKER_METRICS_ENV);
+            .env_remove(WORKER_METRICS_ENV)
+            // Only the supervisor reports to systemd (the unit's main process).
+            .env_remove(scm_proto::lifecycle::notify::SOCKET_ENV);
         if let Some(m) = self.serve.metrics_listen {
             let addr = super::metrics::worker_ops_addr(m, index).ok_or_else(|| {
                 SupervisorError::Config(format!("--metrics-listen {m}: no room for worker ports"))
@@ -188,6 +203,13 @@ impl Supervisor {
             return Ok(());
         }
         let status = w.child.map(|mut c| c.wait());
+        if self.rolling == Some(index) {
+            // The rolling restart stopped it: replace it at once, then move on (in `restart`).
+            lock(&self.steering).set_worker(index, WorkerState::Absent, 0)?;
+            info!(worker = index, pid = w.pid, ?status, "drained and stopped");
+            let _ = self.events.send(Event::Restart { index });
+            return Ok(());
+        }
         warn!(
             worker = index,
             pid = w.pid,
@@ -210,9 +232,9 @@ impl Supervisor {
         Ok(())
     }
 
-    pub(super) async fn restart(&mut self, index: u32) {
+    pub(super) async fn restart(&mut self, index: u32) -> Result<(), SupervisorError> {
         if self.workers[index as usize].is_some() {
-            return;
+            return Ok(());
         }
         if let Err(e) = self.start_worker(index).await {
             warn!(worker = index, "restart failed: {e}; trying again in 1 s");
@@ -221,47 +243,100 @@ impl Supervisor {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let _ = events.send(Event::Restart { index });
             });
+            return Ok(());
         }
-    }
-
-    /// Rolling restart: one worker at a time is drained (no new connections; its open ones
-    /// finish, up to --drain-timeout), stopped, and started anew.
-    pub(super) async fn rolling_restart(&mut self) -> Result<(), SupervisorError> {
-        let service_port = self.serve.listen.port();
-        for index in 0..self.count {
-            let Some(mut w) = self.workers[index as usize].take() else {
-                continue;
-            };
-            lock(&self.steering).set_worker(index, WorkerState::Draining, w.pid)?;
-            info!(worker = index, pid = w.pid, "draining");
-            let deadline = Instant::now() + self.args.drain_timeout;
-            loop {
-                let open = device_connections(w.pid, service_port);
-                if open == 0 {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    warn!(
-                        worker = index,
-                        open, "drain timeout; stopping it with connections open"
-                    );
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            signal_pid(w.pid, Signal::TERM);
-            let stopped = wait_gone(w.pid, w.child.as_mut(), Duration::from_secs(10)).await;
-            if !stopped {
-                signal_pid(w.pid, Signal::KILL);
-                wait_gone(w.pid, w.child.as_mut(), Duration::from_secs(5)).await;
-            }
-            lock(&self.steering).set_worker(index, WorkerState::Absent, 0)?;
-            info!(worker = index, pid = w.pid, "drained and stopped");
-            self.restart(index).await;
+        if self.rolling == Some(index) {
+            self.roll_from(index + 1)?;
         }
         Ok(())
     }
 
+    /// SIGHUP: checks the certificate and key files; a good pair: every worker is sent SIGHUP
+    /// and reloads it in place; a bad one is refused here, and no worker is touched.
+    pub(super) fn reload(&self) {
+        let _ = scm_proto::lifecycle::notify::reloading();
+        let (cert, key) = (&self.serve.tls_cert, &self.serve.tls_key);
+        info!(
+            cert = %cert.display(),
+            key = %key.display(),
+            "SIGHUP: checking the new certificate and key before the workers reload them"
+        );
+        match scm_proto::lifecycle::reload::certified_key(cert, key) {
+            Err(e) => tracing::error!(
+                error = %e,
+                "reload refused: the workers keep the certificate and key in force"
+            ),
+            Ok(_) => {
+                let pids: Vec<u32> = self.workers.iter().flatten().map(|w| w.pid).collect();
+                for pid in &pids {
+                    signal_pid(*pid, Signal::HUP);
+                }
+                info!(?pids, "the workers reload the certificate and key in place");
+            }
+        }
+        let _ = scm_proto::lifecycle::notify::ready("supervising the workers");
+    }
+
+    /// Starts a rolling restart (SIGUSR2): one worker at a time is drained (the steering sends
+    /// it no new connection, and SIGTERM makes it close its listener and finish its open
+    /// connections, up to --drain-timeout), and replaced by a new process of the binary on disk,
+    /// then the next. Each step is driven by an event (the worker's exit, its replacement
+    /// serving), so stop signals and other workers' exits are handled while it runs.
+    pub(super) fn begin_rolling(&mut self) -> Result<(), SupervisorError> {
+        if let Some(index) = self.rolling {
+            info!(
+                worker = index,
+                "a rolling restart is already replacing the workers; this one is not started"
+            );
+            return Ok(());
+        }
+        info!("rolling restart: replacing the workers one by one");
+        self.roll_from(0)
+    }
+
+    /// Stops the first worker at `start` or above for the rolling restart; ends it when none.
+    fn roll_from(&mut self, start: u32) -> Result<(), SupervisorError> {
+        let next = (start..self.count).find(|i| self.workers[*i as usize].is_some());
+        let Some(index) = next else {
+            self.rolling = None;
+            info!("rolling restart done");
+            return Ok(());
+        };
+        self.rolling = Some(index);
+        let Some(w) = self.workers[index as usize].as_ref() else {
+            return Ok(());
+        };
+        let (pid, generation) = (w.pid, w.generation);
+        lock(&self.steering).set_worker(index, WorkerState::Draining, pid)?;
+        info!(worker = index, pid, "draining");
+        signal_pid(pid, Signal::TERM);
+        let events = self.events.clone();
+        let overdue = self.serve.drain_timeout + EXIT_MARGIN;
+        tokio::spawn(async move {
+            tokio::time::sleep(overdue).await;
+            let _ = events.send(Event::DrainOverdue { index, generation });
+        });
+        Ok(())
+    }
+
+    /// A worker stopped by the rolling restart outlived its drain timeout: it is killed (its
+    /// exit then moves the rolling restart on).
+    pub(super) fn drain_overdue(&mut self, index: u32, generation: u64) {
+        if let Some(w) = self.workers[index as usize]
+            .as_ref()
+            .filter(|w| w.generation == generation)
+        {
+            warn!(
+                worker = index,
+                pid = w.pid,
+                "still running after --drain-timeout and a margin; killing it"
+            );
+            signal_pid(w.pid, Signal::KILL);
+        }
+    }
+
+    /// Stops every worker: each drains (up to --drain-timeout) at the same time; one that is
+    /// still there after that and a margin is killed.
     pub(super) async fn stop_all(&mut self) {
         for (index, w) in self.workers.iter_mut().enumerate() {
             if let Some(w) = w.as_mut() {
@@ -269,8 +344,12 @@ impl Supervisor {
                 signal_pid(w.pid, Signal::TERM);
             }
         }
+        // One deadline for all: they drain at the same time.
+        let deadline = Instant::now() + self.serve.drain_timeout + EXIT_MARGIN;
         for w in self.workers.iter_mut().flatten() {
-            if !wait_gone(w.pid, w.child.as_mut(), Duration::from_secs(10)).await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !wait_gone(w.pid, w.child.as_mut(), left).await {
+                warn!(pid = w.pid, "a worker outlived --drain-timeout; killing it");
                 signal_pid(w.pid, Signal::KILL);
                 wait_gone(w.pid, w.child.as_mut(), Duration::from_secs(5)).await;
             }

@@ -191,14 +191,19 @@ pub struct Listener {
     /// The address it is bound to.
     pub addr: SocketAddr,
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    /// Its TLS configuration (a SIGHUP rebuilds it, CA included).
+    pub tls: Arc<crate::tls::LiveConfig>,
     router: Router,
 }
 
 /// Binds the forward-auth listener when `--forward-auth-listen` asks for one (`None` otherwise),
 /// with its mutual-TLS configuration (client certificates from `--forward-auth-client-ca`, else
 /// `--client-ca`).
-pub async fn bind(args: &ServeArgs, state: Shared) -> Result<Option<Listener>, Error> {
+pub async fn bind(
+    args: &ServeArgs,
+    state: Shared,
+    cert: &Arc<scm_proto::lifecycle::reload::CertReloader>,
+) -> Result<Option<Listener>, Error> {
     let fa = &args.forward_auth;
     let Some(addr) = fa.forward_auth_listen else {
         return Ok(None);
@@ -215,7 +220,7 @@ pub async fn bind(args: &ServeArgs, state: Shared) -> Result<Option<Listener>, E
             args.client_ca.clone()
         }
     };
-    let tls = crate::tls::mtls_server_config(&args.tls_cert, &args.tls_key, &ca)?;
+    let tls = crate::tls::LiveConfig::mtls(cert.clone(), &ca, &[])?;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| Error::io(format!("listening on {addr} (--forward-auth-listen)"), e))?;
@@ -241,14 +246,20 @@ pub async fn bind(args: &ServeArgs, state: Shared) -> Result<Option<Listener>, E
 }
 
 impl Listener {
-    /// Serves until `stop` is cancelled.
-    pub async fn serve(self, limits: crate::tls::ListenerLimits, stop: CancellationToken) {
+    /// Serves until `drain` is set (then until its last request ends) or `stop` is cancelled.
+    pub async fn serve(
+        self,
+        limits: crate::tls::ListenerLimits,
+        drain: scm_proto::lifecycle::Drain,
+        stop: CancellationToken,
+    ) {
         crate::tls::serve(
             "forward-auth",
             self.listener,
             self.tls,
             self.router,
             limits,
+            drain,
             stop,
         )
         .await;

@@ -154,25 +154,35 @@ fn line(ev: &ProxyEvent) -> Bytes {
 
 /// Newline-delimited [`ProxyEvent`]s: a heartbeat at once (so a subscriber knows it is live),
 /// every revocation as it happens, and a heartbeat every interval. A subscriber too slow to keep
-/// up is disconnected, so it reconnects and drops its cache rather than miss a revocation.
-async fn revocations(State(st): State<Shared>) -> Response {
+/// up is disconnected, so it reconnects and drops its cache rather than miss a revocation. The
+/// stream ends when the server drains (SIGTERM), so the proxy moves to another Security server
+/// instead of holding the drain open until its timeout.
+async fn revocations(
+    State(st): State<Shared>,
+    drain: Option<Extension<scm_proto::lifecycle::Drain>>,
+) -> Response {
     let rx = st.sessions.subscribe();
     let mut tick = tokio::time::interval(st.settings.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let stream = futures_util::stream::unfold((rx, tick), |(mut rx, mut tick)| async move {
-        let ev = tokio::select! {
-            r = rx.recv() => match r {
-                Ok(ev) => ev,
-                Err(RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "revocation subscriber lagged; closing its stream");
-                    return None;
-                }
-                Err(RecvError::Closed) => return None,
-            },
-            _ = tick.tick() => ProxyEvent::Heartbeat { at: now_ms() / 1000 },
-        };
-        Some((Ok::<_, Infallible>(line(&ev)), (rx, tick)))
-    });
+    let drain = drain.map(|Extension(d)| d).unwrap_or_default();
+    let stream = futures_util::stream::unfold(
+        (rx, tick, drain),
+        |(mut rx, mut tick, drain)| async move {
+            let ev = tokio::select! {
+                () = drain.wait() => return None,
+                r = rx.recv() => match r {
+                    Ok(ev) => ev,
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "revocation subscriber lagged; closing its stream");
+                        return None;
+                    }
+                    Err(RecvError::Closed) => return None,
+                },
+                _ = tick.tick() => ProxyEvent::Heartbeat { at: now_ms() / 1000 },
+            };
+            Some((Ok::<_, Infallible>(line(&ev)), (rx, tick, drain)))
+        },
+    );
     let mut resp = Response::new(Body::from_stream(stream));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
