@@ -180,17 +180,10 @@ impl Ops {
     /// Serves the ops endpoints on `listener` until the process ends.
     pub async fn serve(self, listener: TcpListener) {
         let ops = Arc::new(self);
+        // Out of descriptors (EMFILE) and the like, the shared helper backs off and counts it.
+        let mut acceptor = crate::lifecycle::Acceptor::new(listener, "ops");
         loop {
-            let tcp = match listener.accept().await {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    // Out of descriptors (EMFILE) and the like: an immediate retry would spin a
-                    // CPU, so wait a moment (the lead swaps in the shared accept helper).
-                    tracing::warn!(error = %e, "ops listener: accept failed; retrying in 100 ms");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+            let (tcp, _) = acceptor.accept().await;
             let ops = ops.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -285,7 +278,9 @@ pub fn registry(prefix: &str, version: &'static str, rev: Option<&'static str>) 
     // The process metrics carry no component prefix: their standard names are what every
     // Prometheus dashboard expects.
     root.register_collector(Box::new(ProcessCollector));
-    root.sub_registry_with_prefix(prefix).register(
+    let component = root.sub_registry_with_prefix(prefix);
+    component.register_collector(Box::new(AcceptBackoffs));
+    component.register(
         "build",
         "The build of this binary: its version and git revision (unknown when built outside git).",
         Info::new(vec![
@@ -294,6 +289,24 @@ pub fn registry(prefix: &str, version: &'static str, rev: Option<&'static str>) 
         ]),
     );
     root
+}
+
+/// `<prefix>_accept_backoffs_total`: the times any of the process's accept loops backed off for
+/// want of descriptors, socket buffers or memory (`lifecycle::accept_backoffs`), read at each
+/// scrape.
+#[derive(Debug)]
+struct AcceptBackoffs;
+
+impl Collector for AcceptBackoffs {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let n = ConstCounter::new(crate::lifecycle::accept_backoffs());
+        n.encode(enc.encode_descriptor(
+            "accept_backoffs",
+            "Accept loops' back-offs for want of descriptors, socket buffers or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).",
+            None,
+            n.metric_type(),
+        )?)
+    }
 }
 
 /// `process_*` metrics from /proc/self, read at each scrape (the Prometheus client convention).

@@ -45,6 +45,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("cpio", "packing the guest's initramfs"),
     (
+        "haproxy",
+        "the balancer in front of the proxy farm test (TCP mode, PROXY protocol v2)",
+    ),
+    (
+        "ipvsadm",
+        "the IPVS direct-routing farm test (run in the guest kernel, which has IPVS)",
+    ),
+    (
         "dpkg-dev",
         "dpkg-shlibdeps: the shared-library dependencies cargo-deb writes into the .deb files",
     ),

@@ -23,7 +23,7 @@ pub const WORKER_METRICS_ENV: &str = "SCM_PROXY_WORKER_METRICS";
 #[derive(Debug, Clone, clap::Args)]
 pub struct SupervisorArgs {
     /// Run this many worker processes behind eBPF steering (needs root, or CAP_BPF,
-    /// CAP_NET_ADMIN and CAP_SYS_PTRACE). Without a number: one per CPU. Without the flag:
+    /// CAP_PERFMON and CAP_NET_ADMIN). Without a number: one per CPU. Without the flag:
     /// one process, no steering. Signals to the supervisor: SIGHUP reloads the workers'
     /// certificate in place; SIGUSR2 replaces the workers one by one, each drained first (a
     /// binary upgrade); SIGTERM drains them all and stops.
