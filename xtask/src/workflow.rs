@@ -295,14 +295,14 @@ fn workflow(bin: &Path, dir: &Path, logs: &Path) -> Result<()> {
         sleep(Duration::from_millis(50));
     }
     let m = scrape()?;
-    let path = m.labels_at_one("scm_proxy_tls_path", "path");
+    let path = m.labels_at_one("scm_proxy_tls_path_info", "path");
     ensure!(
         path.len() == 1,
         "scm_proxy_tls_path should name one path, named {path:?}"
     );
     println!(
         "    proxy up: revocation stream connected; records encrypted on the {} path \
-         (scm_proxy_tls_path)",
+         (scm_proxy_tls_path_info)",
         path[0]
     );
 
