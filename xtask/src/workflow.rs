@@ -298,7 +298,7 @@ fn workflow(bin: &Path, dir: &Path, logs: &Path) -> Result<()> {
     let path = m.labels_at_one("scm_proxy_tls_path_info", "path");
     ensure!(
         path.len() == 1,
-        "scm_proxy_tls_path should name one path, named {path:?}"
+        "scm_proxy_tls_path_info should name one path, named {path:?}"
     );
     println!(
         "    proxy up: revocation stream connected; records encrypted on the {} path \
