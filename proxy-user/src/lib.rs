@@ -5,4 +5,5 @@
 pub mod proxy;
 pub mod steer;
 pub mod supervisor;
+pub mod worker_env;
 pub mod xdp;

@@ -41,9 +41,12 @@ pub mod sessions;
 mod sites;
 pub mod state;
 pub mod store;
+pub mod timings;
 pub mod tls;
 
 #[cfg(test)]
 mod contract_tests;
 #[cfg(test)]
 mod redaction_tests;
+#[cfg(test)]
+mod tls_reload_tests;

@@ -6,61 +6,16 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Instant;
 
 use scm_proto::lifecycle::Drain;
 use scm_proto::ops::Ops;
-use scm_proto::ops::prometheus_client::metrics::{
-    counter::Counter,
-    gauge::Gauge,
-    histogram::{Histogram, exponential_buckets},
-    info::Info,
-};
+use scm_proto::ops::prometheus_client::metrics::{counter::Counter, gauge::Gauge, info::Info};
 use scm_proto::ops::prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::state::Shared;
-
-/// The metrics the request paths record (the others are read from the state at each scrape).
-#[derive(Debug, Clone)]
-pub struct Metrics {
-    /// Device logins, from the request to the answer (argon2 and the store included).
-    pub login_seconds: Histogram,
-    /// Proxies' session validations, from the request to the answer.
-    pub validation_seconds: Histogram,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        // 0.5 ms to about 16 s, doubling: a cached validation is sub-millisecond, a login with
-        // argon2id at OWASP parameters takes tens to hundreds of milliseconds.
-        let h = || Histogram::new(exponential_buckets(0.0005, 2.0, 16));
-        Self {
-            login_seconds: h(),
-            validation_seconds: h(),
-        }
-    }
-}
-
-/// Observes the time from its creation to its drop into a histogram (every way out of a
-/// handler, refusals included, is timed).
-#[derive(Debug)]
-pub struct Timer(Histogram, Instant);
-
-impl Timer {
-    /// Starts timing into `h`.
-    pub fn start(h: &Histogram) -> Self {
-        Self(h.clone(), Instant::now())
-    }
-}
-
-impl Drop for Timer {
-    fn drop(&mut self) {
-        self.0.observe(self.1.elapsed().as_secs_f64());
-    }
-}
 
 fn gauge(r: &mut Registry, name: &str, help: &str, v: &AtomicI64) {
     let g = Gauge::<i64>::default();

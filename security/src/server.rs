@@ -287,7 +287,7 @@ pub async fn start(args: &ServeArgs) -> Result<Running, Error> {
         ha: Arc::new(crate::ha::HaStatus::default()),
         backup_stats: Arc::new(crate::backup::BackupStats::default()),
         assertions,
-        metrics: crate::metrics::Metrics::default(),
+        metrics: crate::timings::Metrics::default(),
     });
     crate::fsmode::create_private_dir(&crate::packages::dir(&state.settings.data_dir))?;
     crate::data_dir::warn_loose_paths(

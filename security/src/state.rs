@@ -74,7 +74,7 @@ pub struct State {
     /// Identity assertion signing keys.
     pub assertions: Arc<Assertions>,
     /// The latency histograms the request paths record.
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: crate::timings::Metrics,
 }
 
 /// Shared state handle.

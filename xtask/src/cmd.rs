@@ -100,6 +100,23 @@ pub fn cargo(args: &[&str]) -> Result<()> {
     run(Command::new(cargo_bin()).args(args).current_dir(root()))
 }
 
+/// `cargo build` of `bins` from `packages`, in one progress line and its time.
+pub fn build(packages: &[&str], bins: &[&str]) -> Result<()> {
+    let mut args = vec!["build", "--locked"];
+    for p in packages {
+        args.extend(["-p", p]);
+    }
+    for b in bins {
+        args.extend(["--bin", b]);
+    }
+    print!("demo: building {} (debug) ... ", bins.join(", "));
+    std::io::Write::flush(&mut std::io::stdout())?;
+    let start = std::time::Instant::now();
+    cargo(&args)?;
+    println!("done in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
 /// Clippy for the eBPF crate, which only builds with nightly for the BPF target.
 pub fn cargo_ebpf_clippy() -> Result<()> {
     run(Command::new("rustup")

@@ -64,25 +64,8 @@ impl Drop for Reaper {
     }
 }
 
-/// `cargo build` of `bins` from `packages`, in one progress line and its time.
-pub fn build(packages: &[&str], bins: &[&str]) -> Result<()> {
-    let mut args = vec!["build", "--locked"];
-    for p in packages {
-        args.extend(["-p", p]);
-    }
-    for b in bins {
-        args.extend(["--bin", b]);
-    }
-    print!("demo: building {} (debug) ... ", bins.join(", "));
-    std::io::Write::flush(&mut std::io::stdout())?;
-    let start = std::time::Instant::now();
-    cmd::cargo(&args)?;
-    println!("done in {:.1} s", start.elapsed().as_secs_f64());
-    Ok(())
-}
-
 fn xdp(seconds: u64) -> Result<()> {
-    build(&["scm-proxy"], &["scm-proxy"])?;
+    cmd::build(&["scm-proxy"], &["scm-proxy"])?;
     let proxy = cmd::target_dir().join("debug/scm-proxy");
     let pair = NetnsPair::create("demo")?;
     println!(

@@ -130,7 +130,7 @@ fn header(text: &str) {
 
 /// Runs the workflow demo; each process's output goes to a file in `logs`.
 pub fn run(logs: &Path) -> Result<()> {
-    crate::demo::build(
+    cmd::build(
         &["scm-security", "scm-proxy", "scm-device", "scm-e2e"],
         &["scm-security", "scm-proxy", "scm-device", "scm-backend"],
     )?;

@@ -324,7 +324,7 @@ impl Metrics {
             &["valid", "invalid", "unavailable"],
         ));
         serde_json::json!({
-            "role": match std::env::var(crate::supervisor::WORKER_INDEX_ENV) {
+            "role": match std::env::var(crate::worker_env::WORKER_INDEX_ENV) {
                 Ok(i) => format!("worker {i}"),
                 Err(_) => "proxy".to_string(),
             },

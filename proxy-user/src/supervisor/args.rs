@@ -12,12 +12,7 @@ use crate::{
     xdp::AttachMode,
 };
 
-/// Environment variable that makes a `serve` process a worker: its slot index.
-pub const WORKER_INDEX_ENV: &str = "SCM_PROXY_WORKER_INDEX";
-/// The loopback address a worker listens on.
-pub const WORKER_LISTEN_ENV: &str = "SCM_PROXY_WORKER_LISTEN";
-/// The loopback address of a worker's own metrics endpoint.
-pub const WORKER_METRICS_ENV: &str = "SCM_PROXY_WORKER_METRICS";
+pub use crate::worker_env::{WORKER_INDEX_ENV, WORKER_LISTEN_ENV, WORKER_METRICS_ENV};
 
 /// The supervisor's flags (added to `scm-proxy serve`).
 #[derive(Debug, Clone, clap::Args)]

@@ -311,7 +311,7 @@ async fn login(
     Extension(peer): Extension<Peer>,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> Result<Json<LoginResponse>, ApiError> {
-    let _timer = crate::metrics::Timer::start(&st.metrics.login_seconds);
+    let _timer = crate::timings::Timer::start(&st.metrics.login_seconds);
     let ip = peer.0.ip();
     admit(&st.limiter, ip)?;
     // Shape checks first: they change nothing.

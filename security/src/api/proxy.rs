@@ -52,7 +52,7 @@ async fn validate(
     proxy: Option<Extension<AdmittedProxy>>,
     ApiJson(req): ApiJson<ValidateRequest>,
 ) -> Result<Json<ValidateResponse>, ApiError> {
-    let _timer = crate::metrics::Timer::start(&st.metrics.validation_seconds);
+    let _timer = crate::timings::Timer::start(&st.metrics.validation_seconds);
     // Peek before validating: validation counts as activity, which a proxy of another site
     // must not cause.
     let s = st.sessions.peek(&req.session_id).ok();
